@@ -1,0 +1,995 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * tcptrace.bpf.c - every TCP state change, each socket's lifecycle, and how
+ * long TIME_WAIT really lasts.
+ *
+ * Compiled at run time by BCC. The loader (tcptrace_ebpf/probe.py) prepends a
+ * generated preamble with:
+ *   - HAVE_* feature macros for what the running kernel offers;
+ *   - struct tp_<event> tracepoint argument layouts, generated from the
+ *     running kernel's tracefs format files (never from headers, which may
+ *     describe another kernel);
+ *   - OFF_* struct offsets read from the running kernel's BTF, used only with
+ *     bpf_probe_read_kernel();
+ *   - map sizes, the mode (EMIT_EVENTS, COLLECT_METRICS), filters, and the
+ *     bucket_*() functions of the histograms.
+ *
+ * Sockets are followed on sock:inet_sock_set_state. When a connection enters
+ * TIME_WAIT the kernel replaces the socket by a timewait socket, whose life
+ * no TCP tracepoint shows; we follow it through its timer (timer:timer_start,
+ * timer_cancel, timer_expire_entry filtered on tw_timer_handler) and see the
+ * peer's FIN reach it on skb:kfree_skb, whose rx_sk is the timewait socket.
+ */
+#include "tcptrace.h"
+
+/* ---------------------------------------------------------------- maps -- */
+
+/* Per full socket: identity, owner, state and when it began. */
+BPF_HASH(socks, u64, struct tt_sock, MAX_SOCKETS);
+/* Per timewait socket whose timer is running, keyed by its address. */
+BPF_HASH(timewait, u64, struct tt_timewait, MAX_TIMEWAIT);
+/* Timewait sockets whose timer was cancelled, until classified. */
+BPF_HASH(tw_killed, struct tt_tuple, struct tt_timewait, MAX_KILLED);
+/* Owner of the listeners of each (netns, port), for their children. */
+BPF_HASH(listeners, struct tt_listener_key, struct tt_listener, MAX_LISTENERS);
+
+/*
+ * An abortive close (SO_LINGER 0, unread data, connect(AF_UNSPEC)) sets
+ * CLOSE *before* sending its RST (tcp_disconnect). So a close from a state
+ * where that can happen is held here until the RST is seen, or until user
+ * space sweeps it (no RST came: the connection timed out).
+ */
+struct tt_pending_close {
+	struct tt_sock s;
+	struct tt_tuple tuple;
+	u64 ts_ns;
+};
+BPF_HASH(pending_close, u64, struct tt_pending_close, MAX_PENDING_CLOSE);
+
+/* Lifecycle ids: one global counter, so ids are unique and increasing. */
+BPF_ARRAY(next_sock_id, u64, 1);
+
+/*
+ * A timewait socket is created (and its timer started) just before the full
+ * socket it replaces goes FIN_WAIT2/CLOSING -> CLOSE, on the same CPU: the
+ * timer_start handler leaves it here for the set_state handler to take.
+ */
+struct tt_tw_slot {
+	u64 tw;
+	u64 ts_ns;
+	u8 substate;
+};
+BPF_PERCPU_ARRAY(tw_slot, struct tt_tw_slot, 1);
+
+/*
+ * timer_cancel is traced not only when a timer is deleted but also when
+ * mod_timer moves it to another wheel bucket (then timer_start follows) and
+ * when the wheel detaches it to run it (then timer_expire_entry follows),
+ * back to back on one CPU. A cancel is only a death if neither follows.
+ */
+struct tt_cancel_slot {
+	u64 tw;
+	u64 ts_ns;
+	struct tt_tuple tuple;
+};
+BPF_PERCPU_ARRAY(cancel_slot, struct tt_cancel_slot, 1);
+
+BPF_PERCPU_ARRAY(counters, u64, TT_COUNTER_SLOTS);
+
+#if FILTER_PORTS
+/* Ports to trace (local or remote), filled by user space. */
+BPF_HASH(filter_ports, u16, u8, 1024);
+#endif
+
+/* Sweep requests from user space: entries found past their grace period. */
+BPF_ARRAY(sweep_request, struct tt_tuple, 1);
+BPF_ARRAY(sweep_request_sk, u64, 1);
+
+#if EMIT_EVENTS
+BPF_PERCPU_ARRAY(event_scratch, struct tt_event, 1);
+#if USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+#endif /* EMIT_EVENTS */
+
+#if COLLECT_METRICS
+/*
+ * Metrics, aggregated here and read when Prometheus scrapes. Each map is
+ * named after its metric (tcptrace_<map name>). Histograms are flat per-CPU
+ * arrays: for each label row, NB buckets (le = bound), one +Inf bucket and
+ * the sum in nanoseconds.
+ */
+#define HIST_ROW(nb) ((nb) + 2)
+BPF_PERCPU_ARRAY(state_transitions_total, u64, TT_STATE_SLOTS * TT_STATE_SLOTS);
+BPF_PERCPU_ARRAY(sockets, s64, TT_STATE_SLOTS);
+BPF_PERCPU_ARRAY(state_duration_seconds, u64, TT_STATE_SLOTS * HIST_ROW(NB_STATE));
+BPF_PERCPU_ARRAY(handshake_duration_seconds, u64, TT_METRIC_ROLES * PORT_SLOTS * HIST_ROW(NB_HANDSHAKE));
+BPF_PERCPU_ARRAY(connection_duration_seconds, u64, TT_METRIC_ROLES * PORT_SLOTS * HIST_ROW(NB_CONNECTION));
+BPF_PERCPU_ARRAY(connections_opened_total, u64, TT_METRIC_ROLES * PORT_SLOTS);
+BPF_PERCPU_ARRAY(connections_closed_total, u64, TT_METRIC_ROLES * PORT_SLOTS * TT_CLOSE_SLOTS);
+BPF_PERCPU_ARRAY(time_wait_duration_seconds, u64, TT_TW_END_SLOTS * HIST_ROW(NB_TIME_WAIT));
+BPF_PERCPU_ARRAY(close_wait_duration_seconds, u64, HIST_ROW(NB_CLOSE_WAIT));
+/* Sockets now in CLOSE_WAIT, with when they entered it and their owner. */
+BPF_HASH(close_wait, u64, struct tt_close_wait, MAX_CLOSE_WAIT);
+/* Pre-existing sockets seen for the first time; drained by user space. */
+BPF_HASH(adopted, struct tt_tuple, u8, MAX_ADOPTED);
+#if PORT_SLOTS > 1
+/* Local listening port -> row of the `port` label; missing: row 0 ("other"). */
+BPF_HASH(port_slots, u16, u8, PORT_SLOTS);
+#endif
+#endif /* COLLECT_METRICS */
+
+/* ------------------------------------------------------------- helpers -- */
+
+static __always_inline void count(u32 index)
+{
+	u64 *value = counters.lookup(&index);
+	if (value)
+		*value += 1;
+}
+
+static __always_inline u64 new_sock_id(void)
+{
+	u32 zero = 0;
+	u64 *next = next_sock_id.lookup(&zero);
+	if (!next)
+		return 0;
+	return __sync_fetch_and_add(next, 1) + 1;
+}
+
+static __always_inline u32 read_netns(u64 sk)
+{
+#if HAVE_NETNS
+	u64 net = 0;
+	u32 inum = 0;
+	bpf_probe_read_kernel(&net, sizeof(net), (void *)(sk + OFF_SKC_NET));
+	if (net)
+		bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + OFF_NET_NS_INUM));
+	return inum;
+#else
+	return 0;
+#endif
+}
+
+static __always_inline bool wanted(const struct tt_tuple *t, u32 pid)
+{
+#if FILTER_FAMILY
+	if (t->family != FILTER_FAMILY)
+		return false;
+#endif
+#if FILTER_PORTS
+	u16 sport = t->sport, dport = t->dport;
+	if (!filter_ports.lookup(&sport) && !filter_ports.lookup(&dport))
+		return false;
+#endif
+#if FILTER_PID
+	if (pid != FILTER_PID)
+		return false;
+#endif
+	return true;
+}
+
+static __always_inline void set_owner_current(struct tt_ident *id, u8 source)
+{
+	id->pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&id->comm, sizeof(id->comm));
+	id->owner_source = source;
+}
+
+static __always_inline u8 close_kind(const struct tt_ident *id, u8 old, u16 sport)
+{
+	if (id->role == TT_ROLE_LISTENER)
+		return TT_CLOSE_LISTENER_CLOSED;
+	if (id->last_reset == TT_RESET_RECEIVED)
+		return old == TT_SYN_SENT ? TT_CLOSE_REFUSED : TT_CLOSE_RESET_RECEIVED;
+	if (id->last_reset == TT_RESET_SENT)
+		return TT_CLOSE_RESET_SENT;
+	if (old == TT_SYN_SENT)
+		/* No local port yet: connect() failed before any SYN left. */
+		return sport == 0 ? TT_CLOSE_CONNECT_FAILED : TT_CLOSE_TIMEOUT;
+	if (id->flags & TT_SF_SAW_CLOSING)
+		return TT_CLOSE_SIMULTANEOUS;
+	if (id->flags & TT_SF_SAW_CLOSE_WAIT)
+		return TT_CLOSE_PASSIVE;
+	if (id->flags & TT_SF_SAW_FIN_WAIT1)
+		return TT_CLOSE_ACTIVE;
+	/* Gone from ESTABLISHED or SYN_RECV without FIN or RST: timed out. */
+	return TT_CLOSE_TIMEOUT;
+}
+
+#if COLLECT_METRICS
+/*
+ * One observation in a histogram: a count in its bucket, ns added to its sum.
+ * (BCC can neither take a map's address nor call map methods from a macro,
+ * hence one small function per histogram.)
+ */
+static __always_inline void observe_state_duration(u32 row, u64 ns)
+{
+	u32 base = row * HIST_ROW(NB_STATE);
+	u32 index = base + bucket_state(ns);
+	u64 *value = state_duration_seconds.lookup(&index);
+	if (value)
+		*value += 1;
+	index = base + NB_STATE + 1;
+	value = state_duration_seconds.lookup(&index);
+	if (value)
+		*value += ns;
+}
+
+static __always_inline void observe_handshake(u32 row, u64 ns)
+{
+	u32 base = row * HIST_ROW(NB_HANDSHAKE);
+	u32 index = base + bucket_handshake(ns);
+	u64 *value = handshake_duration_seconds.lookup(&index);
+	if (value)
+		*value += 1;
+	index = base + NB_HANDSHAKE + 1;
+	value = handshake_duration_seconds.lookup(&index);
+	if (value)
+		*value += ns;
+}
+
+static __always_inline void observe_connection(u32 row, u64 ns)
+{
+	u32 base = row * HIST_ROW(NB_CONNECTION);
+	u32 index = base + bucket_connection(ns);
+	u64 *value = connection_duration_seconds.lookup(&index);
+	if (value)
+		*value += 1;
+	index = base + NB_CONNECTION + 1;
+	value = connection_duration_seconds.lookup(&index);
+	if (value)
+		*value += ns;
+}
+
+static __always_inline void observe_time_wait(u32 row, u64 ns)
+{
+	u32 base = row * HIST_ROW(NB_TIME_WAIT);
+	u32 index = base + bucket_time_wait(ns);
+	u64 *value = time_wait_duration_seconds.lookup(&index);
+	if (value)
+		*value += 1;
+	index = base + NB_TIME_WAIT + 1;
+	value = time_wait_duration_seconds.lookup(&index);
+	if (value)
+		*value += ns;
+}
+
+static __always_inline void observe_close_wait(u32 row, u64 ns)
+{
+	u32 base = row * HIST_ROW(NB_CLOSE_WAIT);
+	u32 index = base + bucket_close_wait(ns);
+	u64 *value = close_wait_duration_seconds.lookup(&index);
+	if (value)
+		*value += 1;
+	index = base + NB_CLOSE_WAIT + 1;
+	value = close_wait_duration_seconds.lookup(&index);
+	if (value)
+		*value += ns;
+}
+
+static __always_inline u32 metric_role(u8 role)
+{
+	return role == TT_ROLE_CLIENT ? 0 : role == TT_ROLE_SERVER ? 1 : 2;
+}
+
+static __always_inline void gauge_add(u8 state, s64 delta)
+{
+	u32 index = state & (TT_STATE_SLOTS - 1);
+	s64 *value = sockets.lookup(&index);
+	if (value)
+		*value += delta;
+}
+
+static __always_inline void close_wait_enter(u64 sk, const struct tt_ident *id,
+					     const struct tt_tuple *t, u64 ts)
+{
+	struct tt_close_wait cw = {};
+	cw.tuple = *t;
+	cw.since_ns = ts;
+	cw.sock_id = id->sock_id;
+	cw.pid = id->pid;
+	cw.owner_source = id->owner_source;
+	__builtin_memcpy(cw.comm, id->comm, sizeof(cw.comm));
+	if (close_wait.update(&sk, &cw) != 0)
+		count(TT_C_LOST_CLOSE_WAIT_MAP);
+}
+#endif /* COLLECT_METRICS */
+
+#if EMIT_EVENTS
+static __always_inline void emit(void *ctx, struct tt_ident *id, const struct tt_tuple *t,
+				 u64 skaddr, u8 old, u8 new, u64 ts, u32 flags, u8 tw_end)
+{
+	u32 zero = 0;
+	struct tt_event *ev = event_scratch.lookup(&zero);
+	if (!ev)
+		return;
+	ev->ts_ns = ts;
+	ev->sock_id = id->sock_id;
+	ev->skaddr = skaddr;
+	ev->duration_ns = 0;
+	if (id->state_ns && ts >= id->state_ns) {
+		ev->duration_ns = ts - id->state_ns;
+		flags |= TT_EVF_DURATION_KNOWN;
+	}
+	if (id->flags & TT_SF_PREEXISTING)
+		flags |= TT_EVF_PREEXISTING;
+	if (id->flags & TT_SF_LOST)
+		flags |= TT_EVF_LOST_BEFORE;
+	if (id->last_reset == TT_RESET_SENT)
+		flags |= TT_EVF_RESET_SENT;
+	else if (id->last_reset == TT_RESET_RECEIVED)
+		flags |= TT_EVF_RESET_RECEIVED;
+	ev->pid = id->pid;
+	ev->flags = flags;
+	__builtin_memcpy(ev->saddr, t->saddr, 16);
+	__builtin_memcpy(ev->daddr, t->daddr, 16);
+	ev->sport = t->sport;
+	ev->dport = t->dport;
+	ev->family = t->family;
+	ev->seq = id->seq;
+	ev->old_state = old;
+	ev->new_state = new;
+	ev->role = id->role;
+	ev->owner_source = id->owner_source;
+	ev->tw_end = tw_end;
+	ev->pad = 0;
+	ev->syn_retrans = id->syn_retrans;
+	__builtin_memcpy(ev->comm, id->comm, sizeof(ev->comm));
+#if USE_RINGBUF
+	/*
+	 * Never wake the reader: a wakeup per event would cost more than the
+	 * event. The reader polls every few tens of milliseconds instead, and
+	 * the buffer is sized to hold far more than that at full churn.
+	 */
+	int err = events.ringbuf_output(ev, sizeof(*ev), BPF_RB_NO_WAKEUP);
+#else
+	int err = events.perf_submit(ctx, ev, sizeof(*ev));
+#endif
+	if (err) {
+		count(TT_C_LOST_RINGBUF);
+		id->flags |= TT_SF_LOST;
+	}
+}
+#endif /* EMIT_EVENTS */
+
+/*
+ * One step of a lifecycle: old -> new at ts. Emits the event, updates the
+ * metrics and the socket's identity. `sport` is the local port now (0 while
+ * a connect() has not bound one).
+ */
+static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const struct tt_tuple *t,
+				 u8 new, u64 ts, u32 evflags, u8 tw_end)
+{
+	u8 old = id->state;
+	bool finishes = (new == TT_CLOSE || new == TT_TIME_WAIT) &&
+			!(id->flags & TT_SF_FINISHED) && id->role != TT_ROLE_LISTENER;
+
+	if (new == TT_FIN_WAIT1 && !(id->flags & TT_SF_SAW_CLOSE_WAIT))
+		id->flags |= TT_SF_SAW_FIN_WAIT1;
+	else if (new == TT_CLOSE_WAIT && !(id->flags & TT_SF_SAW_FIN_WAIT1))
+		id->flags |= TT_SF_SAW_CLOSE_WAIT;
+	else if (new == TT_CLOSING)
+		id->flags |= TT_SF_SAW_CLOSING;
+	if (new == TT_CLOSE || (tw_end != TT_TW_END_NONE))
+		evflags |= TT_EVF_LAST;
+
+#if EMIT_EVENTS
+	emit(ctx, id, t, sk, old, new, ts, evflags, tw_end);
+#endif
+
+#if COLLECT_METRICS
+	u32 index = (old & (TT_STATE_SLOTS - 1)) * TT_STATE_SLOTS + (new & (TT_STATE_SLOTS - 1));
+	u64 *value = state_transitions_total.lookup(&index);
+	if (value)
+		*value += 1;
+
+	u64 in_old_ns = id->state_ns && ts >= id->state_ns ? ts - id->state_ns : 0;
+	if (id->state_ns) {
+		observe_state_duration(old & (TT_STATE_SLOTS - 1), in_old_ns);
+		if (old == TT_CLOSE_WAIT)
+			observe_close_wait(0, in_old_ns);
+		if (tw_end != TT_TW_END_NONE && old == TT_TIME_WAIT)
+			observe_time_wait(tw_end, in_old_ns);
+	}
+
+	u32 role_row = metric_role(id->role) * PORT_SLOTS + (id->port_slot % PORT_SLOTS);
+	if (new == TT_ESTABLISHED && (old == TT_SYN_SENT || old == TT_SYN_RECV) && id->state_ns)
+		observe_handshake(role_row, in_old_ns);
+	if (finishes) {
+		u32 close = close_kind(id, old, t->sport);
+		u32 cindex = role_row * TT_CLOSE_SLOTS + close;
+		value = connections_closed_total.lookup(&cindex);
+		if (value)
+			*value += 1;
+		if (id->birth_ns && ts >= id->birth_ns)
+			observe_connection(role_row, ts - id->birth_ns);
+	}
+
+	if (id->flags & TT_SF_OLD_UNCOUNTED)
+		id->flags &= ~TT_SF_OLD_UNCOUNTED;
+	else
+		gauge_add(old, -1);
+	if (new != TT_CLOSE)
+		gauge_add(new, 1);
+
+	if (old == TT_CLOSE_WAIT)
+		close_wait.delete(&sk);
+	else if (new == TT_CLOSE_WAIT)
+		close_wait_enter(sk, id, t, ts);
+#endif /* COLLECT_METRICS */
+
+	if (finishes)
+		id->flags |= TT_SF_FINISHED;
+	id->state = new;
+	id->state_ns = ts;
+	id->seq += 1;
+}
+
+static __always_inline void tuple_from_set_state(struct tt_tuple *t, struct tp_inet_sock_set_state *args)
+{
+	t->family = args->family;
+	t->sport = args->sport;
+	t->dport = args->dport;
+	if (args->family == TT_AF_INET) {
+		__builtin_memcpy(t->saddr, args->saddr, 4);
+		__builtin_memcpy(t->daddr, args->daddr, 4);
+	} else {
+		__builtin_memcpy(t->saddr, args->saddr_v6, 16);
+		__builtin_memcpy(t->daddr, args->daddr_v6, 16);
+	}
+}
+
+/* Close a held socket for good, as of when it went to CLOSE. */
+static __always_inline void finish_pending_close(void *ctx, u64 sk, struct tt_pending_close *p)
+{
+	step(ctx, sk, &p->s.id, &p->tuple, TT_CLOSE, p->ts_ns, 0, TT_TW_END_NONE);
+}
+
+/*
+ * States from which tcp_disconnect() sends a RST after the CLOSE
+ * (tcp_need_reset()); LAST_ACK -> CLOSE is the normal end and is not held.
+ */
+static __always_inline bool rst_may_follow_close(u8 old)
+{
+	return old == TT_ESTABLISHED || old == TT_CLOSE_WAIT || old == TT_FIN_WAIT1 ||
+	       old == TT_FIN_WAIT2 || old == TT_SYN_RECV;
+}
+
+/* ----------------------------------------------------------- TIME_WAIT -- */
+
+#if HAVE_TIMEWAIT
+/*
+ * A timewait socket of ours has ended (timer fired, or a new connection
+ * reused its address pair, or it was killed), at end_ns. Finishes its
+ * FIN_WAIT2 -> TIME_WAIT step first if the peer's FIN reached it unseen.
+ * `substate`, `expires_j` and `jiffies_now` describe it at its end.
+ */
+static __always_inline void tw_finish(void *ctx, struct tt_timewait *e, u64 end_ns, u8 tw_end,
+				      u8 substate, u64 expires_j, u64 jiffies_now)
+{
+	if (e->id.state == TT_FIN_WAIT2 && substate == TT_TIME_WAIT) {
+		/*
+		 * The FIN arrived while nobody looked; on its arrival the kernel
+		 * re-armed the timer for TCP_TIMEWAIT_LEN, so the timer's expiry
+		 * tells when TIME_WAIT began.
+		 */
+		u64 began_ns = end_ns;
+		u64 began_j = expires_j - TIMEWAIT_LEN_JIFFIES;
+		if (expires_j && (s64)(jiffies_now - began_j) >= 0) {
+			u64 ago_ns = (jiffies_now - began_j) * NS_PER_JIFFY;
+			began_ns = ago_ns < end_ns ? end_ns - ago_ns : 0;
+		}
+		if (began_ns < e->id.state_ns)
+			began_ns = e->id.state_ns;
+		if (began_ns > end_ns)
+			began_ns = end_ns;
+		step(ctx, e->skaddr, &e->id, &e->tuple, TT_TIME_WAIT, began_ns,
+		     TT_EVF_TIMEWAIT_SOCK | TT_EVF_INFERRED_TIME, TT_TW_END_NONE);
+	}
+	step(ctx, e->skaddr, &e->id, &e->tuple, TT_CLOSE, end_ns, TT_EVF_TIMEWAIT_SOCK, tw_end);
+}
+
+static __always_inline u8 tw_read_substate(u64 tw)
+{
+#if HAVE_TW_SUBSTATE
+	u8 substate = 0;
+	bpf_probe_read_kernel(&substate, 1, (void *)(tw + OFF_TW_SUBSTATE));
+	return substate;
+#else
+	return 0;
+#endif
+}
+
+static __always_inline u64 tw_read_expires(u64 tw)
+{
+#if HAVE_TIMER_EXPIRES
+	u64 expires = 0;
+	bpf_probe_read_kernel(&expires, sizeof(expires),
+			      (void *)(tw + OFF_TW_TIMER + OFF_TIMER_EXPIRES));
+	return expires;
+#else
+	return 0;
+#endif
+}
+
+/* The peer's FIN reached a timewait socket still in FIN_WAIT2: seen live. */
+static __always_inline void tw_check_fin(void *ctx, u64 tw, struct tt_timewait *e, u64 now)
+{
+	if (e->id.state == TT_FIN_WAIT2 && tw_read_substate(tw) == TT_TIME_WAIT)
+		step(ctx, e->skaddr, &e->id, &e->tuple, TT_TIME_WAIT, now, TT_EVF_TIMEWAIT_SOCK,
+		     TT_TW_END_NONE);
+}
+
+/* A new connection with this address pair: did it reuse a cancelled timewait socket? */
+static __always_inline void tw_match_reuse(void *ctx, struct tt_tuple *t)
+{
+	struct tt_timewait *k = tw_killed.lookup(t);
+	if (!k)
+		return;
+	tw_finish(ctx, k, k->killed_ns, TT_TW_END_REUSED, k->killed_substate,
+		  k->killed_expires_jiffies, k->killed_jiffies);
+	tw_killed.delete(t);
+}
+
+int on_timer_start(struct tp_timer_start *args)
+{
+	if ((u64)args->function != TW_TIMER_HANDLER)
+		return 0;
+	u64 tw = (u64)args->timer - OFF_TW_TIMER;
+	u64 now = bpf_ktime_get_ns();
+	u32 zero = 0;
+
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (e) {
+		/* Re-armed: the peer's FIN (or a duplicate) arrived. */
+		tw_check_fin(args, tw, e, now);
+		return 0;
+	}
+	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+	if (cs && cs->tw == tw && now - cs->ts_ns < 100000) {
+		/* Not a death: mod_timer moved the timer to another bucket. */
+		struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
+		if (k && k->killed_ns == cs->ts_ns) {
+			struct tt_timewait alive = *k;
+			alive.killed_ns = 0;
+			tw_killed.delete(&cs->tuple);
+			if (timewait.update(&tw, &alive) == 0) {
+				e = timewait.lookup(&tw);
+				if (e)
+					tw_check_fin(args, tw, e, now);
+			}
+		}
+		cs->tw = 0;
+		return 0;
+	}
+	/* A new timewait socket: its full socket goes to CLOSE right after. */
+	struct tt_tw_slot *slot = tw_slot.lookup(&zero);
+	if (slot) {
+		slot->tw = tw;
+		slot->ts_ns = now;
+		slot->substate = tw_read_substate(tw);
+	}
+	return 0;
+}
+
+int on_timer_cancel(struct tp_timer_cancel *args)
+{
+	u64 tw = (u64)args->timer - OFF_TW_TIMER;
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (!e)
+		return 0;
+	/*
+	 * Removed early (reused, RST, ss -K, netns exit) or being re-armed in
+	 * another bucket (see cancel_slot). Either way the memory may be freed
+	 * soon: record what we need now, and park it by address pair until a
+	 * new connection claims the pair or user space sweeps it.
+	 */
+	u64 now = bpf_ktime_get_ns();
+	e->killed_ns = now;
+	e->killed_jiffies = bpf_jiffies64();
+	e->killed_expires_jiffies = tw_read_expires(tw);
+	e->killed_substate = tw_read_substate(tw);
+	struct tt_tuple key = e->tuple;
+	struct tt_timewait *previous = tw_killed.lookup(&key);
+	if (previous) {
+		/* An older cancelled socket with this pair was never claimed. */
+		tw_finish(args, previous, previous->killed_ns, TT_TW_END_KILLED,
+			  previous->killed_substate, previous->killed_expires_jiffies,
+			  previous->killed_jiffies);
+		tw_killed.delete(&key);
+	}
+	if (tw_killed.update(&key, e) != 0) {
+		count(TT_C_LOST_KILLED_MAP);
+		tw_finish(args, e, now, TT_TW_END_KILLED, e->killed_substate,
+			  e->killed_expires_jiffies, e->killed_jiffies);
+	}
+	u32 zero = 0;
+	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+	if (cs) {
+		cs->tw = tw;
+		cs->ts_ns = now;
+		cs->tuple = key;
+	}
+	timewait.delete(&tw);
+	return 0;
+}
+
+int on_timer_expire_entry(struct tp_timer_expire_entry *args)
+{
+	if ((u64)args->function != TW_TIMER_HANDLER)
+		return 0;
+	u64 tw = (u64)args->timer - OFF_TW_TIMER;
+	u64 now = bpf_ktime_get_ns();
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (e) {
+		tw_finish(args, e, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
+			  bpf_jiffies64());
+		timewait.delete(&tw);
+		return 0;
+	}
+	/*
+	 * The timer wheel detaches a timer (traced as timer_cancel) just before
+	 * running it, so on_timer_cancel parked this one: take it back.
+	 */
+	u32 zero = 0;
+	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+	if (!cs || cs->tw != tw)
+		return 0;
+	struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
+	if (k && k->killed_ns == cs->ts_ns) {
+		tw_finish(args, k, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
+			  bpf_jiffies64());
+		tw_killed.delete(&cs->tuple);
+	}
+	cs->tw = 0;
+	return 0;
+}
+
+#if HAVE_KFREE_RX_SK
+int on_kfree_skb(struct tp_kfree_skb *args)
+{
+	/* A segment processed by a timewait socket is freed with rx_sk = it. */
+	u64 tw = (u64)args->rx_sk;
+	if (!tw)
+		return 0;
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (e)
+		tw_check_fin(args, tw, e, bpf_ktime_get_ns());
+	return 0;
+}
+#endif
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN), never attached: finishes as
+ * "killed" the cancelled timewait socket whose address pair user space put
+ * in sweep_request, once no new connection claimed it within the grace
+ * period. One per run: such sockets are rare, and a loop over many would
+ * exceed what the verifier accepts.
+ */
+int sweep_killed(struct bpf_raw_tracepoint_args *ctx)
+{
+	u32 zero = 0;
+	struct tt_tuple *request = sweep_request.lookup(&zero);
+	if (!request)
+		return 0;
+	struct tt_tuple key = *request;
+	struct tt_timewait *e = tw_killed.lookup(&key);
+	if (!e)
+		return 0;
+	tw_finish(ctx, e, e->killed_ns, TT_TW_END_KILLED, e->killed_substate,
+		  e->killed_expires_jiffies, e->killed_jiffies);
+	tw_killed.delete(&key);
+	return 1;
+}
+#endif /* HAVE_TIMEWAIT */
+
+/* ---------------------------------------------------------- set_state -- */
+
+/*
+ * Listener owners are kept per (netns, port) so that a child, born in
+ * softirq context where the current task is not its owner, gets the owner
+ * of the listener that accepted it. Kept for every listener, whatever the
+ * filters, since a filtered-in child may belong to any of them.
+ */
+static __always_inline void track_listener(u32 netns, u16 port, bool listening)
+{
+	struct tt_listener_key key = {.netns = netns, .port = port};
+	struct tt_listener *l = listeners.lookup(&key);
+	if (listening) {
+		u32 pid = bpf_get_current_pid_tgid() >> 32;
+		if (l) {
+			if (l->pid != pid)
+				l->ambiguous = 1;
+			l->count += 1;
+			return;
+		}
+		struct tt_listener fresh = {.pid = pid, .count = 1};
+		bpf_get_current_comm(&fresh.comm, sizeof(fresh.comm));
+		if (listeners.insert(&key, &fresh) != 0)
+			count(TT_C_LOST_LISTENER_MAP);
+	} else if (l) {
+		if (l->count <= 1)
+			listeners.delete(&key);
+		else
+			l->count -= 1;
+	}
+}
+
+/*
+ * First sight of a socket: born now (connect, listen, accepted child) or
+ * born before tracing started. Fills *fresh; returns false if the filters
+ * do not want it.
+ */
+static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *t, u8 old, u8 new,
+					u64 now)
+{
+	struct tt_ident *id = &fresh->id;
+	t->netns = fresh->netns;
+	if (old == TT_CLOSE && new == TT_SYN_SENT) {
+		id->role = TT_ROLE_CLIENT;
+		set_owner_current(id, TT_OWNER_CONNECT);
+	} else if (old == TT_CLOSE && new == TT_LISTEN) {
+		id->role = TT_ROLE_LISTENER;
+		set_owner_current(id, TT_OWNER_LISTEN);
+	} else {
+		struct tt_listener_key lk = {.netns = fresh->netns, .port = t->sport};
+		struct tt_listener *l = listeners.lookup(&lk);
+		if (old == TT_LISTEN && new == TT_SYN_RECV) {
+			id->role = TT_ROLE_SERVER;
+		} else {
+			/*
+			 * Born before we started. A socket whose local port has a
+			 * listener in its namespace is that listener's child;
+			 * otherwise it made the connection.
+			 */
+			id->role = l ? TT_ROLE_SERVER : TT_ROLE_CLIENT;
+			id->flags |= TT_SF_PREEXISTING;
+		}
+		/* Its owner is the listener's, unless several processes listen there. */
+		if (l && id->role == TT_ROLE_SERVER && !l->ambiguous) {
+			id->pid = l->pid;
+			__builtin_memcpy(id->comm, l->comm, sizeof(id->comm));
+			id->owner_source = TT_OWNER_LISTENER;
+		}
+	}
+	if (!wanted(t, id->pid))
+		return false;
+	count(TT_C_SOCKETS_BORN);
+	id->sock_id = new_sock_id();
+	id->state = old;
+	/* Its first state (entered from CLOSE or LISTEN) was never in the gauge. */
+	id->flags |= TT_SF_OLD_UNCOUNTED;
+	/* How long it sat in CLOSE (or was a listener's) before is not ours to know. */
+	if (!(id->flags & TT_SF_PREEXISTING))
+		id->birth_ns = now;
+#if COLLECT_METRICS
+	if (id->flags & TT_SF_PREEXISTING) {
+		/* User space counted it from its start-up snapshot: tell it we have it now. */
+		u8 state = old;
+		if (adopted.update(t, &state) != 0)
+			count(TT_C_LOST_ADOPTED_MAP);
+	} else if (id->role != TT_ROLE_LISTENER) {
+#if PORT_SLOTS > 1
+		if (id->role == TT_ROLE_SERVER) {
+			u16 port = t->sport;
+			u8 *ps = port_slots.lookup(&port);
+			if (ps)
+				id->port_slot = *ps;
+		}
+#endif
+		u32 oindex = metric_role(id->role) * PORT_SLOTS + (id->port_slot % PORT_SLOTS);
+		u64 *opened = connections_opened_total.lookup(&oindex);
+		if (opened)
+			*opened += 1;
+	}
+#endif
+	return true;
+}
+
+int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
+{
+	if (args->protocol != TT_IPPROTO_TCP)
+		return 0;
+	count(TT_C_EVENTS);
+
+	u64 sk = (u64)args->skaddr;
+	u8 old = args->oldstate;
+	u8 new = args->newstate;
+	u64 now = bpf_ktime_get_ns();
+	struct tt_tuple t = {};
+	tuple_from_set_state(&t, args);
+
+	if (new == TT_LISTEN || (old == TT_LISTEN && new == TT_CLOSE))
+		track_listener(read_netns(sk), t.sport, new == TT_LISTEN);
+
+	/* Take the timewait socket the kernel made for this one just now, if any. */
+	u64 tw = 0;
+	u8 tw_substate = 0;
+#if HAVE_TIMEWAIT
+	if (new == TT_CLOSE) {
+		u32 zero = 0;
+		struct tt_tw_slot *slot = tw_slot.lookup(&zero);
+		if (slot && slot->tw) {
+			if ((old == TT_FIN_WAIT2 || old == TT_CLOSING) && now - slot->ts_ns < 1000000) {
+				tw = slot->tw;
+				tw_substate = slot->substate;
+			}
+			slot->tw = 0;
+		}
+	}
+#endif
+
+	struct tt_sock *s = socks.lookup(&sk);
+	if (!s) {
+		/* The memory of a socket held in pending_close was reused: it got no RST. */
+		struct tt_pending_close *held = pending_close.lookup(&sk);
+		if (held) {
+			finish_pending_close(args, sk, held);
+			pending_close.delete(&sk);
+		}
+		struct tt_sock fresh = {};
+		fresh.netns = read_netns(sk);
+		if (!first_sight(&fresh, &t, old, new, now))
+			return 0;
+		if (new == TT_CLOSE) {
+			/* Born and gone in one step, or first seen on its way out. */
+			step(args, sk, &fresh.id, &t, new, now, 0, TT_TW_END_NONE);
+			return 0;
+		}
+		if (socks.insert(&sk, &fresh) != 0) {
+			count(TT_C_LOST_SOCKET_MAP);
+#if EMIT_EVENTS
+			fresh.id.sock_id = 0;
+			emit(args, &fresh.id, &t, sk, old, new, now, TT_EVF_UNTRACKED, TT_TW_END_NONE);
+#endif
+			return 0;
+		}
+		s = socks.lookup(&sk);
+		if (!s)
+			return 0;
+	}
+	struct tt_ident *id = &s->id;
+	t.netns = s->netns;
+
+	/*
+	 * Only the process holding the socket closes it (close(), shutdown() or
+	 * its exit), and these two steps happen in that call: a reliable owner
+	 * for a child we only knew through its listener.
+	 */
+	if ((old == TT_ESTABLISHED && new == TT_FIN_WAIT1) ||
+	    (old == TT_CLOSE_WAIT && new == TT_LAST_ACK)) {
+		if (id->role != TT_ROLE_CLIENT && id->owner_source != TT_OWNER_CLOSER)
+			set_owner_current(id, TT_OWNER_CLOSER);
+	}
+
+#if HAVE_TIMEWAIT
+	/* A new connection on an address pair whose timewait socket was just cancelled? */
+	if ((old == TT_LISTEN && new == TT_SYN_RECV) || (old == TT_SYN_SENT && t.sport != 0))
+		tw_match_reuse(args, &t);
+
+	if (tw) {
+		/* The connection lives on as a timewait socket. */
+		struct tt_timewait e = {};
+		e.id = s->id;
+		e.tuple = t;
+		e.skaddr = sk;
+		e.created_ns = now;
+		/* In substate FIN_WAIT2 it still waits for the peer's FIN: no step yet. */
+		if (tw_substate != TT_FIN_WAIT2)
+			step(args, sk, &e.id, &t, TT_TIME_WAIT, now, 0, TT_TW_END_NONE);
+		if (timewait.update(&tw, &e) != 0) {
+			count(TT_C_LOST_TIMEWAIT_MAP);
+			e.id.flags |= TT_SF_LOST;
+			step(args, sk, &e.id, &t, TT_CLOSE, now, 0, TT_TW_END_NONE);
+		}
+		socks.delete(&sk);
+		return 0;
+	}
+#endif
+	u32 evflags = 0;
+	if (new == TT_CLOSE && !id->last_reset && rst_may_follow_close(old)) {
+		struct tt_pending_close held = {};
+		held.s = *s;
+		held.tuple = t;
+		held.ts_ns = now;
+		if (pending_close.update(&sk, &held) == 0) {
+			socks.delete(&sk);
+			return 0;
+		}
+		/* Map full: close it now; a RST that follows goes unseen. */
+	}
+	if (new == TT_CLOSE && (old == TT_FIN_WAIT2 || old == TT_CLOSING) && !id->last_reset) {
+		count(TT_C_TW_SKIPPED);
+		evflags |= TT_EVF_NO_TIME_WAIT;
+	}
+	step(args, sk, id, &t, new, now, evflags, TT_TW_END_NONE);
+	if (new == TT_CLOSE)
+		socks.delete(&sk);
+	return 0;
+}
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN): a close held in pending_close for
+ * longer than any RST of an abortive close takes to follow: it had none.
+ */
+int sweep_pending_close(struct bpf_raw_tracepoint_args *ctx)
+{
+	u32 zero = 0;
+	u64 *request = sweep_request_sk.lookup(&zero);
+	if (!request)
+		return 0;
+	u64 sk = *request;
+	struct tt_pending_close *held = pending_close.lookup(&sk);
+	if (!held)
+		return 0;
+	finish_pending_close(ctx, sk, held);
+	pending_close.delete(&sk);
+	return 1;
+}
+
+/* --------------------------------------------------- resets and retries -- */
+
+#if HAVE_RESET_RECEIVED
+int on_tcp_receive_reset(struct tp_tcp_receive_reset *args)
+{
+	u64 sk = (u64)args->skaddr;
+	struct tt_sock *s = socks.lookup(&sk);
+	if (s)
+		s->id.last_reset = TT_RESET_RECEIVED;
+	return 0;
+}
+#endif
+
+#if HAVE_RESET_SENT
+int on_tcp_send_reset(struct tp_tcp_send_reset *args)
+{
+	u64 sk = (u64)args->skaddr;
+	if (!sk)
+		return 0;
+	struct tt_pending_close *held = pending_close.lookup(&sk);
+	if (held) {
+		/* The RST of an abortive close, just after its CLOSE. */
+		held->s.id.last_reset = TT_RESET_SENT;
+		finish_pending_close(args, sk, held);
+		pending_close.delete(&sk);
+		return 0;
+	}
+	struct tt_sock *s = socks.lookup(&sk);
+	if (s)
+		s->id.last_reset = TT_RESET_SENT;
+	return 0;
+}
+#endif
+
+#if HAVE_SYN_RETRANS
+int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
+{
+	if (args->state != TT_SYN_SENT)
+		return 0;
+	u64 sk = (u64)args->skaddr;
+	struct tt_sock *s = socks.lookup(&sk);
+	if (!s)
+		return 0;
+	s->id.syn_retrans += 1;
+#if HAVE_TIMEWAIT
+	/* The pair is known now even if the connect never completes. */
+	struct tt_tuple t = {};
+	t.netns = s->netns;
+	t.family = args->family;
+	t.sport = args->sport;
+	t.dport = args->dport;
+	if (args->family == TT_AF_INET) {
+		__builtin_memcpy(t.saddr, args->saddr, 4);
+		__builtin_memcpy(t.daddr, args->daddr, 4);
+	} else {
+		__builtin_memcpy(t.saddr, args->saddr_v6, 16);
+		__builtin_memcpy(t.daddr, args->daddr_v6, 16);
+	}
+	tw_match_reuse(args, &t);
+#endif
+	return 0;
+}
+#endif

@@ -1,0 +1,285 @@
+"""The tcptrace-ebpf command: a thin click layer over the library.
+
+Every expected failure (bad flag, not root, no BCC, no headers, missing
+tracepoint, port in use) ends as one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+log = logging.getLogger("tcptrace_ebpf")
+
+PROG = "tcptrace-ebpf"
+
+
+def notice(message: str) -> None:
+    """A status line on stderr (tests and scripts wait for some of them)."""
+    click.echo(f"{PROG}: {message}", err=True)
+
+
+class Output:
+    """Buffered stdout, flushed after each batch of events; quiet on a closed pipe."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.closed = False
+
+    def write(self, line: str) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.write(line + "\n")
+        except BrokenPipeError:
+            self.closed = True
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.closed = True
+
+
+def tracer_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Filters and limits shared by the commands that load the tracer."""
+    decorators = [
+        click.option(
+            "--port",
+            "ports",
+            multiple=True,
+            type=click.IntRange(1, 65535),
+            help="Only sockets with this local or remote port (repeatable).",
+        ),
+        click.option("--pid", type=click.IntRange(min=1), help="Only sockets owned by this pid."),
+        click.option("-4", "--ipv4", "ipv4", is_flag=True, help="Only IPv4."),
+        click.option("-6", "--ipv6", "ipv6", is_flag=True, help="Only IPv6."),
+        click.option(
+            "--max-sockets",
+            type=click.IntRange(1024, 16_777_216),
+            default=262_144,
+            show_default=True,
+            help="Sockets followed at once in the kernel (bounds its memory).",
+        ),
+        click.option(
+            "--buffer-mb",
+            type=click.IntRange(1, 1024),
+            default=16,
+            show_default=True,
+            help="Event buffer size shared with the kernel.",
+        ),
+        click.option(
+            "--perf-buffer",
+            is_flag=True,
+            hidden=True,
+            help="Use a perf buffer even if the kernel has a BPF ring buffer.",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def duration_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--duration",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Stop by itself after this many seconds.",
+    )(func)
+
+
+def _build_options(
+    *,
+    emit_events: bool,
+    collect_metrics: bool,
+    ports: tuple[int, ...],
+    pid: int | None,
+    ipv4: bool,
+    ipv6: bool,
+    max_sockets: int,
+    buffer_mb: int,
+    perf_buffer: bool,
+    **extra: Any,
+) -> Any:
+    from .probe import TracerOptions, family_from_flag
+
+    return TracerOptions(
+        emit_events=emit_events,
+        collect_metrics=collect_metrics,
+        ports=frozenset(ports),
+        pid=pid,
+        family=family_from_flag(ipv4, ipv6),
+        max_sockets=max_sockets,
+        max_timewait=max_sockets,
+        ringbuf_bytes=buffer_mb << 20,
+        force_perf_buffer=perf_buffer,
+        **extra,
+    )
+
+
+def _describe_start(tracer: Any) -> str:
+    features = tracer.features
+    parts = [f"{len(tracer.attached)} tracepoints"]
+    if not features.has("timewait"):
+        parts.append("TIME_WAIT not measured on this kernel (see 'tcptrace-ebpf doctor')")
+    return "tracing started (" + ", ".join(parts) + "); Ctrl-C to stop"
+
+
+def _lost_summary(counters: dict[str, int]) -> str:
+    labels = {
+        "lost_ringbuf": "buffer full",
+        "lost_socket_map": "socket map full",
+        "lost_timewait_map": "timewait map full",
+        "lost_killed_map": "killed-timewait map full",
+        "lost_listener_map": "listener map full",
+        "lost_close_wait_map": "close-wait map full",
+        "lost_adopted_map": "adopted map full",
+    }
+    total = sum(counters.get(key, 0) for key in labels)
+    detail = ", ".join(
+        f"{label}: {counters[key]}" for key, label in labels.items() if counters.get(key)
+    )
+    return f"{total} lost" + (f" ({detail})" if detail else "")
+
+
+def _run_event_command(
+    options: Any,
+    duration: float | None,
+    handle: Callable[[Any], None],
+    finish: Callable[[], str],
+    out: Output,
+) -> None:
+    """Load the tracer, feed decoded events to `handle` until stopped, print a summary."""
+    from .events import Decoder
+    from .probe import Tracer
+    from .runner import StopFlag, clock_offset_ns, run
+
+    decoder = Decoder(clock_offset_ns())
+    decode = decoder.decode
+
+    def on_event(raw: bytes) -> None:
+        handle(decode(raw))
+
+    with StopFlag() as stop:
+        tracer = Tracer(options, on_event=on_event)
+        try:
+            tracer.start()
+            notice(_describe_start(tracer))
+            run(tracer, decoder, duration, stop=stop, after_poll=out.flush)
+            counters = tracer.counters()
+        finally:
+            tracer.close()
+    extra = finish()
+    notice(f"stopped: {counters['events']} events, {_lost_summary(counters)}{extra}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name=PROG)
+@click.option("--debug", is_flag=True, help="Log details (BPF compiler output, degradations).")
+def cli(debug: bool) -> None:
+    """See every TCP socket's lifecycle, live, from the Linux kernel (needs root)."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format=f"{PROG}: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per state change.")
+@tracer_options
+@duration_option
+def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
+    """Print every TCP state change: time, owner, address pair, OLD>NEW, time in OLD."""
+    from .render import trace_line
+
+    options = _build_options(emit_events=True, collect_metrics=False, **filters)
+    out = Output()
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+    if as_json:
+
+        def handle(event: Any) -> None:
+            out.write(dumps(event.to_json()))
+
+    else:
+
+        def handle(event: Any) -> None:
+            out.write(trace_line(event))
+
+    def finish() -> str:
+        out.flush()
+        return ""
+
+    _run_event_command(options, duration, handle, finish, out)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per lifecycle.")
+@tracer_options
+@duration_option
+def lifecycles(as_json: bool, duration: float | None, **filters: Any) -> None:
+    """Print each socket's whole lifecycle once it ends: path, durations, how it closed."""
+    from .lifecycle import LifecycleEngine
+    from .render import lifecycle_line
+
+    options = _build_options(emit_events=True, collect_metrics=False, **filters)
+    out = Output()
+    engine = LifecycleEngine()
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    render = (lambda life: dumps(life.to_json())) if as_json else lifecycle_line
+
+    def handle(event: Any) -> None:
+        for life in engine.feed(event):
+            out.write(render(life))
+
+    def finish() -> str:
+        still_open = engine.flush()
+        for life in still_open:
+            out.write(render(life))
+        out.flush()
+        stats = engine.stats
+        return f"; {stats.lifecycles} lifecycles, {len(still_open)} still open" + (
+            f", {stats.evicted} evicted" if stats.evicted else ""
+        )
+
+    _run_event_command(options, duration, handle, finish, out)
+
+
+@cli.command()
+@click.option("--fix", is_flag=True, help="Apply the fixes that can be applied safely.")
+def doctor(fix: bool) -> None:
+    """Check that this host can run tcptrace-ebpf, and say how to fix what is missing."""
+    from .doctor import run_doctor
+
+    ok = run_doctor(fix=fix, echo=click.echo)
+    if not ok:
+        raise UserError("some checks failed (see above)", exit_code=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.UsageError as err:
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        message = err.format_message().replace("\n", " ")
+        click.echo(f"{PROG}: error: {message}{where}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except UserError as err:
+        click.echo(f"{PROG}: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

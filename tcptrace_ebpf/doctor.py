@@ -1,0 +1,197 @@
+"""`tcptrace-ebpf doctor`: can this host run the tracer, and if not, the exact fix.
+
+With --fix it applies the fixes that are safe to automate: mounting
+tracefs, and pointing BCC at installed kernel headers when none match the
+running kernel. The BPF program only reads tracepoint arguments (laid out
+from tracefs at run time) and uses BTF offsets, so headers of another
+version of the kernel are enough for it to compile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .kernel import detect_features, headers_dir, kernel_release
+from .tracefs import ensure_tracefs, find_tracefs
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersCandidate:
+    build: Path  # the tree with generated headers and .config (Debian: ...-amd64)
+    source: Path  # the tree with the sources (Debian: ...-common); may equal build
+    version: tuple[int, ...]
+
+
+_ARCH_FLAVOURS = {"x86_64": ("amd64", "generic"), "aarch64": ("arm64", "generic")}
+
+
+def _version_of(name: str) -> tuple[int, ...]:
+    match = re.search(r"(\d+(?:\.\d+)+)", name)
+    return tuple(int(part) for part in match.group(1).split(".")) if match else ()
+
+
+def find_headers_candidates(
+    usr_src: Path = Path("/usr/src"), machine: str | None = None
+) -> list[HeadersCandidate]:
+    """Installed kernel header trees, best first (newest, matching this CPU)."""
+    machine = machine or os.uname().machine
+    flavours = _ARCH_FLAVOURS.get(machine, ())
+    found = []
+    try:
+        entries = sorted(usr_src.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.startswith("linux-headers-") or not entry.is_dir():
+            continue
+        if not (entry / "include" / "generated").is_dir() and not (entry / ".config").is_file():
+            continue  # a source-only tree (Debian's -common), not a build tree
+        if flavours and not entry.name.endswith(flavours):
+            continue
+        source = entry
+        makefile = entry / "Makefile"
+        try:
+            first = makefile.read_text().strip().splitlines()[0]
+        except (OSError, IndexError):
+            first = ""
+        match = re.match(r"include\s+(\S+)/Makefile$", first)
+        if match and Path(match.group(1)).is_dir():
+            source = Path(match.group(1))
+        found.append(HeadersCandidate(entry, source, _version_of(entry.name)))
+    return sorted(found, key=lambda candidate: candidate.version, reverse=True)
+
+
+def link_headers(
+    release: str, candidate: HeadersCandidate, modules: Path = Path("/lib/modules")
+) -> Path:
+    """Point /lib/modules/<release>/{build,source} at `candidate`; returns the directory."""
+    target = modules / release
+    target.mkdir(parents=True, exist_ok=True)
+    for name, path in (("build", candidate.build), ("source", candidate.source)):
+        link = target / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(path)
+    return target
+
+
+class Report:
+    def __init__(self, echo: Echo) -> None:
+        self.echo = echo
+        self.failed = False
+
+    def ok(self, what: str) -> None:
+        self.echo(f"  ok    {what}")
+
+    def warn(self, what: str, fix: str | None = None) -> None:
+        self.echo(f"  warn  {what}" + (f"\n        fix: {fix}" if fix else ""))
+
+    def fail(self, what: str, fix: str) -> None:
+        self.failed = True
+        self.echo(f"  FAIL  {what}\n        fix: {fix}")
+
+
+def run_doctor(fix: bool, echo: Echo) -> bool:
+    """Print one line per check; True if tcptrace-ebpf can run here."""
+    report = Report(echo)
+    release = kernel_release()
+    echo(f"tcptrace-ebpf doctor: kernel {release}")
+
+    if os.geteuid() == 0:
+        report.ok("running as root")
+    else:
+        report.fail("not root: loading BPF programs needs root", "run with sudo")
+
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        report.fail(
+            "BCC's Python bindings are not importable from this Python",
+            "apt-get install python3-bpfcc, and use a venv made with --system-site-packages",
+        )
+    else:
+        report.ok("BCC Python bindings importable")
+
+    if find_tracefs() is None and fix and os.geteuid() == 0:
+        try:
+            ensure_tracefs()
+            echo("        fixed: mounted tracefs at /sys/kernel/tracing")
+        except Exception as err:  # reported below as a failure
+            echo(f"        could not mount tracefs: {err}")
+    if find_tracefs() is not None:
+        report.ok(f"tracefs mounted at {find_tracefs()}")
+    else:
+        report.fail("tracefs is not mounted", "mount -t tracefs tracefs /sys/kernel/tracing")
+
+    _check_headers(report, release, fix)
+
+    features = detect_features()
+    for name, capability in features.capabilities.items():
+        if capability.available:
+            report.ok(capability.detail)
+        elif name == "set_state":
+            report.fail(capability.detail, "a kernel >= 4.16 with CONFIG_TRACEPOINTS (and tracefs)")
+        else:
+            report.warn(capability.detail)
+
+    if not report.failed and os.geteuid() == 0:
+        _check_load(report)
+    echo(
+        "tcptrace-ebpf doctor: "
+        + ("all required checks passed" if not report.failed else "problems found")
+    )
+    return not report.failed
+
+
+def _check_headers(report: Report, release: str, fix: bool) -> None:
+    found = headers_dir(release)
+    if found is not None:
+        report.ok(f"kernel headers for BCC: {found}")
+        return
+    candidates = find_headers_candidates()
+    if candidates and fix and os.geteuid() == 0:
+        best = candidates[0]
+        where = link_headers(release, best)
+        report.echo(
+            f"        fixed: no headers for {release}; linked {where}/build -> {best.build} and "
+            f"{where}/source -> {best.source} (enough for this tracepoint-only program)"
+        )
+        report.ok(f"kernel headers for BCC: {where / 'build'} (from another kernel version)")
+        return
+    if candidates:
+        report.fail(
+            f"no kernel headers for {release} (BCC compiles the BPF program with them)",
+            f"tcptrace-ebpf doctor --fix (links {candidates[0].build})",
+        )
+    else:
+        report.fail(
+            f"no kernel headers for {release} and none installed",
+            f"apt-get install linux-headers-{release} || apt-get install linux-headers-amd64; "
+            "then tcptrace-ebpf doctor --fix",
+        )
+
+
+def _check_load(report: Report) -> None:
+    """Compile, load and attach the real program, then detach."""
+    from .errors import UserError
+    from .probe import Tracer, TracerOptions
+
+    tracer = Tracer(TracerOptions(emit_events=True, collect_metrics=True))
+    try:
+        tracer.start()
+    except UserError as err:
+        report.fail(
+            f"loading the BPF program failed: {err}", "see the checks above; --debug for details"
+        )
+    else:
+        report.ok(
+            f"BPF program compiled, loaded and attached to {len(tracer.attached)} tracepoints"
+        )
+    finally:
+        tracer.close()

@@ -1,0 +1,209 @@
+"""Events: what the BPF program reports for each TCP state change.
+
+`decode()` turns the raw bytes of a `struct tt_event` (bpf/tcptrace.h) into
+an `Event`; `Event.to_json()` / `Event.from_json()` give the `trace --json`
+form, which is also how event streams are recorded for the tests.
+Pure code: no bcc, no I/O.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+from .states import state_name
+
+# struct tt_event, field by field (bpf/tcptrace.h); a test checks this
+# against the layout BCC compiles.
+EVENT_FORMAT = "<QQQQII16s16sHHHHBBBBBBH16s"
+EVENT_STRUCT = struct.Struct(EVENT_FORMAT)
+EVENT_SIZE = EVENT_STRUCT.size  # 104
+
+AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
+
+# TT_EVF_* flags
+F_DURATION_KNOWN = 1 << 0
+F_PREEXISTING = 1 << 1
+F_LOST_BEFORE = 1 << 2
+F_UNTRACKED = 1 << 3
+F_RESET_SENT = 1 << 4
+F_RESET_RECEIVED = 1 << 5
+F_LAST = 1 << 6
+F_INFERRED_TIME = 1 << 7
+F_TIMEWAIT_SOCK = 1 << 8
+F_NO_TIME_WAIT = 1 << 9
+
+FLAG_NAMES = {
+    F_PREEXISTING: "preexisting",
+    F_LOST_BEFORE: "lost_before",
+    F_UNTRACKED: "untracked",
+    F_RESET_SENT: "reset_sent",
+    F_RESET_RECEIVED: "reset_received",
+    F_LAST: "last",
+    F_INFERRED_TIME: "inferred_time",
+    F_TIMEWAIT_SOCK: "timewait_socket",
+    F_NO_TIME_WAIT: "no_time_wait",
+}
+FLAG_VALUES = {name: value for value, name in FLAG_NAMES.items()}
+
+ROLE_NAMES = {0: "unknown", 1: "client", 2: "server", 3: "listener"}
+OWNER_SOURCE_NAMES = {0: "unknown", 1: "connect", 2: "listen", 3: "listener", 4: "closer"}
+TW_END_NAMES = {0: None, 1: "expired", 2: "reused", 3: "killed"}
+CLOSE_NAMES = {
+    1: "active",
+    2: "passive",
+    3: "simultaneous",
+    4: "reset_sent",
+    5: "reset_received",
+    6: "refused",
+    7: "timeout",
+    8: "connect_failed",
+    9: "listener_closed",
+}
+
+
+class Event(NamedTuple):
+    """One state change of one socket. Times are unix seconds."""
+
+    ts: float
+    sock: int  # lifecycle id, 0 for an untracked socket
+    seq: int  # position in the lifecycle
+    pid: int  # owner's pid, 0 if unknown
+    comm: str
+    family: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    old_state: int
+    new_state: int
+    duration_s: float | None  # time spent in old_state
+    flags: int
+    role: int
+    owner_source: int
+    tw_end: int
+    syn_retrans: int
+    skaddr: int = 0
+
+    @property
+    def family_name(self) -> str:
+        return "ipv6" if self.family == AF_INET6 else "ipv4"
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `trace --json` object: the documented keys, then details."""
+        return {
+            "ts": round(self.ts, 6),
+            "sock": self.sock,
+            "pid": self.pid or None,
+            "comm": self.comm or None,
+            "family": self.family_name,
+            "laddr": self.laddr,
+            "lport": self.lport,
+            "raddr": self.raddr,
+            "rport": self.rport,
+            "old_state": state_name(self.old_state),
+            "new_state": state_name(self.new_state),
+            "duration_s": None if self.duration_s is None else round(self.duration_s, 9),
+            "seq": self.seq,
+            "role": ROLE_NAMES.get(self.role, "unknown"),
+            "owner": OWNER_SOURCE_NAMES.get(self.owner_source, "unknown"),
+            "time_wait_end": TW_END_NAMES.get(self.tw_end),
+            "syn_retrans": self.syn_retrans,
+            "flags": [name for value, name in FLAG_NAMES.items() if self.flags & value],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Event:
+        """Parse a `trace --json` object (as recorded for tests)."""
+        from .states import parse_state
+
+        flags = 0
+        for name in obj.get("flags", ()):
+            flags |= FLAG_VALUES.get(name, 0)
+        duration = obj.get("duration_s")
+        if duration is not None:
+            flags |= F_DURATION_KNOWN
+        roles = {name: value for value, name in ROLE_NAMES.items()}
+        owners = {name: value for value, name in OWNER_SOURCE_NAMES.items()}
+        tw_ends = {name: value for value, name in TW_END_NAMES.items() if name}
+        return cls(
+            ts=float(obj["ts"]),
+            sock=int(obj["sock"]),
+            seq=int(obj.get("seq", 0)),
+            pid=int(obj.get("pid") or 0),
+            comm=obj.get("comm") or "",
+            family=AF_INET6 if obj.get("family") == "ipv6" else AF_INET,
+            laddr=str(obj["laddr"]),
+            lport=int(obj["lport"]),
+            raddr=str(obj["raddr"]),
+            rport=int(obj["rport"]),
+            old_state=int(parse_state(obj["old_state"])),
+            new_state=int(parse_state(obj["new_state"])),
+            duration_s=None if duration is None else float(duration),
+            flags=flags,
+            role=roles.get(obj.get("role", "unknown"), 0),
+            owner_source=owners.get(obj.get("owner", "unknown"), 0),
+            tw_end=tw_ends.get(obj.get("time_wait_end") or "", 0),
+            syn_retrans=int(obj.get("syn_retrans", 0)),
+        )
+
+
+@lru_cache(maxsize=4096)
+def format_address(family: int, raw: bytes) -> str:
+    """Text form of a 16-byte address field (IPv4 in its first 4 bytes)."""
+    if family == AF_INET:
+        return socket.inet_ntop(AF_INET, raw[:4])
+    return socket.inet_ntop(AF_INET6, raw)
+
+
+@lru_cache(maxsize=1024)
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+class Decoder:
+    """Turns raw `struct tt_event` bytes into Events with unix timestamps.
+
+    Kernel timestamps are CLOCK_MONOTONIC; `clock_offset_ns` (unix minus
+    monotonic, nanoseconds) converts them. The caller refreshes it now and
+    then so a clock step (NTP) shows up in later events.
+    """
+
+    __slots__ = ("clock_offset_ns",)
+
+    def __init__(self, clock_offset_ns: int) -> None:
+        self.clock_offset_ns = clock_offset_ns
+
+    def decode(self, raw: bytes) -> Event:
+        (
+            ts_ns, sock_id, skaddr, duration_ns, pid, flags, saddr, daddr,
+            sport, dport, family, seq, old, new, role, owner_source, tw_end, _pad,
+            syn_retrans, comm,
+        ) = EVENT_STRUCT.unpack_from(raw)  # fmt: skip
+        return Event(
+            ts=(ts_ns + self.clock_offset_ns) / 1e9,
+            sock=sock_id,
+            seq=seq,
+            pid=pid,
+            comm=_comm(comm),
+            family=family,
+            laddr=format_address(family, saddr),
+            lport=sport,
+            raddr=format_address(family, daddr),
+            rport=dport,
+            old_state=old,
+            new_state=new,
+            duration_s=duration_ns / 1e9 if flags & F_DURATION_KNOWN else None,
+            flags=flags,
+            role=role,
+            owner_source=owner_source,
+            tw_end=tw_end,
+            syn_retrans=syn_retrans,
+            skaddr=skaddr,
+        )

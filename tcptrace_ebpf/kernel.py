@@ -1,0 +1,271 @@
+"""What the running kernel offers: tracepoints, symbols, BTF offsets, HZ, headers.
+
+`detect_features()` gathers everything the BPF program's preamble needs and
+says, for each optional capability, whether it is there and if not why, so
+the tracer degrades cleanly and `tcptrace-ebpf doctor` can explain.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .btf import Btf, BtfError
+from .tracefs import TracepointFormat, find_tracefs, read_format
+
+# Fields the tracer cannot work without.
+SET_STATE_FIELDS = (
+    "skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+    "saddr", "daddr", "saddr_v6", "daddr_v6",
+)  # fmt: skip
+ADDR_FIELDS = ("sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6")
+
+TIMEWAIT_LEN_S = 60  # TCP_TIMEWAIT_LEN, a compile-time constant of the kernel
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    name: str
+    available: bool
+    detail: str  # what it gives, or why it is missing and what that costs
+
+
+@dataclass
+class Features:
+    release: str
+    formats: dict[str, TracepointFormat] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)
+    tw_timer_handler: int = 0
+    hz: int = 0
+    capabilities: dict[str, Capability] = field(default_factory=dict)
+
+    def has(self, name: str) -> bool:
+        cap = self.capabilities.get(name)
+        return cap is not None and cap.available
+
+    def note(self, name: str, available: bool, detail: str) -> None:
+        self.capabilities[name] = Capability(name, available, detail)
+
+
+def kernel_release() -> str:
+    return os.uname().release
+
+
+def kallsyms_address(symbol: str, path: str = "/proc/kallsyms") -> int:
+    """Address of a kernel symbol, 0 if absent or hidden (kptr_restrict)."""
+    try:
+        with open(path) as kallsyms:
+            for line in kallsyms:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] == symbol:
+                    return int(parts[0], 16)
+    except OSError:
+        return 0
+    return 0
+
+
+def _config_value(text: str, key: str) -> str | None:
+    match = re.search(rf"^{re.escape(key)}=(\S+)$", text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def kernel_hz(release: str | None = None) -> int:
+    """CONFIG_HZ of the running kernel: from its config, else measured.
+
+    Measured by watching jiffies (the timestamp line of /proc/schedstat)
+    advance against the monotonic clock, rounded to a usual HZ value.
+    """
+    release = release or kernel_release()
+    for path in (Path("/proc/config.gz"), Path(f"/boot/config-{release}")):
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        text = gzip.decompress(raw).decode() if path.suffix == ".gz" else raw.decode()
+        value = _config_value(text, "CONFIG_HZ")
+        if value and value.isdigit():
+            return int(value)
+    return _measure_hz()
+
+
+def _schedstat_jiffies() -> int | None:
+    try:
+        with open("/proc/schedstat") as schedstat:
+            for line in schedstat:
+                if line.startswith("timestamp "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _measure_hz() -> int:
+    first = _schedstat_jiffies()
+    start = time.monotonic()
+    if first is None:
+        return 0
+    time.sleep(0.2)
+    second = _schedstat_jiffies()
+    elapsed = time.monotonic() - start
+    if second is None or elapsed <= 0:
+        return 0
+    rate = (second - first) / elapsed
+    return min((100, 250, 300, 1000), key=lambda hz: abs(hz - rate))
+
+
+def headers_dir(release: str | None = None) -> Path | None:
+    """Where BCC will find kernel headers for this kernel, or None."""
+    release = release or kernel_release()
+    env = os.environ.get("BCC_KERNEL_SOURCE")
+    if env and Path(env).is_dir():
+        return Path(env)
+    build = Path(f"/lib/modules/{release}/build")
+    if build.is_dir():
+        return build
+    if Path("/sys/kernel/kheaders.tar.xz").exists():
+        return Path("/sys/kernel/kheaders.tar.xz")
+    return None
+
+
+# BTF offsets the program may use, by macro name: (struct, member path).
+BTF_OFFSETS = {
+    "OFF_TW_TIMER": ("inet_timewait_sock", "tw_timer"),
+    "OFF_TW_SUBSTATE": ("inet_timewait_sock", "tw_substate"),
+    "OFF_TIMER_EXPIRES": ("timer_list", "expires"),
+    "OFF_SKC_NET": ("sock_common", "skc_net"),
+    "OFF_NET_NS_INUM": ("net", "ns.inum"),
+}
+
+
+def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
+    """Inspect the running kernel. Needs tracefs mounted to see tracepoints."""
+    features = Features(release=kernel_release())
+    root = find_tracefs()
+    wanted = {
+        "inet_sock_set_state": ("sock", "inet_sock_set_state"),
+        "tcp_receive_reset": ("tcp", "tcp_receive_reset"),
+        "tcp_send_reset": ("tcp", "tcp_send_reset"),
+        "tcp_retransmit_skb": ("tcp", "tcp_retransmit_skb"),
+        "timer_start": ("timer", "timer_start"),
+        "timer_cancel": ("timer", "timer_cancel"),
+        "timer_expire_entry": ("timer", "timer_expire_entry"),
+        "kfree_skb": ("skb", "kfree_skb"),
+    }
+    if root is not None:
+        for key, (category, event) in wanted.items():
+            fmt = read_format(root, category, event)
+            if fmt is not None:
+                features.formats[key] = fmt
+
+    set_state = features.formats.get("inet_sock_set_state")
+    if set_state is None:
+        why = "tracefs is not mounted" if root is None else "the kernel has no such tracepoint"
+        features.note("set_state", False, f"sock:inet_sock_set_state unavailable: {why}")
+    elif not set_state.has(*SET_STATE_FIELDS):
+        missing = [name for name in SET_STATE_FIELDS if name not in set_state.fields]
+        features.note(
+            "set_state", False, f"sock:inet_sock_set_state lacks fields {', '.join(missing)}"
+        )
+    else:
+        features.note("set_state", True, "sock:inet_sock_set_state: every TCP state change")
+
+    recv = features.formats.get("tcp_receive_reset")
+    features.note(
+        "reset_received",
+        recv is not None and recv.has("skaddr"),
+        "tcp:tcp_receive_reset: tells resets received and refused connects"
+        if recv is not None and recv.has("skaddr")
+        else "no tcp:tcp_receive_reset with skaddr: a received RST reads as a timeout",
+    )
+    sent = features.formats.get("tcp_send_reset")
+    features.note(
+        "reset_sent",
+        sent is not None and sent.has("skaddr"),
+        "tcp:tcp_send_reset: tells resets sent"
+        if sent is not None and sent.has("skaddr")
+        else "no tcp:tcp_send_reset with skaddr: a sent RST reads as a timeout",
+    )
+    retrans = features.formats.get("tcp_retransmit_skb")
+    retrans_ok = retrans is not None and retrans.has("skaddr", "state", *ADDR_FIELDS)
+    features.note(
+        "syn_retrans",
+        retrans_ok,
+        "tcp:tcp_retransmit_skb: counts SYN retransmissions"
+        if retrans_ok
+        else "no usable tcp:tcp_retransmit_skb: SYN retransmissions are not counted",
+    )
+
+    btf: Btf | None = None
+    try:
+        btf = Btf.load(btf_path)
+    except BtfError as err:
+        features.note("btf", False, f"no kernel BTF ({err}): no TIME_WAIT, no netns")
+    else:
+        features.note("btf", True, f"kernel BTF at {btf_path}")
+    if btf is not None:
+        for macro, (struct, member) in BTF_OFFSETS.items():
+            try:
+                features.offsets[macro] = btf.member_offset(struct, member)
+            except BtfError:
+                continue
+
+    features.note(
+        "netns",
+        "OFF_SKC_NET" in features.offsets and "OFF_NET_NS_INUM" in features.offsets,
+        "network namespace of each socket (listener owners per namespace)"
+        if "OFF_SKC_NET" in features.offsets and "OFF_NET_NS_INUM" in features.offsets
+        else "no netns offsets in BTF: listener owners are matched by port only",
+    )
+
+    features.tw_timer_handler = kallsyms_address("tw_timer_handler")
+    timer_fmts = [features.formats.get(k) for k in ("timer_start", "timer_cancel")]
+    expire_fmt = features.formats.get("timer_expire_entry")
+    timers_ok = (
+        all(f is not None and f.has("timer") for f in timer_fmts)
+        and timer_fmts[0] is not None
+        and timer_fmts[0].has("function")
+        and expire_fmt is not None
+        and expire_fmt.has("timer", "function")
+    )
+    reasons = []
+    if not timers_ok:
+        reasons.append("timer tracepoints missing")
+    if not features.tw_timer_handler:
+        reasons.append("symbol tw_timer_handler not in /proc/kallsyms")
+    if "OFF_TW_TIMER" not in features.offsets:
+        reasons.append("no inet_timewait_sock.tw_timer in BTF")
+    features.note(
+        "timewait",
+        not reasons,
+        "TIME_WAIT followed through the timewait socket's timer"
+        if not reasons
+        else "TIME_WAIT not measured: " + "; ".join(reasons),
+    )
+    features.note(
+        "tw_substate",
+        "OFF_TW_SUBSTATE" in features.offsets,
+        "timewait substate: FIN_WAIT2 vs TIME_WAIT"
+        if "OFF_TW_SUBSTATE" in features.offsets
+        else "no tw_substate in BTF: FIN_WAIT2 timewait sockets read as TIME_WAIT",
+    )
+    features.hz = kernel_hz(features.release)
+    features.note(
+        "timer_expires",
+        "OFF_TIMER_EXPIRES" in features.offsets and features.hz > 0,
+        f"timer expiry in jiffies (HZ={features.hz}): when an unseen FIN began TIME_WAIT"
+        if "OFF_TIMER_EXPIRES" in features.offsets and features.hz > 0
+        else "no timer expiry offset or HZ: an unseen FIN is dated at the socket's end",
+    )
+    kfree = features.formats.get("kfree_skb")
+    features.note(
+        "kfree_rx_sk",
+        kfree is not None and kfree.has("rx_sk"),
+        "skb:kfree_skb rx_sk: the peer's FIN reaching a timewait socket, seen live"
+        if kfree is not None and kfree.has("rx_sk")
+        else "no skb:kfree_skb rx_sk (kernel < 6.12?): such FINs are dated from the timer",
+    )
+    return features

@@ -1,0 +1,472 @@
+"""Build, load and attach the BPF program with BCC; read what it produces.
+
+This is the only module that imports bcc. Everything it needs to know about
+the running kernel comes from `kernel.detect_features()`; `build_source()`
+is pure so the generated program can be inspected (and tested) without
+loading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import platform
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import buckets
+from .errors import UserError
+from .kernel import ADDR_FIELDS, SET_STATE_FIELDS, TIMEWAIT_LEN_S, Features, detect_features
+from .kernel import headers_dir as find_headers_dir
+from .tracefs import c_struct, ensure_tracefs
+
+log = logging.getLogger(__name__)
+
+# struct tt_counter indexes (bpf/tcptrace.h) -> names used in metrics and summaries.
+COUNTER_NAMES = {
+    0: "events",
+    1: "lost_ringbuf",
+    2: "lost_socket_map",
+    3: "lost_timewait_map",
+    4: "lost_killed_map",
+    5: "lost_listener_map",
+    6: "lost_close_wait_map",
+    7: "lost_adopted_map",
+    8: "time_wait_skipped",
+    9: "sockets_born",
+}
+
+
+def bpf_source_dir() -> Path:
+    """Directory of tcptrace.bpf.c: inside the installed package, or the repo's bpf/."""
+    packaged = resources.files("tcptrace_ebpf") / "bpf"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    checkout = Path(__file__).resolve().parent.parent / "bpf"
+    if (checkout / "tcptrace.bpf.c").is_file():
+        return checkout
+    raise UserError("the BPF sources (tcptrace.bpf.c) are missing from the installation: reinstall")
+
+
+@dataclass(frozen=True)
+class TracerOptions:
+    """What to trace and how. Map sizes bound the kernel memory used."""
+
+    emit_events: bool = True
+    collect_metrics: bool = False
+    ports: frozenset[int] = frozenset()
+    pid: int | None = None
+    family: int | None = None  # socket.AF_INET or AF_INET6
+    max_sockets: int = 262144
+    max_timewait: int = 262144
+    max_killed: int = 65536
+    max_listeners: int = 16384
+    max_close_wait: int = 65536
+    max_adopted: int = 65536
+    max_pending_close: int = 16384
+    ringbuf_bytes: int = 16 << 20
+    port_slots: int = 1
+    force_perf_buffer: bool = False
+    # How long a cancelled timewait socket may wait for the new connection
+    # that reused its address pair (a SYN-ACK may need one retransmission).
+    kill_grace_ns: int = 5_000_000_000
+    # How long a close is held waiting for the RST of an abortive close,
+    # which follows within microseconds in the same system call.
+    pending_close_grace_ns: int = 100_000_000
+
+
+def _pow2_pages(nbytes: int) -> int:
+    pages = max(1, nbytes // 4096)
+    return 1 << (pages - 1).bit_length()
+
+
+def build_source(features: Features, options: TracerOptions) -> tuple[str, list[str]]:
+    """The program text (generated preamble + tcptrace.bpf.c) and cflags."""
+    if not features.has("set_state"):
+        raise UserError(
+            features.capabilities["set_state"].detail
+            + ": this kernel cannot be traced (needs Linux >= 4.16 with tracepoints)"
+        )
+    source_dir = bpf_source_dir()
+    defines: dict[str, int | str] = {
+        "MAX_SOCKETS": options.max_sockets,
+        "MAX_TIMEWAIT": options.max_timewait,
+        "MAX_KILLED": options.max_killed,
+        "MAX_LISTENERS": options.max_listeners,
+        "MAX_CLOSE_WAIT": options.max_close_wait,
+        "MAX_ADOPTED": options.max_adopted,
+        "MAX_PENDING_CLOSE": options.max_pending_close,
+        "EMIT_EVENTS": int(options.emit_events),
+        "COLLECT_METRICS": int(options.collect_metrics),
+        "USE_RINGBUF": int(not options.force_perf_buffer),
+        "RINGBUF_PAGES": _pow2_pages(options.ringbuf_bytes),
+        "FILTER_PORTS": int(bool(options.ports)),
+        "FILTER_PID": options.pid or 0,
+        "FILTER_FAMILY": options.family or 0,
+        "PORT_SLOTS": max(1, options.port_slots),
+        "HAVE_RESET_RECEIVED": int(features.has("reset_received")),
+        "HAVE_RESET_SENT": int(features.has("reset_sent")),
+        "HAVE_SYN_RETRANS": int(features.has("syn_retrans")),
+        "HAVE_NETNS": int(features.has("netns")),
+        "HAVE_TIMEWAIT": int(features.has("timewait")),
+        "HAVE_TW_SUBSTATE": int(features.has("timewait") and features.has("tw_substate")),
+        "HAVE_TIMER_EXPIRES": int(features.has("timewait") and features.has("timer_expires")),
+        "HAVE_KFREE_RX_SK": int(features.has("timewait") and features.has("kfree_rx_sk")),
+    }
+    for name, offset in features.offsets.items():
+        defines[name] = offset
+    defines["TW_TIMER_HANDLER"] = f"0x{features.tw_timer_handler:x}ULL"
+    hz = features.hz or 250  # only used when HAVE_TIMER_EXPIRES, which needs hz
+    defines["NS_PER_JIFFY"] = f"{1_000_000_000 // hz}ULL"
+    defines["TIMEWAIT_LEN_JIFFIES"] = f"{TIMEWAIT_LEN_S * hz}ULL"
+
+    preamble = [f"#define {name} {value}" for name, value in defines.items()]
+    structs = [
+        ("tp_inet_sock_set_state", "inet_sock_set_state", list(SET_STATE_FIELDS), "set_state"),
+        ("tp_tcp_receive_reset", "tcp_receive_reset", ["skaddr"], "reset_received"),
+        ("tp_tcp_send_reset", "tcp_send_reset", ["skaddr"], "reset_sent"),
+        (
+            "tp_tcp_retransmit_skb",
+            "tcp_retransmit_skb",
+            ["skaddr", "state", *ADDR_FIELDS],
+            "syn_retrans",
+        ),
+        ("tp_timer_start", "timer_start", ["timer", "function"], "timewait"),
+        ("tp_timer_cancel", "timer_cancel", ["timer"], "timewait"),
+        ("tp_timer_expire_entry", "timer_expire_entry", ["timer", "function"], "timewait"),
+        ("tp_kfree_skb", "kfree_skb", ["rx_sk"], "kfree_rx_sk"),
+    ]
+    for struct_name, key, fields, capability in structs:
+        if features.has(capability):
+            preamble.append(c_struct(struct_name, features.formats[key], fields))
+    for name, bounds in buckets.ALL.items():
+        preamble.append(buckets.c_bucket_function(name, bounds))
+    text = "\n".join(preamble) + "\n" + (source_dir / "tcptrace.bpf.c").read_text()
+    cflags = [f"-I{source_dir}", "-Wno-macro-redefined", "-Wno-unused-function"]
+    return text, cflags
+
+
+@contextlib.contextmanager
+def _capture_stderr() -> Iterator[Callable[[], str]]:
+    """Collect what BCC's C++ code writes on fd 2 (clang and verifier output).
+
+    BCC prints compiler warnings and verifier logs straight to fd 2; we keep
+    them out of the user's terminal and log them, or put the useful line
+    into the error message when loading fails.
+    """
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+
+        def read() -> str:
+            sink.seek(0)
+            return sink.read().decode(errors="replace")
+
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield read
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            text = read()
+            if text.strip():
+                log.debug("BCC output:\n%s", text)
+
+
+def _first_error(output: str) -> str:
+    for line in output.splitlines():
+        if "error:" in line or line.startswith(("Unable to", "chdir(")):
+            return line.strip()
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else "no details"
+
+
+def import_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError:
+        raise UserError(
+            "BCC's Python bindings are not importable: install them "
+            "(Debian: apt-get install python3-bpfcc) and run tcptrace-ebpf from a virtual "
+            "environment created with --system-site-packages (see README)"
+        ) from None
+    return bcc
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise UserError("tcptrace-ebpf must run as root to load its BPF program: run it with sudo")
+
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+_BPF_PROG_TEST_RUN = 10
+
+
+class _TestRunAttr(ctypes.Structure):
+    # union bpf_attr, the BPF_PROG_TEST_RUN member (include/uapi/linux/bpf.h)
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+def _bpf_prog_test_run(prog_fd: int) -> None:
+    """Run a loaded raw_tracepoint program once, now (BPF_PROG_TEST_RUN)."""
+    number = _NR_BPF.get(platform.machine())
+    if number is None:
+        raise OSError(f"bpf() syscall number unknown for {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    ctx = (ctypes.c_uint64 * 1)()
+    attr = _TestRunAttr(prog_fd=prog_fd)
+    attr.ctx_in = ctypes.addressof(ctx)
+    attr.ctx_size_in = ctypes.sizeof(ctx)
+    if libc.syscall(number, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+@dataclass
+class KilledTimewait:
+    """A cancelled timewait socket awaiting classification (for tests and debugging)."""
+
+    sock_id: int
+    killed_ns: int
+
+
+@dataclass
+class Tracer:
+    """The loaded BPF program. Use as a context manager, or call close()."""
+
+    options: TracerOptions
+    features: Features | None = None
+    on_event: Callable[[bytes], None] | None = None
+    bpf: Any = field(default=None, init=False)
+    attached: list[str] = field(default_factory=list, init=False)
+    tracefs_mounted: bool = field(default=False, init=False)
+    _sweep_fd: int = field(default=-1, init=False)
+    _sweep_close_fd: int = field(default=-1, init=False)
+    _ring: bool = field(default=True, init=False)
+
+    def start(self) -> None:
+        require_root()
+        bcc = import_bcc()
+        _, self.tracefs_mounted = ensure_tracefs()
+        if self.tracefs_mounted:
+            log.warning("tracefs was not mounted: mounted it at /sys/kernel/tracing")
+        if self.features is None:
+            self.features = detect_features()
+        if find_headers_dir(self.features.release) is None:
+            raise UserError(
+                f"no kernel headers for kernel {self.features.release}, which BCC needs to "
+                "compile the BPF program: run 'tcptrace-ebpf doctor --fix' (or install the "
+                f"linux-headers package for {self.features.release})"
+            )
+        for name, cap in self.features.capabilities.items():
+            if not cap.available and name != "set_state":
+                log.info("degraded: %s", cap.detail)
+        text, cflags = build_source(self.features, self.options)
+        self._ring = not self.options.force_perf_buffer
+        with _capture_stderr() as output:
+            try:
+                self.bpf = bcc.BPF(text=text, cflags=cflags)
+            except Exception:
+                detail = output()
+                raise UserError(
+                    f"the BPF program did not compile: {_first_error(detail)} "
+                    "(run 'tcptrace-ebpf doctor'; --debug shows the compiler output)"
+                ) from None
+        try:
+            self._fill_filters()
+            self._attach_all()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fill_filters(self) -> None:
+        if self.options.ports:
+            table = self.bpf["filter_ports"]
+            for port in self.options.ports:
+                table[table.Key(port)] = table.Leaf(1)
+
+    def _attach(self, tracepoint: str, function: str) -> None:
+        with _capture_stderr() as output:
+            try:
+                self.bpf.attach_tracepoint(tp=tracepoint, fn_name=function)
+            except Exception as err:
+                raise UserError(
+                    f"could not attach to tracepoint {tracepoint}: "
+                    f"{_first_error(output()) if output() else err}"
+                ) from None
+        self.attached.append(tracepoint)
+
+    def _attach_all(self) -> None:
+        assert self.features is not None
+        if self.features.has("timewait"):
+            # Timer probes first: the set_state handler relies on seeing
+            # each timewait socket's timer start just before its close.
+            self._attach("timer:timer_start", "on_timer_start")
+            self._attach("timer:timer_cancel", "on_timer_cancel")
+            self._attach("timer:timer_expire_entry", "on_timer_expire_entry")
+            if self.features.has("kfree_rx_sk"):
+                self._attach("skb:kfree_skb", "on_kfree_skb")
+            self._sweep_fd = self._load_sweeper("sweep_killed")
+        if self.features.has("reset_received"):
+            self._attach("tcp:tcp_receive_reset", "on_tcp_receive_reset")
+        if self.features.has("reset_sent"):
+            self._attach("tcp:tcp_send_reset", "on_tcp_send_reset")
+        if self.features.has("syn_retrans"):
+            self._attach("tcp:tcp_retransmit_skb", "on_tcp_retransmit_skb")
+        self._sweep_close_fd = self._load_sweeper("sweep_pending_close")
+        if self.options.emit_events:
+            self._open_event_buffer()
+        self._attach("sock:inet_sock_set_state", "on_inet_sock_set_state")
+
+    def _load_sweeper(self, name: str) -> int:
+        """Load a program that user space runs on demand (BPF_PROG_TEST_RUN)."""
+        with _capture_stderr() as output:
+            try:
+                return int(self.bpf.load_func(name, 17).fd)  # BPF_PROG_TYPE_RAW_TRACEPOINT
+            except Exception as err:
+                raise UserError(f"could not load {name}: {_first_error(output()) or err}") from None
+
+    def _open_event_buffer(self) -> None:
+        handler = self.on_event
+
+        def deliver(_ctx: Any, data: Any, size: int) -> None:
+            if handler is not None:
+                handler(ctypes.string_at(data, size))
+
+        def lost(count: int) -> None:
+            # The kernel side counts these too (lost_ringbuf); just log.
+            log.debug("perf buffer lost %d events", count)
+
+        if self._ring:
+            self.bpf["events"].open_ring_buffer(deliver)
+        else:
+            pages = _pow2_pages(self.options.ringbuf_bytes // max(1, os.cpu_count() or 1))
+            self.bpf["events"].open_perf_buffer(deliver, page_cnt=pages, lost_cb=lost)
+
+    # -- running ---------------------------------------------------------
+
+    def poll(self, timeout_ms: int) -> None:
+        """Deliver waiting events to on_event; wait up to timeout_ms for some."""
+        if not self.options.emit_events or self.bpf is None:
+            time.sleep(timeout_ms / 1000)
+            return
+        if self._ring:
+            self.bpf.ring_buffer_poll(timeout_ms)
+            # The program wakes us only once plenty is waiting; take the rest.
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.perf_buffer_poll(timeout_ms)
+
+    def sweep(self, now_ns: int | None = None) -> int:
+        """Finish what waited in the kernel past its grace period: closes no RST
+        followed (timeouts), and cancelled timewait sockets no new connection
+        claimed (killed). Returns how many."""
+        if self.bpf is None:
+            return 0
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        done = 0
+        if self._sweep_close_fd >= 0:
+            held = [
+                key.value
+                for key, value in self.bpf["pending_close"].items()
+                if value.ts_ns + self.options.pending_close_grace_ns <= now_ns
+            ]
+            request_sk = self.bpf["sweep_request_sk"]
+            for skaddr in held:
+                request_sk[ctypes.c_int(0)] = ctypes.c_uint64(skaddr)
+                _bpf_prog_test_run(self._sweep_close_fd)
+            done += len(held)
+        if self._sweep_fd < 0:
+            return done
+        killed = self.bpf["tw_killed"]
+        due = [
+            key
+            for key, value in killed.items()
+            if value.killed_ns + self.options.kill_grace_ns <= now_ns
+        ]
+        request = self.bpf["sweep_request"]
+        for key in due:
+            request[ctypes.c_int(0)] = key
+            _bpf_prog_test_run(self._sweep_fd)
+        return done + len(due)
+
+    def pending_killed(self) -> list[KilledTimewait]:
+        if self.bpf is None or self._sweep_fd < 0:
+            return []
+        return [
+            KilledTimewait(sock_id=value.id.sock_id, killed_ns=value.killed_ns)
+            for value in self.bpf["tw_killed"].values()
+        ]
+
+    def counters(self) -> dict[str, int]:
+        """Self counters summed over CPUs, by name (see COUNTER_NAMES)."""
+        if self.bpf is None:
+            return dict.fromkeys(COUNTER_NAMES.values(), 0)
+        table = self.bpf["counters"]
+        values = {}
+        for index, name in COUNTER_NAMES.items():
+            values[name] = int(sum(table[ctypes.c_int(index)]))
+        return values
+
+    def percpu_array(self, name: str) -> list[int]:
+        """A per-CPU array map, summed over CPUs (signed values stay signed)."""
+        table = self.bpf[name]
+        result = []
+        for _key, per_cpu in table.items_lookup_batch():
+            result.append(int(sum(per_cpu)))
+        return result
+
+    def table(self, name: str) -> Any:
+        return self.bpf[name]
+
+    def close(self) -> None:
+        """Detach every probe and free the program; safe to call twice."""
+        if self.bpf is not None:
+            with _capture_stderr():
+                try:
+                    self.bpf.cleanup()
+                except Exception as err:  # detaching must never raise on the way out
+                    log.debug("cleanup: %s", err)
+            self.bpf = None
+            self.attached.clear()
+
+    def __enter__(self) -> Tracer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def family_from_flag(ipv4: bool, ipv6: bool) -> int | None:
+    if ipv4 and ipv6:
+        return None
+    if ipv4:
+        return socket.AF_INET
+    if ipv6:
+        return socket.AF_INET6
+    return None

@@ -1,0 +1,273 @@
+"""Helpers for tests that drive real sockets and the real tracer.
+
+Everything started here is stopped by its context manager or fixture, even
+when a test fails: peer processes, tracer processes, network namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+PEER = TESTS / "peer.py"
+
+requires_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: loads a BPF program into the kernel"
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port outside the ephemeral range that nothing listens on right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
+
+
+class Peer:
+    """A tests/peer.py process; `cmd()` sends one command and returns its reply value."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        argv = [sys.executable, str(PEER)]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.pid = int(self.cmd("pid"))
+
+    def try_cmd(self, line: str) -> tuple[bool, str]:
+        """Send a command; (succeeded, value or error)."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline().strip()
+        status, _, value = reply.partition(" ")
+        return status == "ok", value
+
+    def cmd(self, line: str) -> str:
+        ok, value = self.try_cmd(line)
+        if not ok:
+            raise AssertionError(f"peer {line!r} failed: {value!r}")
+        return value
+
+    def send_line(self, line: str) -> None:
+        """Send a command without waiting for its reply (read it with reply())."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.try_cmd("exit")
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _drain(stream: Any, sink: list[str], lines: queue.Queue[str] | None) -> None:
+    for line in stream:
+        sink.append(line.rstrip("\n"))
+        if lines is not None:
+            lines.put(line)
+
+
+@dataclass
+class CliRun:
+    """A running `tcptrace-ebpf ...` process."""
+
+    args: list[str]
+    proc: subprocess.Popen[str]
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    returncode: int | None = None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.returncode = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.returncode = self.proc.wait()
+        time.sleep(0.05)  # let the reader threads take the last lines
+        return self.returncode
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout if line.startswith("{")]
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tcptrace_ebpf", *args]
+
+
+@contextlib.contextmanager
+def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> Iterator[CliRun]:
+    """Start the CLI, wait for its `ready` line on stderr, stop it on exit."""
+    proc = subprocess.Popen(
+        cli_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    run = CliRun(list(args), proc)
+    errors: queue.Queue[str] = queue.Queue()
+    threads = [
+        threading.Thread(target=_drain, args=(proc.stdout, run.stdout, None), daemon=True),
+        threading.Thread(target=_drain, args=(proc.stderr, run.stderr, errors), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = errors.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {ready!r} within {timeout}s: {run.stderr}") from None
+            if ready in line:
+                break
+            if proc.poll() is not None and errors.empty():
+                raise AssertionError(f"tracer exited early: {run.stderr}")
+        yield run
+    finally:
+        run.stop()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=30)
+
+
+@dataclass
+class NetnsPair:
+    """Two network namespaces joined by a veth pair: a (10.R.0.1) and b (10.R.0.2)."""
+
+    a: str
+    b: str
+    addr_a: str
+    addr_b: str
+
+
+@contextlib.contextmanager
+def netns_pair() -> Iterator[NetnsPair]:
+    """Create two namespaces linked by veth; delete them (and their sockets) after."""
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"tta{tag}", f"ttb{tag}"
+    octet = random.randint(16, 250)
+    pair = NetnsPair(a, b, f"10.{octet}.0.1", f"10.{octet}.0.2")
+    created: list[str] = []
+    try:
+        for name in (a, b):
+            sh("ip", "netns", "add", name)
+            created.append(name)
+        sh(
+            "ip",
+            "link",
+            "add",
+            f"va{tag}",
+            "netns",
+            a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"vb{tag}",
+            "netns",
+            b,
+        )
+        for name, dev, addr in ((a, f"va{tag}", pair.addr_a), (b, f"vb{tag}", pair.addr_b)):
+            sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", dev)
+            sh("ip", "-n", name, "link", "set", dev, "up")
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield pair
+    finally:
+        for name in created:
+            sh("ip", "netns", "del", name, check=False)
+
+
+@contextlib.contextmanager
+def netns_single() -> Iterator[str]:
+    """One namespace with only lo up."""
+    name = f"tts{uuid.uuid4().hex[:6]}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+
+
+def nft(netns: str, script: str) -> None:
+    """Load an nftables ruleset inside a namespace."""
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
+        input=script,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def by_role(lifecycles: list[dict[str, Any]], port: int) -> dict[str, list[dict[str, Any]]]:
+    """Lifecycles touching `port`, grouped by role."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for life in lifecycles:
+        if port in (life["lport"], life["rport"]):
+            grouped.setdefault(life["role"], []).append(life)
+    return grouped
+
+
+def path(life: dict[str, Any]) -> list[str]:
+    return [span["state"] for span in life["states"]]
+
+
+def durations(life: dict[str, Any]) -> dict[str, float | None]:
+    return {span["state"]: span["duration_s"] for span in life["states"]}

@@ -1,0 +1,484 @@
+"""Seed scenarios of a TCP connection, traced for real.
+
+Each test loads the real BPF program (through the real CLI), drives real
+sockets owned by separate peer processes, and checks the lifecycles it
+reports: exact state paths, roles, how they closed, owners, and durations.
+TIME_WAIT is ended early, where a test cannot wait 60 s, the way real
+traffic ends it: a new connection reusing the address pair.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (
+    Peer,
+    free_port,
+    netns_pair,
+    netns_single,
+    nft,
+    requires_root,
+    run_cli,
+    sh,
+    wait_for,
+)
+
+pytestmark = requires_root
+
+
+def comm_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def netstat(netns: str, name: str) -> int:
+    """A TcpExt counter of a namespace (/proc/net/netstat): the kernel's own count."""
+    lines = sh("ip", "netns", "exec", netns, "cat", "/proc/net/netstat").stdout.splitlines()
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if header.startswith("TcpExt:"):
+            return int(dict(zip(header.split(), values.split(), strict=False))[name])
+    raise KeyError(name)
+
+
+def path(life: dict[str, Any]) -> list[str]:
+    return [span["state"] for span in life["states"]]
+
+
+def span(life: dict[str, Any], state: str) -> dict[str, Any]:
+    return next(s for s in life["states"] if s["state"] == state)
+
+
+def assert_sane(life: dict[str, Any]) -> None:
+    """Every state has a start and a non-negative duration, and they chain up."""
+    states = life["states"]
+    for here, after in itertools.pairwise(states):
+        assert here["start"] is not None, life
+        assert here["duration_s"] is not None, life
+        assert here["duration_s"] >= 0, life
+        # The next state begins when this one ends (within clock rounding).
+        assert abs(here["start"] + here["duration_s"] - after["start"]) < 0.002, life
+    assert states[-1]["duration_s"] is None or states[-1]["duration_s"] >= 0
+
+
+def lifecycles_on(run: Any, port: int) -> list[dict[str, Any]]:
+    return sorted(
+        (life for life in run.json_lines() if port in (life["lport"], life["rport"])),
+        key=lambda life: life["sock"],
+    )
+
+
+def pick(lives: list[dict[str, Any]], role: str, nth: int = 0, **match: Any) -> dict[str, Any]:
+    found = [
+        life
+        for life in lives
+        if life["role"] == role and all(life[key] == value for key, value in match.items())
+    ]
+    assert len(found) > nth, f"no {role} #{nth} {match} in {lives}"
+    return found[nth]
+
+
+def reuse_pair(client: Peer, server: Peer, host: str, port: int, cport: int) -> float:
+    """Connect again from the same client port: a new connection on the same
+    address pair ends a TIME_WAIT on it early (the kernel lets a connect()
+    reuse its own TIME_WAIT pair on loopback after about 1 s). The new
+    connection is then reset so it leaves no TIME_WAIT behind. Returns when
+    the connect() succeeded."""
+    deadline = time.monotonic() + 10
+    while True:
+        ok, value = client.try_cmd(f"connect {host} {port} {cport}")
+        if ok:
+            connected = time.time()
+            break
+        assert time.monotonic() < deadline, f"could not reuse port {cport}: {value}"
+        time.sleep(0.1)
+    server.cmd("accept")
+    client.cmd("linger0")
+    client.cmd("close")
+    server.cmd("close")
+    return connected
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_client_closes_first(host: str) -> None:
+    """Scenario 1 (and 8 on ::1): handshake, data, client closes first."""
+    port = free_port(host)
+    with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen {host} {port}")
+            cport = int(client.cmd(f"connect {host} {port}"))
+            server.cmd("accept")
+            client.cmd("send 100")
+            server.cmd("recv")
+            server.cmd("send 300")
+            client.cmd("recv")
+            client.cmd("close")
+            time.sleep(0.1)
+            server.cmd("close")
+            time.sleep(0.2)
+            reused_at = reuse_pair(client, server, host, port, cport)
+            server.cmd("close_listener")
+            wait_for(lambda: len(lifecycles_on(run, port)) >= 5)
+            client_pid, server_pid = client.pid, server.pid
+            client_comm, server_comm = comm_of(client.pid), comm_of(server.pid)
+    assert run.returncode == 0, run.stderr
+    lives = lifecycles_on(run, port)
+
+    first = pick(lives, "client", lport=cport)
+    assert path(first) == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"]
+    assert first["close"] == "active"
+    assert first["complete"] is True
+    assert first["time_wait_end"] == "reused"
+    assert (first["pid"], first["comm"]) == (client_pid, client_comm)
+    assert first["family"] == ("ipv6" if ":" in host else "ipv4")
+    assert_sane(first)
+    # The peer's FIN came about 0.1 s after ours.
+    closing = span(first, "FIN_WAIT1")["duration_s"] + span(first, "FIN_WAIT2")["duration_s"]
+    assert 0.09 <= closing < 1.0, first
+    # Ended when our connect() reused the pair (an explicitly bound port may
+    # reuse its TIME_WAIT at once), not by the 60 s timer.
+    tw = span(first, "TIME_WAIT")
+    assert tw["duration_s"] < 5.0, first
+    assert abs(tw["start"] + tw["duration_s"] - reused_at) < 0.1
+
+    child = pick(lives, "server", rport=cport)
+    assert path(child) == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"]
+    assert child["close"] == "passive"
+    assert child["complete"] is True
+    assert (child["pid"], child["comm"]) == (server_pid, server_comm)
+    assert_sane(child)
+    assert 0.09 <= span(child, "CLOSE_WAIT")["duration_s"] < 1.0
+
+    listener = pick(lives, "listener")
+    assert path(listener) == ["LISTEN"]
+    assert listener["close"] == "listener_closed"
+    assert listener["pid"] == server_pid
+
+    # The connection that reused the pair was reset by the client.
+    again = pick(lives, "client", nth=1, lport=cport)
+    assert path(again) == ["SYN_SENT", "ESTABLISHED"]
+    assert again["close"] == "reset_sent"
+    again_child = pick(lives, "server", nth=1, rport=cport)
+    assert again_child["close"] == "reset_received"
+
+
+def test_server_closes_first() -> None:
+    """Scenario 2: the server closes first; roles swapped."""
+    host = "127.0.0.1"
+    port = free_port(host)
+    with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen {host} {port}")
+            cport = int(client.cmd(f"connect {host} {port}"))
+            server.cmd("accept")
+            client.cmd("send 10")
+            server.cmd("recv")
+            server.cmd("close")
+            time.sleep(0.1)
+            client.cmd("close")
+            time.sleep(0.2)
+            # A SYN on the pair ends the server's TIME_WAIT at once.
+            reuse_pair(client, server, host, port, cport)
+            server.cmd("close_listener")
+            wait_for(lambda: len(lifecycles_on(run, port)) >= 5)
+            client_pid, server_pid = client.pid, server.pid
+    assert run.returncode == 0, run.stderr
+    lives = lifecycles_on(run, port)
+
+    child = pick(lives, "server", rport=cport)
+    assert path(child) == ["SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"]
+    assert child["close"] == "active"
+    assert child["complete"] is True
+    assert child["time_wait_end"] == "reused"
+    assert child["pid"] == server_pid
+    assert_sane(child)
+    assert span(child, "TIME_WAIT")["duration_s"] < 5.0
+
+    first = pick(lives, "client", lport=cport)
+    assert path(first) == ["SYN_SENT", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"]
+    assert first["close"] == "passive"
+    assert first["complete"] is True
+    assert first["pid"] == client_pid
+    assert_sane(first)
+    assert 0.09 <= span(first, "CLOSE_WAIT")["duration_s"] < 1.0
+
+
+def test_connection_refused() -> None:
+    """Scenario 3: nothing listens; the SYN is answered by RST."""
+    port = free_port()
+    with run_cli("lifecycles", "--json", "--port", str(port)) as run, Peer() as client:
+        ok, error = client.try_cmd(f"connect 127.0.0.1 {port}")
+        assert (ok, error) == (False, "ECONNREFUSED")
+        wait_for(lambda: lifecycles_on(run, port))
+        client_pid = client.pid
+    (life,) = lifecycles_on(run, port)
+    assert life["role"] == "client"
+    assert path(life) == ["SYN_SENT"]
+    assert life["close"] == "refused"
+    assert life["complete"] is True
+    assert life["pid"] == client_pid
+    assert 0 <= life["states"][0]["duration_s"] < 0.5
+
+
+def test_connect_timeout() -> None:
+    """Scenario 4: the peer's namespace drops SYNs; the client gives up after
+    tcp_syn_retries, lowered to 1 in its namespace (the kernel turns that
+    into a time budget: a few seconds, one or two retransmissions)."""
+    port = free_port()
+    with netns_pair() as ns:
+        nft(
+            ns.b,
+            """
+            table inet tcptrace_test {
+                chain input {
+                    type filter hook input priority 0;
+                    tcp flags & (syn | ack) == syn drop
+                }
+            }
+            """,
+        )
+        sh("ip", "netns", "exec", ns.a, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
+        with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+            with Peer(netns=ns.a) as client:
+                retrans_before = netstat(ns.a, "TCPSynRetrans")
+                started = time.monotonic()
+                ok, error = client.try_cmd(f"connect {ns.addr_b} {port}")
+                elapsed = time.monotonic() - started
+                syn_retrans = netstat(ns.a, "TCPSynRetrans") - retrans_before
+                assert (ok, error) == (False, "ETIMEDOUT")
+                wait_for(lambda: lifecycles_on(run, port))
+                client_pid = client.pid
+    (life,) = lifecycles_on(run, port)
+    assert life["role"] == "client"
+    assert path(life) == ["SYN_SENT"]
+    assert life["close"] == "timeout"
+    assert life["complete"] is True
+    assert life["syn_retrans"] == syn_retrans >= 1
+    assert life["pid"] == client_pid
+    assert 2.5 <= life["states"][0]["duration_s"] <= elapsed + 0.1
+
+
+@pytest.mark.parametrize("resetter", ["client", "server"])
+def test_abortive_close(resetter: str) -> None:
+    """Scenario 5: SO_LINGER 0 then close() sends RST instead of FIN."""
+    port = free_port()
+    with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen 127.0.0.1 {port}")
+            cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
+            server.cmd("accept")
+            client.cmd("send 10")
+            server.cmd("recv")
+            aborting, other = (client, server) if resetter == "client" else (server, client)
+            aborting.cmd("linger0")
+            aborting.cmd("close")
+            time.sleep(0.1)
+            other.cmd("close")
+            server.cmd("close_listener")
+            wait_for(lambda: len(lifecycles_on(run, port)) >= 3)
+    lives = lifecycles_on(run, port)
+    first = pick(lives, "client", lport=cport)
+    child = pick(lives, "server", rport=cport)
+    assert path(first) == ["SYN_SENT", "ESTABLISHED"]
+    assert path(child) == ["SYN_RECV", "ESTABLISHED"]
+    sent, received = (first, child) if resetter == "client" else (child, first)
+    assert sent["close"] == "reset_sent"
+    assert received["close"] == "reset_received"
+    assert first["complete"]
+    assert child["complete"]
+    assert_sane(first)
+    assert_sane(child)
+
+
+def test_simultaneous_close() -> None:
+    """Scenario 6: both FINs cross, both sides pass through CLOSING.
+
+    Inside a namespace of its own, the test holds back FIN segments with
+    nftables while both sides close, then lets the retransmitted FINs
+    cross. Deleting the namespace ends both TIME_WAITs ("killed")."""
+    port = free_port()
+    with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+        with netns_single() as ns:
+            with Peer(netns=ns) as server, Peer(netns=ns) as client:
+                server.cmd(f"listen 127.0.0.1 {port}")
+                cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
+                server.cmd("accept")
+                nft(
+                    ns,
+                    f"""
+                    table inet tcptrace_test {{
+                        chain output {{
+                            type filter hook output priority 0;
+                            tcp dport {port} tcp flags & fin == fin drop
+                            tcp sport {port} tcp flags & fin == fin drop
+                        }}
+                    }}
+                    """,
+                )
+                client.cmd("close")
+                server.cmd("close")
+                time.sleep(0.3)
+                sh("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "tcptrace_test")
+                wait_for(
+                    lambda: (
+                        sh("ip", "netns", "exec", ns, "ss", "-tanH").stdout.count("TIME-WAIT") == 2
+                    ),
+                    timeout=15,
+                )
+                server.cmd("close_listener")
+                client_pid, server_pid = client.pid, server.pid
+        # The namespace is gone; its timewait sockets were killed with it.
+        wait_for(lambda: len(lifecycles_on(run, port)) >= 3, timeout=30)
+    lives = lifecycles_on(run, port)
+    first = pick(lives, "client", lport=cport)
+    child = pick(lives, "server", rport=cport)
+    for life, pid in ((first, client_pid), (child, server_pid)):
+        assert path(life)[-3:] == ["FIN_WAIT1", "CLOSING", "TIME_WAIT"], life
+        assert life["close"] == "simultaneous"
+        assert life["time_wait_end"] == "killed"
+        assert life["complete"] is True
+        assert life["pid"] == pid
+        assert_sane(life)
+
+
+@pytest.mark.parametrize("first_closer", ["client", "server"])
+def test_ack_and_fin_in_one_segment(first_closer: str) -> None:
+    """Scenario 7: the peer closes at once on our FIN, so its ACK rides with
+    its FIN; the first closer goes FIN_WAIT1 > FIN_WAIT2 > TIME_WAIT on that
+    one segment (as an HTTP server does with Connection: close)."""
+    host = "127.0.0.1"
+    port = free_port()
+    with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen {host} {port}")
+            cport = int(client.cmd(f"connect {host} {port}"))
+            server.cmd("accept")
+            client.cmd("send 50")
+            server.cmd("recv")
+            closer, peer = (client, server) if first_closer == "client" else (server, client)
+            peer.send_line("close_on_eof")
+            time.sleep(0.05)
+            closer.cmd("close")
+            assert peer.reply().startswith("ok")
+            time.sleep(1.2)
+            reuse_pair(client, server, host, port, cport)
+            server.cmd("close_listener")
+            wait_for(lambda: len(lifecycles_on(run, port)) >= 5)
+    lives = lifecycles_on(run, port)
+    first = pick(lives, "client", lport=cport)
+    child = pick(lives, "server", rport=cport)
+    active, passive = (first, child) if first_closer == "client" else (child, first)
+    assert path(active)[-3:] == ["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"]
+    assert path(passive)[-2:] == ["CLOSE_WAIT", "LAST_ACK"]
+    assert active["close"] == "active"
+    assert passive["close"] == "passive"
+    # ACK and FIN in one segment: no time in FIN_WAIT2 at all.
+    assert span(active, "FIN_WAIT2")["duration_s"] < 0.001
+    assert active["time_wait_end"] == "reused"
+    for life in (active, passive):
+        assert life["complete"] is True
+        assert_sane(life)
+
+
+def _tw_visible(netns: str | None, cport: int) -> bool:
+    """Whether `ss` (sock_diag) still shows a TIME_WAIT socket on local port cport."""
+    argv = ["ss", "-tanH", "state", "time-wait", "sport", "=", f":{cport}"]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    return bool(sh(*argv).stdout.strip())
+
+
+def test_time_wait_ended_by_reuse() -> None:
+    """Scenario 9a: with one ephemeral port, a new connect() must wait for the
+    kernel to let it reuse the TIME_WAIT pair (tcp_tw_reuse, about 1 s on
+    loopback); until then it fails with EADDRNOTAVAIL before any SYN leaves.
+    TIME_WAIT's measured end must match when sock_diag stopped showing it."""
+    port = free_port()
+    with netns_single() as ns:
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=40000 40000",
+        )
+        with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+            with Peer(netns=ns) as server, Peer(netns=ns) as client:
+                server.cmd(f"listen 127.0.0.1 {port}")
+                cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
+                assert cport == 40000
+                server.cmd("accept")
+                client.cmd("send 10")
+                server.cmd("recv")
+                client.cmd("close")
+                server.cmd("close")
+                wait_for(lambda: _tw_visible(ns, cport))
+                failures = 0
+                gone_at = None
+                while True:
+                    ok, error = client.try_cmd(f"connect 127.0.0.1 {port}")
+                    if ok:
+                        break
+                    assert error == "EADDRNOTAVAIL"
+                    failures += 1
+                    assert failures < 200, "TIME_WAIT was never reused"
+                    time.sleep(0.02)
+                reused_at = time.time()
+                if not _tw_visible(ns, cport):
+                    gone_at = time.time()
+                server.cmd("accept")
+                client.cmd("linger0")
+                client.cmd("close")
+                server.cmd("close")
+                server.cmd("close_listener")
+                client_pid = client.pid
+                wait_for(lambda: len(lifecycles_on(run, port)) >= 5 + failures)
+    lives = lifecycles_on(run, port)
+    first = pick(lives, "client", lport=cport)
+    assert path(first) == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"]
+    assert first["time_wait_end"] == "reused"
+    assert first["complete"] is True
+    tw = span(first, "TIME_WAIT")
+    assert 0.9 <= tw["duration_s"] <= 2.5, first  # about 1 s, not 60 s
+    end = tw["start"] + tw["duration_s"]
+    assert gone_at is not None
+    assert abs(end - gone_at) < 1.0
+    assert abs(end - reused_at) < 0.5
+    # Each refused attempt is a lifecycle of its own: no port, no SYN.
+    failed = [life for life in lives if life["close"] == "connect_failed"]
+    assert len(failed) == failures >= 1
+    assert all(path(life) == ["SYN_SENT"] and life["pid"] == client_pid for life in failed)
+
+
+@pytest.mark.slow
+def test_time_wait_natural_expiry() -> None:
+    """Scenario 9b: a TIME_WAIT left alone lasts the kernel's 60 s, plus up to
+    the timer wheel's slack; its measured end matches when sock_diag stopped
+    showing the socket, within 1 s."""
+    port = free_port()
+    with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen 127.0.0.1 {port}")
+            cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
+            server.cmd("accept")
+            client.cmd("close")
+            server.cmd("close")
+            server.cmd("close_listener")
+        wait_for(lambda: _tw_visible(None, cport))
+        wait_for(lambda: not _tw_visible(None, cport), timeout=90, interval=0.1)
+        gone_at = time.time()
+        wait_for(
+            lambda: any(life["lport"] == cport for life in lifecycles_on(run, port)), timeout=10
+        )
+    first = pick(lifecycles_on(run, port), "client", lport=cport)
+    assert path(first)[-1] == "TIME_WAIT"
+    assert first["time_wait_end"] == "expired"
+    assert first["complete"] is True
+    tw = span(first, "TIME_WAIT")
+    assert 60.0 <= tw["duration_s"] <= 67.5, first
+    assert abs(tw["start"] + tw["duration_s"] - gone_at) < 1.0

@@ -1,0 +1,440 @@
+"""sock_diag snapshots of real sockets on loopback.
+
+Every socket is made on 127.0.0.1 / ::1 with an ephemeral port and closed by
+the ``tcp`` fixture, even when a test fails; other sockets on the machine are
+ignored by matching on our own ports. TIME_WAIT and orphaned FIN_WAIT2 sockets
+outlive the test (they hold no fd; the kernel drops them within 60 s).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from tcptrace_ebpf import sockdiag
+from tcptrace_ebpf.errors import UserError
+from tcptrace_ebpf.sockdiag import DiagSocket
+from tcptrace_ebpf.states import SHORT_NAMES, TcpState
+
+T = TypeVar("T")
+
+
+class Loopback:
+    """Makes loopback sockets and closes them all at teardown."""
+
+    def __init__(self) -> None:
+        self._sockets: list[socket.socket] = []
+
+    def new_socket(self, family: int = socket.AF_INET) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sockets.append(sock)
+        return sock
+
+    def listener(self, family: int = socket.AF_INET, backlog: int = 8) -> socket.socket:
+        sock = self.new_socket(family)
+        sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        sock.listen(backlog)
+        return sock
+
+    def connect(self, listener: socket.socket) -> socket.socket:
+        client = self.new_socket(listener.family)
+        client.connect(listener.getsockname()[:2])
+        return client
+
+    def pair(self, listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+        """(client, accepted server side) of a new connection to ``listener``."""
+        client = self.connect(listener)
+        return client, self.accept(listener)
+
+    def accept(self, listener: socket.socket) -> socket.socket:
+        server, _ = listener.accept()
+        self._sockets.append(server)
+        return server
+
+    def close_all(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+
+@pytest.fixture
+def tcp() -> Iterator[Loopback]:
+    loopback = Loopback()
+    try:
+        yield loopback
+    finally:
+        loopback.close_all()
+
+
+def port(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+def find(
+    lport: int, rport: int, states: list[int] | None = None, families: tuple[int, ...] = ()
+) -> DiagSocket | None:
+    matches = [
+        entry
+        for entry in sockdiag.snapshot(states, families or (socket.AF_INET, socket.AF_INET6))
+        if (entry.lport, entry.rport) == (lport, rport)
+    ]
+    assert len(matches) <= 1, matches
+    return matches[0] if matches else None
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float = 2.0) -> T:
+    """Loopback state changes land a moment after the syscall: poll briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result is not None or time.monotonic() > deadline:
+            assert result is not None, "timed out waiting for the socket state"
+            return result
+        time.sleep(0.01)
+
+
+def wait_for_state(lport: int, rport: int, state: int) -> DiagSocket:
+    def probe() -> DiagSocket | None:
+        entry = find(lport, rport)
+        return entry if entry is not None and entry.state == state else None
+
+    return wait_for(probe)
+
+
+def test_established_pair(tcp: Loopback) -> None:
+    listener = tcp.listener()
+    client, server = tcp.pair(listener)
+
+    client_entry = wait_for_state(port(client), port(listener), TcpState.ESTABLISHED)
+    server_entry = wait_for_state(port(listener), port(client), TcpState.ESTABLISHED)
+
+    assert client_entry.family == socket.AF_INET
+    assert (client_entry.laddr, client_entry.raddr) == ("127.0.0.1", "127.0.0.1")
+    assert client_entry.inode == os.fstat(client.fileno()).st_ino
+    assert server_entry.inode == os.fstat(server.fileno()).st_ino
+    assert client_entry.uid == server_entry.uid == os.geteuid()
+    assert not client_entry.is_timewait
+    assert not server_entry.is_timewait
+    assert client_entry.cookie != 0
+    assert client_entry.cookie != server_entry.cookie
+    assert (client_entry.recv_q, client_entry.send_q) == (0, 0)
+
+
+def test_listen_shows_backlog_and_accept_queue(tcp: Loopback) -> None:
+    listener = tcp.listener(backlog=5)
+    tcp.connect(listener)  # completed handshake, never accepted
+
+    def queued() -> DiagSocket | None:
+        entry = find(port(listener), 0, [TcpState.LISTEN])
+        return entry if entry is not None and entry.recv_q == 1 else None
+
+    entry = wait_for(queued)
+    assert (entry.laddr, entry.raddr) == ("127.0.0.1", "0.0.0.0")
+    assert entry.send_q == 5  # the backlog, as ss shows it
+    assert entry.inode == os.fstat(listener.fileno()).st_ino
+    assert not entry.is_timewait
+
+
+def test_close_wait_counts_unread_bytes_and_peer_becomes_timewait_fin_wait2(
+    tcp: Loopback,
+) -> None:
+    listener = tcp.listener()
+    client, server = tcp.pair(listener)
+    client_port = port(client)
+    client.sendall(b"hello")
+    client.close()  # peer closes; the server side never reads nor closes
+
+    server_entry = wait_for_state(port(listener), client_port, TcpState.CLOSE_WAIT)
+    # rcv_nxt - copied_seq: the 5 unread bytes plus the FIN, which takes a
+    # sequence number too (ss shows the same 6).
+    assert server_entry.recv_q == 6
+    assert server_entry.inode == os.fstat(server.fileno()).st_ino
+
+    # The closed client, orphaned in FIN_WAIT2, is turned into a timewait
+    # socket with substate FIN_WAIT2 when tcp_fin_timeout <= 60 s.
+    with open("/proc/sys/net/ipv4/tcp_fin_timeout") as file:
+        if int(file.read()) > 60:
+            pytest.skip("tcp_fin_timeout > 60 s keeps orphaned FIN_WAIT2 sockets full")
+    client_entry = wait_for_state(client_port, port(listener), TcpState.FIN_WAIT2)
+    assert client_entry.is_timewait
+    assert client_entry.timer == sockdiag.TIMEWAIT_TIMER
+    assert client_entry.inode == 0
+
+
+def test_time_wait_socket(tcp: Loopback) -> None:
+    listener = tcp.listener()
+    client, server = tcp.pair(listener)
+    client_port = port(client)
+    client.close()  # active close: this side ends in TIME_WAIT
+    wait_for_state(port(listener), client_port, TcpState.CLOSE_WAIT)
+    server.close()
+
+    entry = wait_for_state(client_port, port(listener), TcpState.TIME_WAIT)
+    assert entry.is_timewait
+    assert entry.timer == sockdiag.TIMEWAIT_TIMER
+    assert 0 < entry.expires_ms <= 60_000
+    assert (entry.inode, entry.uid, entry.recv_q, entry.send_q) == (0, 0, 0, 0)
+    assert (entry.laddr, entry.raddr) == ("127.0.0.1", "127.0.0.1")
+    assert entry.cookie != 0
+
+
+def test_shutdown_write_gives_full_fin_wait2_socket(tcp: Loopback) -> None:
+    listener = tcp.listener()
+    client, _ = tcp.pair(listener)
+    client.shutdown(socket.SHUT_WR)  # FIN sent, fd kept: a full socket in FIN_WAIT2
+
+    client_entry = wait_for_state(port(client), port(listener), TcpState.FIN_WAIT2)
+    assert not client_entry.is_timewait
+    assert client_entry.inode == os.fstat(client.fileno()).st_ino
+    server_entry = wait_for_state(port(listener), port(client), TcpState.CLOSE_WAIT)
+    assert server_entry.recv_q == 1  # the FIN alone
+
+
+def test_ipv6_loopback(tcp: Loopback) -> None:
+    try:
+        listener = tcp.listener(socket.AF_INET6)
+    except OSError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    client, _ = tcp.pair(listener)
+
+    entry = wait_for_state(port(client), port(listener), TcpState.ESTABLISHED)
+    assert entry.family == socket.AF_INET6
+    assert (entry.laddr, entry.raddr) == ("::1", "::1")
+    assert entry.inode == os.fstat(client.fileno()).st_ino
+    listen_entry = find(port(listener), 0, [TcpState.LISTEN], (socket.AF_INET6,))
+    assert listen_entry is not None
+    assert (listen_entry.laddr, listen_entry.raddr) == ("::1", "::")
+    assert find(port(client), port(listener), families=(socket.AF_INET,)) is None
+
+
+def test_ipv4_mapped_address_stays_ipv6(tcp: Loopback) -> None:
+    dual_stack = tcp.new_socket(socket.AF_INET6)
+    try:
+        dual_stack.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        dual_stack.bind(("::", 0))
+    except OSError as err:
+        pytest.skip(f"no dual-stack IPv6 here: {err}")
+    dual_stack.listen(4)
+    client = tcp.new_socket()
+    client.connect(("127.0.0.1", port(dual_stack)))
+    tcp.accept(dual_stack)
+
+    entry = wait_for_state(port(dual_stack), port(client), TcpState.ESTABLISHED)
+    assert entry.family == socket.AF_INET6
+    assert (entry.laddr, entry.raddr) == ("::ffff:127.0.0.1", "::ffff:127.0.0.1")
+
+
+def test_state_filter_returns_only_the_asked_states(tcp: Loopback) -> None:
+    listener = tcp.listener()
+    established_client, _ = tcp.pair(listener)
+    closing_client, _ = tcp.pair(listener)
+    closing_port = port(closing_client)
+    closing_client.close()
+    wait_for_state(port(listener), closing_port, TcpState.CLOSE_WAIT)
+
+    close_wait = sockdiag.snapshot([TcpState.CLOSE_WAIT])
+    assert {entry.state for entry in close_wait} == {TcpState.CLOSE_WAIT}
+    assert (port(listener), closing_port) in {(e.lport, e.rport) for e in close_wait}
+    assert (port(listener), port(established_client)) not in {
+        (e.lport, e.rport) for e in close_wait
+    }
+
+    asked = {TcpState.LISTEN, TcpState.ESTABLISHED}
+    mixed = sockdiag.snapshot(asked)
+    assert {entry.state for entry in mixed} <= asked
+    ports = {(e.lport, e.rport) for e in mixed}
+    assert (port(listener), 0) in ports
+    assert (port(established_client), port(listener)) in ports
+
+    timewait = sockdiag.snapshot([TcpState.TIME_WAIT, TcpState.FIN_WAIT2])
+    assert {entry.state for entry in timewait} <= {TcpState.TIME_WAIT, TcpState.FIN_WAIT2}
+
+    assert sockdiag.snapshot([]) == []
+
+
+def test_count_by_state(tcp: Loopback) -> None:
+    listener = tcp.listener()
+    clients = [tcp.pair(listener)[0] for _ in range(3)]
+    client_ports = [port(client) for client in clients]
+    for client in clients:
+        client.close()
+    for client_port in client_ports:
+        wait_for_state(port(listener), client_port, TcpState.CLOSE_WAIT)
+
+    counts = sockdiag.count_by_state([TcpState.CLOSE_WAIT])
+    assert set(counts) == {TcpState.CLOSE_WAIT}
+    assert counts[TcpState.CLOSE_WAIT] >= 3
+    assert sockdiag.count_by_state([TcpState.LISTEN], [socket.AF_INET])[TcpState.LISTEN] >= 1
+
+
+def test_bound_inactive_socket_is_reported_as_close(tcp: Loopback) -> None:
+    bound = tcp.new_socket()
+    bound.bind(("127.0.0.1", 0))
+    if find(port(bound), 0, [TcpState.BOUND_INACTIVE]) is None:
+        pytest.skip("this kernel cannot dump bound-inactive sockets (needs 6.8+)")
+    for asked in (TcpState.CLOSE, TcpState.BOUND_INACTIVE):
+        entry = find(port(bound), 0, [asked])
+        assert entry is not None
+        assert entry.state == TcpState.CLOSE
+        assert entry.inode == os.fstat(bound.fileno()).st_ino
+    assert find(port(bound), 0, [TcpState.LISTEN, TcpState.ESTABLISHED]) is None
+
+
+def parse_ss_endpoint(text: str) -> tuple[str, int]:
+    address, _, port_text = text.rpartition(":")
+    return address.strip("[]"), 0 if port_text == "*" else int(port_text)
+
+
+def ss_sockets() -> dict[tuple[int, int], tuple[str, int, int, str, str]]:
+    """``ss -tan`` rows by (local port, peer port): (state, recv-q, send-q, local, peer)."""
+    output = subprocess.run(
+        ["ss", "-tan"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    rows = {}
+    for line in output.splitlines()[1:]:
+        state, recv_q, send_q, local, peer = line.split()[:5]
+        local_address, local_port = parse_ss_endpoint(local)
+        peer_address, peer_port = parse_ss_endpoint(peer)
+        rows[local_port, peer_port] = (
+            state,
+            int(recv_q),
+            int(send_q),
+            local_address,
+            peer_address,
+        )
+    return rows
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="ss (iproute2) is not installed")
+def test_agrees_with_ss(tcp: Loopback) -> None:
+    listener = tcp.listener()
+    tcp.pair(listener)  # ESTABLISHED both sides
+    tcp.connect(listener)  # waits in the accept queue: LISTEN Recv-Q 1
+    unread_client, _ = tcp.pair(listener)
+    unread_client.sendall(b"unread bytes")
+    half_closed, _ = tcp.pair(listener)
+    half_closed.shutdown(socket.SHUT_WR)
+    closed_client, _ = tcp.pair(listener)
+    closed_port = port(closed_client)
+    closed_client.close()
+    wait_for_state(port(listener), closed_port, TcpState.CLOSE_WAIT)
+    wait_for_state(port(half_closed), port(listener), TcpState.FIN_WAIT2)
+
+    def acknowledged() -> DiagSocket | None:
+        entry = find(port(unread_client), port(listener))
+        return entry if entry is not None and entry.send_q == 0 else None
+
+    wait_for(acknowledged)  # so ss cannot catch the 12 bytes still in flight
+
+    ours = {
+        (entry.lport, entry.rport): entry
+        for entry in sockdiag.snapshot()
+        if port(listener) in (entry.lport, entry.rport)
+    }
+    theirs = {key: row for key, row in ss_sockets().items() if port(listener) in key}
+
+    assert len(ours) == 11  # the listener, 5 connections x 2 ends
+    assert set(ours) == set(theirs)
+    for key, entry in ours.items():
+        state, recv_q, send_q, local_address, peer_address = theirs[key]
+        assert state == SHORT_NAMES[TcpState(entry.state)], key
+        assert (recv_q, send_q) == (entry.recv_q, entry.send_q), key
+        assert local_address == entry.laddr, key
+        assert peer_address == entry.raddr, key
+
+
+def test_state_mask() -> None:
+    assert sockdiag.state_mask(None) == sockdiag.ALL_STATES_MASK
+    assert sockdiag.state_mask([TcpState.CLOSE_WAIT]) == 1 << 8
+    assert sockdiag.state_mask([TcpState.CLOSE]) == (1 << 7) | (1 << 13)
+    assert sockdiag.state_mask([]) == 0
+    for state in TcpState:
+        assert sockdiag.ALL_STATES_MASK & (1 << state)
+    with pytest.raises(ValueError):
+        sockdiag.state_mask([42])
+
+
+def test_unknown_family_is_rejected() -> None:
+    with pytest.raises(ValueError, match="AF_INET"):
+        sockdiag.snapshot(families=[socket.AF_UNIX])
+
+
+class RaisingDiagSocket:
+    def __init__(self, error: OSError) -> None:
+        raise error
+
+
+class FakeMessage(dict[str, Any]):
+    def __init__(self, header: dict[str, Any], data: bytes) -> None:
+        super().__init__(header=header)
+        self.data = data
+        self.offset = 0
+
+
+class ErrorReplyDiagSocket:
+    """Answers every dump with an NLMSG_ERROR carrying ``code``."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def set_marshal(self, marshal: object) -> None:
+        pass
+
+    def bind(self) -> None:
+        pass
+
+    def nlm_request_batch(self, requests: list[object]) -> list[FakeMessage]:
+        data = struct.pack("IHHII", 36, 2, 0, 1, 0) + struct.pack("i", -self.code)
+        return [FakeMessage({"type": 2}, data + bytes(16))]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> ErrorReplyDiagSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.EPERM, "permission denied"),
+        (errno.EACCES, "permission denied"),
+        (errno.EPROTONOSUPPORT, "modprobe"),
+        (errno.EMFILE, "Too many open files"),
+    ],
+)
+def test_open_failure_is_a_user_error(
+    monkeypatch: pytest.MonkeyPatch, code: int, expected: str
+) -> None:
+    monkeypatch.setattr(
+        sockdiag,
+        "NetlinkDiagSocket",
+        lambda: RaisingDiagSocket(OSError(code, os.strerror(code))),
+    )
+    with pytest.raises(UserError, match=expected) as caught:
+        sockdiag.snapshot()
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(errno.ENOENT, "modprobe tcp_diag"), (errno.EINVAL, "Invalid argument")],
+)
+def test_error_reply_is_a_user_error(
+    monkeypatch: pytest.MonkeyPatch, code: int, expected: str
+) -> None:
+    monkeypatch.setattr(sockdiag, "NetlinkDiagSocket", lambda: ErrorReplyDiagSocket(code))
+    with pytest.raises(UserError, match=expected) as caught:
+        sockdiag.count_by_state()
+    assert "\n" not in str(caught.value)
