@@ -87,6 +87,12 @@ BPF_ARRAY(sweep_request_sk, u64, 1);
 
 #if EMIT_EVENTS
 BPF_PERCPU_ARRAY(event_scratch, struct tt_event, 1);
+/*
+ * Lifecycles that lost an event. Later events of a lifecycle carry the news
+ * (TT_EVF_LOST_BEFORE), but when its last events are lost nothing would:
+ * user space reads this when it reports lifecycles that never ended.
+ */
+BPF_TABLE("lru_hash", u64, u8, lost_socks, 65536);
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #else
@@ -176,6 +182,23 @@ static __always_inline void set_owner_current(struct tt_ident *id, u8 source)
 	id->pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(&id->comm, sizeof(id->comm));
 	id->owner_source = source;
+}
+
+/*
+ * Which side closed first is whichever closing state came first: FIN_WAIT1,
+ * FIN_WAIT2, TIME_WAIT (we did) or CLOSE_WAIT, LAST_ACK (the peer did).
+ * Same rules as classify_close() in tcptrace_ebpf/lifecycle.py.
+ */
+static __always_inline void note_close_path(struct tt_ident *id, u8 state)
+{
+	if (state == TT_CLOSING)
+		id->flags |= TT_SF_SAW_CLOSING;
+	if (id->flags & (TT_SF_SAW_FIN_WAIT1 | TT_SF_SAW_CLOSE_WAIT))
+		return;
+	if (state == TT_FIN_WAIT1 || state == TT_FIN_WAIT2 || state == TT_TIME_WAIT)
+		id->flags |= TT_SF_SAW_FIN_WAIT1;
+	else if (state == TT_CLOSE_WAIT || state == TT_LAST_ACK)
+		id->flags |= TT_SF_SAW_CLOSE_WAIT;
 }
 
 static __always_inline u8 close_kind(const struct tt_ident *id, u8 old, u16 sport)
@@ -351,6 +374,8 @@ static __always_inline void emit(void *ctx, struct tt_ident *id, const struct tt
 	if (err) {
 		count(TT_C_LOST_RINGBUF);
 		id->flags |= TT_SF_LOST;
+		u8 one = 1;
+		lost_socks.update(&id->sock_id, &one);
 	}
 }
 #endif /* EMIT_EVENTS */
@@ -367,12 +392,9 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 	bool finishes = (new == TT_CLOSE || new == TT_TIME_WAIT) &&
 			!(id->flags & TT_SF_FINISHED) && id->role != TT_ROLE_LISTENER;
 
-	if (new == TT_FIN_WAIT1 && !(id->flags & TT_SF_SAW_CLOSE_WAIT))
-		id->flags |= TT_SF_SAW_FIN_WAIT1;
-	else if (new == TT_CLOSE_WAIT && !(id->flags & TT_SF_SAW_FIN_WAIT1))
-		id->flags |= TT_SF_SAW_CLOSE_WAIT;
-	else if (new == TT_CLOSING)
-		id->flags |= TT_SF_SAW_CLOSING;
+	/* `old` too: a socket first seen mid-close starts in a closing state. */
+	note_close_path(id, old);
+	note_close_path(id, new);
 	if (new == TT_CLOSE || (tw_end != TT_TW_END_NONE))
 		evflags |= TT_EVF_LAST;
 
@@ -901,10 +923,13 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 		}
 		/* Map full: close it now; a RST that follows goes unseen. */
 	}
+#if HAVE_TIMEWAIT
+	/* We saw no timewait socket start: the kernel made none (tcp_max_tw_buckets). */
 	if (new == TT_CLOSE && (old == TT_FIN_WAIT2 || old == TT_CLOSING) && !id->last_reset) {
 		count(TT_C_TW_SKIPPED);
 		evflags |= TT_EVF_NO_TIME_WAIT;
 	}
+#endif
 	step(args, sk, id, &t, new, now, evflags, TT_TW_END_NONE);
 	if (new == TT_CLOSE)
 		socks.delete(&sk);

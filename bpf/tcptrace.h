@@ -5,6 +5,7 @@
  * tcptrace_ebpf/events.py (a test checks the two layouts agree); map keys and
  * values are read through the types BCC derives from this file.
  *
+ * Types are the kernel's u8..u64, which BCC maps to ctypes.
  * Units are in field names: *_ns are nanoseconds of CLOCK_MONOTONIC
  * (bpf_ktime_get_ns), *_jiffies are kernel jiffies.
  */
@@ -90,54 +91,54 @@ enum tt_tw_end {
 
 /* One TCP state change, sent to user space (trace and lifecycles modes). */
 struct tt_event {
-	__u64 ts_ns;		/* when the change happened */
-	__u64 sock_id;		/* stable id of this socket's lifecycle (0: untracked) */
-	__u64 skaddr;		/* kernel address of the full socket (reused after free) */
-	__u64 duration_ns;	/* time spent in old_state (if TT_EVF_DURATION_KNOWN) */
-	__u32 pid;		/* owner's tgid, 0 if unknown */
-	__u32 flags;		/* TT_EVF_* */
-	__u8 saddr[16];		/* local address (IPv4 in the first 4 bytes) */
-	__u8 daddr[16];		/* remote address */
-	__u16 sport;		/* local port */
-	__u16 dport;		/* remote port */
-	__u16 family;		/* TT_AF_INET or TT_AF_INET6 */
-	__u16 seq;		/* position of this event in its lifecycle: 0, 1, ... */
-	__u8 old_state;
-	__u8 new_state;
-	__u8 role;		/* enum tt_role */
-	__u8 owner_source;	/* enum tt_owner_source */
-	__u8 tw_end;		/* enum tt_tw_end, on the event that ends a timewait socket */
-	__u8 pad;
-	__u16 syn_retrans;	/* SYN retransmissions seen */
+	u64 ts_ns;		/* when the change happened */
+	u64 sock_id;		/* stable id of this socket's lifecycle (0: untracked) */
+	u64 skaddr;		/* kernel address of the full socket (reused after free) */
+	u64 duration_ns;	/* time spent in old_state (if TT_EVF_DURATION_KNOWN) */
+	u32 pid;		/* owner's tgid, 0 if unknown */
+	u32 flags;		/* TT_EVF_* */
+	u8 saddr[16];		/* local address (IPv4 in the first 4 bytes) */
+	u8 daddr[16];		/* remote address */
+	u16 sport;		/* local port */
+	u16 dport;		/* remote port */
+	u16 family;		/* TT_AF_INET or TT_AF_INET6 */
+	u16 seq;		/* position of this event in its lifecycle: 0, 1, ... */
+	u8 old_state;
+	u8 new_state;
+	u8 role;		/* enum tt_role */
+	u8 owner_source;	/* enum tt_owner_source */
+	u8 tw_end;		/* enum tt_tw_end, on the event that ends a timewait socket */
+	u8 pad;
+	u16 syn_retrans;	/* SYN retransmissions seen */
 	char comm[TT_COMM_LEN];	/* owner's command */
 };
 
 /* An address pair, as seen from the socket's own side. */
 struct tt_tuple {
-	__u32 netns;		/* network namespace inode number (0 if unknown) */
-	__u16 family;
-	__u16 sport;
-	__u16 dport;
-	__u16 pad;
-	__u8 saddr[16];
-	__u8 daddr[16];
+	u32 netns;		/* network namespace inode number (0 if unknown) */
+	u16 family;
+	u16 sport;
+	u16 dport;
+	u16 pad;
+	u8 saddr[16];
+	u8 daddr[16];
 };
 
 /* Who a lifecycle is and where it stands; kept per socket in the kernel. */
 struct tt_ident {
-	__u64 sock_id;
-	__u64 birth_ns;		/* 0: born before tracing started */
-	__u64 state_ns;		/* when the current state began; 0: unknown */
-	__u32 pid;		/* owner's tgid; 0: unknown */
-	__u16 seq;		/* events of this lifecycle so far */
-	__u16 syn_retrans;
-	__u8 state;
-	__u8 role;
-	__u8 owner_source;
-	__u8 flags;		/* TT_SF_* */
-	__u8 last_reset;	/* 0, TT_RESET_SENT or TT_RESET_RECEIVED */
-	__u8 port_slot;		/* row of the optional per-port metric label */
-	__u8 pad[2];
+	u64 sock_id;
+	u64 birth_ns;		/* 0: born before tracing started */
+	u64 state_ns;		/* when the current state began; 0: unknown */
+	u32 pid;		/* owner's tgid; 0: unknown */
+	u16 seq;		/* events of this lifecycle so far */
+	u16 syn_retrans;
+	u8 state;
+	u8 role;
+	u8 owner_source;
+	u8 flags;		/* TT_SF_* */
+	u8 last_reset;	/* 0, TT_RESET_SENT or TT_RESET_RECEIVED */
+	u8 port_slot;		/* row of the optional per-port metric label */
+	u8 pad[2];
 	char comm[TT_COMM_LEN];
 };
 
@@ -145,8 +146,8 @@ struct tt_ident {
 #define TT_SF_PREEXISTING	(1u << 0)	/* born before tracing started */
 #define TT_SF_OLD_UNCOUNTED	(1u << 1)	/* current state not in the per-state gauge yet */
 #define TT_SF_LOST		(1u << 2)	/* one of its events was lost */
-#define TT_SF_SAW_FIN_WAIT1	(1u << 3)
-#define TT_SF_SAW_CLOSE_WAIT	(1u << 4)
+#define TT_SF_SAW_FIN_WAIT1	(1u << 3)	/* we closed first (FIN_WAIT1/2, TIME_WAIT came first) */
+#define TT_SF_SAW_CLOSE_WAIT	(1u << 4)	/* the peer closed first (CLOSE_WAIT, LAST_ACK came first) */
 #define TT_SF_SAW_CLOSING	(1u << 5)
 #define TT_SF_FINISHED		(1u << 6)	/* connection accounted as closed */
 
@@ -156,8 +157,8 @@ struct tt_ident {
 /* Per full socket, keyed by its kernel address. */
 struct tt_sock {
 	struct tt_ident id;
-	__u32 netns;
-	__u32 pad;
+	u32 netns;
+	u32 pad;
 };
 
 /*
@@ -168,37 +169,37 @@ struct tt_sock {
 struct tt_timewait {
 	struct tt_ident id;
 	struct tt_tuple tuple;
-	__u64 skaddr;		/* the full socket it replaced */
-	__u64 created_ns;
-	__u64 killed_ns;	/* when its timer was cancelled */
-	__u64 killed_jiffies;	/* jiffies then */
-	__u64 killed_expires_jiffies;	/* the timer's expiry then */
-	__u8 killed_substate;	/* its substate then */
-	__u8 pad[7];
+	u64 skaddr;		/* the full socket it replaced */
+	u64 created_ns;
+	u64 killed_ns;	/* when its timer was cancelled */
+	u64 killed_jiffies;	/* jiffies then */
+	u64 killed_expires_jiffies;	/* the timer's expiry then */
+	u8 killed_substate;	/* its substate then */
+	u8 pad[7];
 };
 
 /* Owner of the listeners on one port of one network namespace. */
 struct tt_listener_key {
-	__u32 netns;
-	__u16 port;
-	__u16 pad;
+	u32 netns;
+	u16 port;
+	u16 pad;
 };
 struct tt_listener {
-	__u32 pid;
-	__u32 count;		/* listening sockets on this key */
-	__u8 ambiguous;		/* owned by more than one process: children get no owner */
-	__u8 pad[7];
+	u32 pid;
+	u32 count;		/* listening sockets on this key */
+	u8 ambiguous;		/* owned by more than one process: children get no owner */
+	u8 pad[7];
 	char comm[TT_COMM_LEN];
 };
 
 /* A socket in CLOSE_WAIT (serve mode), keyed by its kernel address. */
 struct tt_close_wait {
 	struct tt_tuple tuple;
-	__u64 since_ns;
-	__u64 sock_id;
-	__u32 pid;
-	__u8 owner_source;
-	__u8 pad[3];
+	u64 since_ns;
+	u64 sock_id;
+	u32 pid;
+	u8 owner_source;
+	u8 pad[3];
 	char comm[TT_COMM_LEN];
 };
 

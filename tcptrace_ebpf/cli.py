@@ -152,11 +152,19 @@ def _lost_summary(counters: dict[str, int]) -> str:
     return f"{total} lost" + (f" ({detail})" if detail else "")
 
 
+def seed_existing(tracer: Any) -> None:
+    """Give the kernel program the owners of listeners that predate it."""
+    from .seed import collect_listener_seeds
+
+    seeded = tracer.seed_listeners(collect_listener_seeds())
+    log.debug("seeded %d existing listening ports", seeded)
+
+
 def _run_event_command(
     options: Any,
     duration: float | None,
     handle: Callable[[Any], None],
-    finish: Callable[[], str],
+    finish: Callable[[set[int]], str],
     out: Output,
 ) -> None:
     """Load the tracer, feed decoded events to `handle` until stopped, print a summary."""
@@ -171,15 +179,16 @@ def _run_event_command(
         handle(decode(raw))
 
     with StopFlag() as stop:
-        tracer = Tracer(options, on_event=on_event)
+        tracer = Tracer(options, on_event=on_event, prepare=seed_existing)
         try:
             tracer.start()
             notice(_describe_start(tracer))
             run(tracer, decoder, duration, stop=stop, after_poll=out.flush)
             counters = tracer.counters()
+            lost_socks = tracer.lost_sock_ids()
         finally:
             tracer.close()
-    extra = finish()
+    extra = finish(lost_socks)
     notice(f"stopped: {counters['events']} events, {_lost_summary(counters)}{extra}")
 
 
@@ -217,7 +226,7 @@ def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
         def handle(event: Any) -> None:
             out.write(trace_line(event))
 
-    def finish() -> str:
+    def finish(_lost_socks: set[int]) -> str:
         out.flush()
         return ""
 
@@ -226,9 +235,17 @@ def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per lifecycle.")
+@click.option(
+    "--events-to",
+    type=click.File("w", lazy=False),
+    hidden=True,
+    help="Also write every event, as `trace --json` would, to this file (records test streams).",
+)
 @tracer_options
 @duration_option
-def lifecycles(as_json: bool, duration: float | None, **filters: Any) -> None:
+def lifecycles(
+    as_json: bool, events_to: TextIO | None, duration: float | None, **filters: Any
+) -> None:
     """Print each socket's whole lifecycle once it ends: path, durations, how it closed."""
     from .lifecycle import LifecycleEngine
     from .render import lifecycle_line
@@ -240,11 +257,13 @@ def lifecycles(as_json: bool, duration: float | None, **filters: Any) -> None:
     render = (lambda life: dumps(life.to_json())) if as_json else lifecycle_line
 
     def handle(event: Any) -> None:
+        if events_to is not None:
+            events_to.write(dumps(event.to_json()) + "\n")
         for life in engine.feed(event):
             out.write(render(life))
 
-    def finish() -> str:
-        still_open = engine.flush()
+    def finish(lost_socks: set[int]) -> str:
+        still_open = engine.flush(lost_socks)
         for life in still_open:
             out.write(render(life))
         out.flush()

@@ -16,6 +16,7 @@ least recently active one is reported, incomplete, and dropped.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,10 +212,13 @@ class LifecycleEngine:
             finished.append(self._finish(old_sock, old_entry))
         return finished
 
-    def flush(self) -> list[Lifecycle]:
-        """The stream ended: report every lifecycle still open."""
+    def flush(self, lost_socks: Collection[int] = ()) -> list[Lifecycle]:
+        """The stream ended: report every lifecycle still open. `lost_socks` are
+        lifecycles the source knows lost events (their last ones, say)."""
         result = []
         for sock, entry in list(self._open.items()):
+            if sock in lost_socks:
+                entry.events_lost = True
             self._drain(entry, give_up_gaps=True)
             result.append(self._finish(sock, entry))
         return result

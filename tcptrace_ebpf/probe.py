@@ -16,7 +16,7 @@ import platform
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +26,7 @@ from . import buckets
 from .errors import UserError
 from .kernel import ADDR_FIELDS, SET_STATE_FIELDS, TIMEWAIT_LEN_S, Features, detect_features
 from .kernel import headers_dir as find_headers_dir
+from .seed import ListenerSeed
 from .tracefs import c_struct, ensure_tracefs
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,9 @@ class Tracer:
     options: TracerOptions
     features: Features | None = None
     on_event: Callable[[bytes], None] | None = None
+    # Runs after the program is loaded and before its probes are attached:
+    # the moment to seed maps from a snapshot of what already exists.
+    prepare: Callable[[Tracer], None] | None = None
     bpf: Any = field(default=None, init=False)
     attached: list[str] = field(default_factory=list, init=False)
     tracefs_mounted: bool = field(default=False, init=False)
@@ -298,6 +302,8 @@ class Tracer:
                 ) from None
         try:
             self._fill_filters()
+            if self.prepare is not None:
+                self.prepare(self)
             self._attach_all()
         except BaseException:
             self.close()
@@ -308,6 +314,23 @@ class Tracer:
             table = self.bpf["filter_ports"]
             for port in self.options.ports:
                 table[table.Key(port)] = table.Leaf(1)
+
+    def seed_listeners(self, seeds: Iterable[ListenerSeed]) -> int:
+        """Record owners of listeners that existed before tracing started."""
+        table = self.bpf["listeners"]
+        count = 0
+        for seed in seeds:
+            key = table.Key()
+            key.netns = seed.netns
+            key.port = seed.port
+            value = table.Leaf()
+            value.pid = seed.pid
+            value.count = seed.count
+            value.ambiguous = int(seed.ambiguous)
+            value.comm = seed.comm.encode()[:15]
+            table[key] = value
+            count += 1
+        return count
 
     def _attach(self, tracepoint: str, function: str) -> None:
         with _capture_stderr() as output:
@@ -421,6 +444,12 @@ class Tracer:
             KilledTimewait(sock_id=value.id.sock_id, killed_ns=value.killed_ns)
             for value in self.bpf["tw_killed"].values()
         ]
+
+    def lost_sock_ids(self) -> set[int]:
+        """Lifecycles that lost at least one event (bounded: the most recent 65536)."""
+        if self.bpf is None or not self.options.emit_events:
+            return set()
+        return {int(key.value) for key in self.bpf["lost_socks"].keys()}
 
     def counters(self) -> dict[str, int]:
         """Self counters summed over CPUs, by name (see COUNTER_NAMES)."""

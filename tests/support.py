@@ -138,9 +138,25 @@ def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tcptrace_ebpf", *args]
 
 
+def _record_paths(args: tuple[str, ...]) -> tuple[Path, Path] | None:
+    """With TCPTRACE_RECORD_DIR set, where a `lifecycles --json` run records its
+    events and lifecycles (how tests/data/streams was made)."""
+    directory = os.environ.get("TCPTRACE_RECORD_DIR")
+    if not directory or not args or args[0] != "lifecycles" or "--json" not in args:
+        return None
+    test = os.environ.get("PYTEST_CURRENT_TEST", "x::run").split(" ")[0].split("::", 1)[1]
+    name = "".join(ch if ch.isalnum() else "_" for ch in test).strip("_")
+    base = Path(directory) / name
+    base.parent.mkdir(parents=True, exist_ok=True)
+    return base.with_suffix(".events.jsonl"), base.with_suffix(".lifecycles.jsonl")
+
+
 @contextlib.contextmanager
 def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> Iterator[CliRun]:
     """Start the CLI, wait for its `ready` line on stderr, stop it on exit."""
+    record = _record_paths(args)
+    if record is not None:
+        args = (*args, "--events-to", str(record[0]))
     proc = subprocess.Popen(
         cli_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -168,6 +184,8 @@ def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> 
         run.stop()
         for thread in threads:
             thread.join(timeout=5)
+        if record is not None:
+            record[1].write_text("".join(line + "\n" for line in run.stdout if line.startswith("{")))
 
 
 def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any:

@@ -1,0 +1,79 @@
+"""What the kernel program cannot see for itself: sockets that existed before it.
+
+At start-up (before the probes are attached) a sock_diag snapshot tells
+which listeners exist, and /proc which processes hold them, so children
+accepted later get their listener's owner. Only a listener held by a single
+process gets an owner; one shared by several (a master and its workers)
+gets none, and its children learn theirs when their holder closes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .sockdiag import DiagSocket
+from .states import TcpState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSeed:
+    netns: int
+    port: int
+    pid: int  # 0 when not exactly one process holds the listeners of this port
+    comm: str
+    count: int  # listening sockets on this port
+    ambiguous: bool
+
+
+def own_netns_inum() -> int:
+    """Inode number of this process's network namespace (as the BPF program reads it)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
+def listener_seeds(
+    sockets: Iterable[DiagSocket],
+    holders: dict[int, list[int]],
+    comm_of: Callable[[int], str | None],
+    netns: int,
+) -> list[ListenerSeed]:
+    """One seed per listening port: its count and, if unambiguous, its owner."""
+    by_port: dict[int, list[DiagSocket]] = {}
+    for sock in sockets:
+        if sock.state == TcpState.LISTEN:
+            by_port.setdefault(sock.lport, []).append(sock)
+    seeds = []
+    for port, listening in sorted(by_port.items()):
+        pids = sorted({pid for sock in listening for pid in holders.get(sock.inode, [])})
+        comm = comm_of(pids[0]) if len(pids) == 1 else None
+        if comm is not None:
+            seeds.append(ListenerSeed(netns, port, pids[0], comm, len(listening), False))
+        else:
+            seeds.append(ListenerSeed(netns, port, 0, "", len(listening), True))
+    return seeds
+
+
+def collect_listener_seeds() -> list[ListenerSeed]:
+    """Snapshot this namespace's listeners and their holders; empty on failure."""
+    from . import procfs, sockdiag
+    from .errors import UserError
+
+    try:
+        listening = sockdiag.snapshot(states=[TcpState.LISTEN])
+        holders = procfs.socket_holders({sock.inode for sock in listening if sock.inode})
+    except (UserError, OSError) as err:
+        log.warning("could not list existing listeners (%s): their children get no owner", err)
+        return []
+
+    def comm_of(pid: int) -> str | None:
+        info = procfs.process_info(pid)
+        return info.comm if info is not None else None
+
+    return listener_seeds(listening, holders, comm_of, own_netns_inum())
