@@ -449,7 +449,7 @@ class Tracer:
         """Lifecycles that lost at least one event (bounded: the most recent 65536)."""
         if self.bpf is None or not self.options.emit_events:
             return set()
-        return {int(key.value) for key in self.bpf["lost_socks"].keys()}
+        return {int(key.value) for key in self.bpf["lost_socks"]}
 
     def counters(self) -> dict[str, int]:
         """Self counters summed over CPUs, by name (see COUNTER_NAMES)."""

@@ -185,7 +185,9 @@ def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> 
         for thread in threads:
             thread.join(timeout=5)
         if record is not None:
-            record[1].write_text("".join(line + "\n" for line in run.stdout if line.startswith("{")))
+            record[1].write_text(
+                "".join(line + "\n" for line in run.stdout if line.startswith("{"))
+            )
 
 
 def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any:

@@ -19,7 +19,9 @@ from tcptrace_ebpf.events import F_LOST_BEFORE, F_UNTRACKED, Event
 from tcptrace_ebpf.lifecycle import Lifecycle, LifecycleEngine, classify_close
 
 STREAMS = Path(__file__).parent / "data" / "streams"
-SCENARIOS = sorted(path.name.removesuffix(".events.jsonl") for path in STREAMS.glob("*.events.jsonl"))
+SCENARIOS = sorted(
+    path.name.removesuffix(".events.jsonl") for path in STREAMS.glob("*.events.jsonl")
+)
 
 
 def load_events(scenario: str) -> list[Event]:
@@ -128,13 +130,13 @@ def test_lost_event_marks_incomplete(scenario: str) -> None:
         if len(mine) < 2:
             continue
         victim = mine[len(mine) // 2 - 1] if len(mine) > 2 else mine[0]
-        stream = []
-        for event in events:
-            if event is victim:
-                continue
-            if event.sock == sock and event.seq > victim.seq:
-                event = event._replace(flags=event.flags | F_LOST_BEFORE)
-            stream.append(event)
+        stream = [
+            event._replace(flags=event.flags | F_LOST_BEFORE)
+            if event.sock == sock and event.seq > victim.seq
+            else event
+            for event in events
+            if event is not victim
+        ]
         lives, engine = run(stream)
         (life,) = [life for life in lives if life.sock == sock]
         assert life.complete is False
@@ -167,7 +169,8 @@ def test_untracked_events_are_counted_not_rebuilt() -> None:
 def test_preexisting_socket_is_incomplete() -> None:
     """A socket first seen mid-life starts with the state it was in, start unknown."""
     first = load_events("test_server_closes_first")
-    mid = [event for event in first if event.old_state == 1 and event.new_state == 8]  # ESTAB>CLOSE_WAIT
+    estab, close_wait = 1, 8
+    mid = [event for event in first if (event.old_state, event.new_state) == (estab, close_wait)]
     assert mid, "the recording has a passive close"
     sock = mid[0].sock
     later = [event for event in first if event.sock == sock and event.seq >= mid[0].seq]

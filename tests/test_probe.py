@@ -9,7 +9,6 @@ time, and check it still traces sane lifecycles.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import time
 
 import pytest
