@@ -119,6 +119,12 @@ BPF_PERCPU_ARRAY(time_wait_duration_seconds, u64, TT_TW_END_SLOTS * HIST_ROW(NB_
 BPF_PERCPU_ARRAY(close_wait_duration_seconds, u64, HIST_ROW(NB_CLOSE_WAIT));
 /* Sockets now in CLOSE_WAIT, with when they entered it and their owner. */
 BPF_HASH(close_wait, u64, struct tt_close_wait, MAX_CLOSE_WAIT);
+/*
+ * Local ports in use towards each remote address:port: client sockets from
+ * connect() to the end of their TIME_WAIT. connect() to a destination fails
+ * (EADDRNOTAVAIL) once its count reaches the ephemeral port range.
+ */
+BPF_HASH(dest_ports, struct tt_dest, s64, MAX_DESTS);
 /* Pre-existing sockets seen for the first time; drained by user space. */
 BPF_HASH(adopted, struct tt_tuple, u8, MAX_ADOPTED);
 #if PORT_SLOTS > 1
@@ -319,6 +325,40 @@ static __always_inline void close_wait_enter(u64 sk, const struct tt_ident *id,
 	if (close_wait.update(&sk, &cw) != 0)
 		count(TT_C_LOST_CLOSE_WAIT_MAP);
 }
+static __always_inline void dest_key(struct tt_dest *key, const struct tt_tuple *t)
+{
+	key->netns = t->netns;
+	key->family = t->family;
+	key->dport = t->dport;
+	__builtin_memcpy(key->daddr, t->daddr, 16);
+}
+
+static __always_inline void dest_count(struct tt_ident *id, const struct tt_tuple *t)
+{
+	struct tt_dest key = {};
+	dest_key(&key, t);
+	s64 *value = dest_ports.lookup(&key);
+	if (value) {
+		__sync_fetch_and_add(value, 1);
+	} else {
+		s64 one = 1;
+		if (dest_ports.update(&key, &one) != 0) {
+			count(TT_C_LOST_DEST_MAP);
+			return;
+		}
+	}
+	id->flags |= TT_SF_DEST_COUNTED;
+}
+
+static __always_inline void dest_release(struct tt_ident *id, const struct tt_tuple *t)
+{
+	struct tt_dest key = {};
+	dest_key(&key, t);
+	s64 *value = dest_ports.lookup(&key);
+	if (value && __sync_fetch_and_add(value, -1) <= 1)
+		dest_ports.delete(&key);
+	id->flags &= ~TT_SF_DEST_COUNTED;
+}
 #endif /* COLLECT_METRICS */
 
 #if EMIT_EVENTS
@@ -441,6 +481,8 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 		close_wait.delete(&sk);
 	else if (new == TT_CLOSE_WAIT)
 		close_wait_enter(sk, id, t, ts);
+	if (new == TT_CLOSE && (id->flags & TT_SF_DEST_COUNTED))
+		dest_release(id, t);
 #endif /* COLLECT_METRICS */
 
 	if (finishes)
@@ -861,8 +903,16 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 			step(args, sk, &fresh.id, &t, new, now, 0, TT_TW_END_NONE);
 			return 0;
 		}
+#if COLLECT_METRICS
+		if (fresh.id.role == TT_ROLE_CLIENT)
+			dest_count(&fresh.id, &t);
+#endif
 		if (socks.insert(&sk, &fresh) != 0) {
 			count(TT_C_LOST_SOCKET_MAP);
+#if COLLECT_METRICS
+			if (fresh.id.flags & TT_SF_DEST_COUNTED)
+				dest_release(&fresh.id, &t);
+#endif
 #if EMIT_EVENTS
 			fresh.id.sock_id = 0;
 			emit(args, &fresh.id, &t, sk, old, new, now, TT_EVF_UNTRACKED, TT_TW_END_NONE);

@@ -150,6 +150,7 @@ struct tt_ident {
 #define TT_SF_SAW_CLOSE_WAIT	(1u << 4)	/* the peer closed first (CLOSE_WAIT, LAST_ACK came first) */
 #define TT_SF_SAW_CLOSING	(1u << 5)
 #define TT_SF_FINISHED		(1u << 6)	/* connection accounted as closed */
+#define TT_SF_DEST_COUNTED	(1u << 7)	/* counted in dest_ports until its end */
 
 #define TT_RESET_SENT 1
 #define TT_RESET_RECEIVED 2
@@ -176,6 +177,14 @@ struct tt_timewait {
 	u64 killed_expires_jiffies;	/* the timer's expiry then */
 	u8 killed_substate;	/* its substate then */
 	u8 pad[7];
+};
+
+/* A remote address:port, for local ports in use towards it (dest_ports). */
+struct tt_dest {
+	u32 netns;
+	u16 family;
+	u16 dport;
+	u8 daddr[16];
 };
 
 /* Owner of the listeners on one port of one network namespace. */
@@ -215,6 +224,7 @@ enum tt_counter {
 	TT_C_LOST_ADOPTED_MAP = 7,	/* pre-existing sockets not reported: map full */
 	TT_C_TW_SKIPPED = 8,		/* active closes that got no timewait socket */
 	TT_C_SOCKETS_BORN = 9,		/* lifecycles started (tracked or not) */
+	TT_C_LOST_DEST_MAP = 10,	/* client sockets not counted per destination: map full */
 };
 #define TT_COUNTER_SLOTS 16
 

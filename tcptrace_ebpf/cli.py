@@ -51,8 +51,8 @@ class Output:
             self.closed = True
 
 
-def tracer_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Filters and limits shared by the commands that load the tracer."""
+def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Which sockets to follow, and how many at most: shared by every command that traces."""
     decorators = [
         click.option(
             "--port",
@@ -71,6 +71,16 @@ def tracer_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Sockets followed at once in the kernel (bounds its memory).",
         ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def tracer_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Filters, plus the event buffer of the commands that stream events."""
+    decorators = [
+        filter_options,
         click.option(
             "--buffer-mb",
             type=click.IntRange(1, 1024),
@@ -107,8 +117,8 @@ def _build_options(
     ipv4: bool,
     ipv6: bool,
     max_sockets: int,
-    buffer_mb: int,
-    perf_buffer: bool,
+    buffer_mb: int = 16,
+    perf_buffer: bool = False,
     **extra: Any,
 ) -> Any:
     from .probe import TracerOptions, family_from_flag
@@ -273,6 +283,88 @@ def lifecycles(
         )
 
     _run_event_command(options, duration, handle, finish, out)
+
+
+DEFAULT_LISTEN = ":10072"
+
+
+@cli.command()
+@click.option(
+    "--web.listen-address",
+    "--listen-address",
+    "listen_address",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where to serve metrics (10072 is free in Prometheus' default-port list).",
+)
+@click.option(
+    "--web.telemetry-path",
+    "telemetry_path",
+    default="/metrics",
+    show_default=True,
+    help="Path of the metrics page.",
+)
+@click.option(
+    "--web.config.file",
+    "web_config_file",
+    type=click.Path(dir_okay=False),
+    help="Prometheus exporter-toolkit web config: TLS and basic-auth users.",
+)
+@click.option(
+    "--metrics.port-label",
+    "port_label",
+    is_flag=True,
+    help='Add a `port` label (local listening port, 19 at most, then "other") to per-role metrics.',
+)
+@click.option(
+    "--log.level",
+    "log_level",
+    type=click.Choice(["debug", "info", "warn", "error"]),
+    default="info",
+    show_default=True,
+)
+@filter_options
+def serve(
+    listen_address: str,
+    telemetry_path: str,
+    web_config_file: str | None,
+    port_label: bool,
+    log_level: str,
+    **filters: Any,
+) -> None:
+    """Export Prometheus metrics of every TCP socket's life (the daemon)."""
+    from .exporter import Exporter, ServeOptions
+    from .runner import StopFlag
+    from .webserver import load_web_config, parse_listen_address
+
+    level = {"warn": "WARNING"}.get(log_level, log_level.upper())
+    logging.getLogger().setLevel(level)
+    if not telemetry_path.startswith("/"):
+        raise UserError(f"invalid --web.telemetry-path {telemetry_path!r}: it must start with '/'")
+    options = ServeOptions(
+        listen=parse_listen_address(listen_address),
+        telemetry_path=telemetry_path,
+        web_config=load_web_config(web_config_file),
+        tracer=_build_options(emit_events=False, collect_metrics=True, **filters),
+        port_label=port_label,
+    )
+    exporter = Exporter(options)
+    with StopFlag() as stop:
+        exporter.start()
+        try:
+            host, port = exporter.server.address
+            scheme = exporter.server.scheme
+            shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
+            notice(
+                f"tracing started ({len(exporter.tracer.attached)} tracepoints); serving "
+                f"metrics at {scheme}://{shown}:{port}{telemetry_path}"
+            )
+            exporter.serve_forever(stop)
+            counters = exporter.tracer.counters()
+        finally:
+            exporter.close()
+    notice(f"stopped: {counters['events']} events, {_lost_summary(counters)}")
 
 
 @cli.command()

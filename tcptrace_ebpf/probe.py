@@ -43,6 +43,7 @@ COUNTER_NAMES = {
     7: "lost_adopted_map",
     8: "time_wait_skipped",
     9: "sockets_born",
+    10: "lost_dest_map",
 }
 
 
@@ -73,6 +74,7 @@ class TracerOptions:
     max_close_wait: int = 65536
     max_adopted: int = 65536
     max_pending_close: int = 16384
+    max_dests: int = 65536
     ringbuf_bytes: int = 16 << 20
     port_slots: int = 1
     force_perf_buffer: bool = False
@@ -105,6 +107,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "MAX_CLOSE_WAIT": options.max_close_wait,
         "MAX_ADOPTED": options.max_adopted,
         "MAX_PENDING_CLOSE": options.max_pending_close,
+        "MAX_DESTS": options.max_dests,
         "EMIT_EVENTS": int(options.emit_events),
         "COLLECT_METRICS": int(options.collect_metrics),
         "USE_RINGBUF": int(not options.force_perf_buffer),
@@ -245,6 +248,48 @@ def _bpf_prog_test_run(prog_fd: int) -> None:
     if libc.syscall(number, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
+
+
+# An address pair as a hashable key: (netns, family, sport, dport, saddr, daddr),
+# addresses as 16 bytes (IPv4 in the first 4), as struct tt_tuple has them.
+TupleKey = tuple[int, int, int, int, bytes, bytes]
+# A destination: (netns, family, dport, daddr), as struct tt_dest.
+DestKey = tuple[int, int, int, bytes]
+
+METRIC_ARRAYS = (
+    "state_transitions_total",
+    "sockets",
+    "state_duration_seconds",
+    "handshake_duration_seconds",
+    "connection_duration_seconds",
+    "connections_opened_total",
+    "connections_closed_total",
+    "time_wait_duration_seconds",
+    "close_wait_duration_seconds",
+)
+
+
+def tuple_key(value: Any) -> TupleKey:
+    return (
+        int(value.netns),
+        int(value.family),
+        int(value.sport),
+        int(value.dport),
+        bytes(value.saddr),
+        bytes(value.daddr),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCloseWait:
+    """A socket in CLOSE_WAIT as the kernel program recorded it."""
+
+    key: TupleKey
+    since_ns: int  # CLOCK_MONOTONIC
+    sock_id: int
+    pid: int
+    comm: str
+    owner_source: int
 
 
 @dataclass
@@ -460,6 +505,49 @@ class Tracer:
         for index, name in COUNTER_NAMES.items():
             values[name] = int(sum(table[ctypes.c_int(index)]))
         return values
+
+    def metric_arrays(self) -> dict[str, list[int]]:
+        """Every per-CPU metric array, summed over CPUs (one batch syscall each)."""
+        return {name: self.percpu_array(name) for name in METRIC_ARRAYS}
+
+    def close_wait_sockets(self) -> list[KernelCloseWait]:
+        """Sockets the program saw enter CLOSE_WAIT and not leave it yet."""
+        result = []
+        for _key, value in self.bpf["close_wait"].items():
+            result.append(
+                KernelCloseWait(
+                    key=tuple_key(value.tuple),
+                    since_ns=int(value.since_ns),
+                    sock_id=int(value.sock_id),
+                    pid=int(value.pid),
+                    comm=bytes(value.comm).split(b"\0", 1)[0].decode(errors="replace"),
+                    owner_source=int(value.owner_source),
+                )
+            )
+        return result
+
+    def dest_ports(self) -> dict[DestKey, int]:
+        """Local ports in use per remote address:port (client sockets, TIME_WAIT included)."""
+        result: dict[DestKey, int] = {}
+        table = self.bpf["dest_ports"]
+        try:
+            items = list(table.items_lookup_batch())
+        except Exception:  # an empty hash map makes the batch call fail with ENOENT
+            items = list(table.items())
+        for key, value in items:
+            result[(int(key.netns), int(key.family), int(key.dport), bytes(key.daddr))] = int(
+                value.value if hasattr(value, "value") else value
+            )
+        return result
+
+    def drain_adopted(self) -> list[TupleKey]:
+        """Pre-existing sockets the program has seen since the last call (and forgets)."""
+        table = self.bpf["adopted"]
+        keys = [key for key, _value in table.items()]
+        for key in keys:
+            with contextlib.suppress(KeyError):
+                del table[key]
+        return [tuple_key(key) for key in keys]
 
     def percpu_array(self, name: str) -> list[int]:
         """A per-CPU array map, summed over CPUs (signed values stay signed)."""

@@ -1,0 +1,234 @@
+"""`tcptrace-ebpf serve`: the Prometheus exporter daemon.
+
+Start-up order matters: the HTTP port is bound first (a port in use fails
+at once, before anything is loaded), then existing sockets are snapshotted,
+then the BPF program is loaded and attached. After that the main thread only
+does housekeeping once a second (sweeping what waits in the kernel,
+taking in sockets the kernel has seen, re-checking old timewait sockets);
+metrics are read from the kernel when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from . import __version__
+from .errors import UserError
+from .metrics import CloseWaitOwner, KernelReading, NotReady, TcpTraceCollector
+from .preexisting import Preexisting, key_of, take_snapshot
+from .probe import Tracer, TracerOptions
+from .runner import StopFlag
+from .seed import collect_listener_seeds, own_netns_inum
+from .states import TcpState
+from .webserver import MetricsServer, WebConfig
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+TIMEWAIT_RECHECK_S = 5.0
+PORT_LABEL_SLOTS = 20  # "other" plus 19 listening ports
+
+
+@dataclass
+class ServeOptions:
+    listen: tuple[str, int]
+    telemetry_path: str = "/metrics"
+    web_config: WebConfig | None = None
+    tracer: TracerOptions = field(
+        default_factory=lambda: TracerOptions(emit_events=False, collect_metrics=True)
+    )
+    port_label: bool = False
+
+
+def ephemeral_port_count(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        low, high = (int(part) for part in Path(path).read_text().split())
+    except (OSError, ValueError):
+        return 0
+    return max(0, high - low + 1)
+
+
+class PortLabels:
+    """Rows of the optional `port` label: slot 0 is "other", then listening
+    ports in the order they were first seen. A port keeps its slot for the
+    exporter's life, so a series never changes meaning."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._labels = ["other"]
+        self._slot_of: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, ports: Sequence[int]) -> dict[int, int]:
+        """Give slots to new ports while some are free; returns the new ones."""
+        added = {}
+        with self._lock:
+            for port in sorted(set(ports)):
+                if port in self._slot_of or len(self._labels) >= self.slots:
+                    continue
+                self._slot_of[port] = len(self._labels)
+                added[port] = len(self._labels)
+                self._labels.append(str(port))
+        return added
+
+    def labels(self) -> list[str]:
+        with self._lock:
+            return [*self._labels, *["other"] * (self.slots - len(self._labels))]
+
+
+class Exporter:
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.netns = own_netns_inum()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.server = MetricsServer(
+            self.registry,
+            options.listen,
+            telemetry_path=options.telemetry_path,
+            web_config=options.web_config,
+        )
+        self.port_labels = PortLabels(PORT_LABEL_SLOTS) if options.port_label else None
+        tracer_options = options.tracer
+        if self.port_labels is not None:
+            tracer_options = TracerOptions(
+                **{**tracer_options.__dict__, "port_slots": PORT_LABEL_SLOTS}
+            )
+        self.tracer = Tracer(tracer_options, prepare=self._prepare)
+        self.preexisting: Preexisting | None = None
+        self._ready = threading.Event()
+        self._started_monotonic_ns = time.monotonic_ns()
+        self._last_timewait_check = 0.0
+
+    # -- start and stop --------------------------------------------------
+
+    def start(self) -> None:
+        ProcessCollector(registry=self.registry)
+        self.registry.register(
+            TcpTraceCollector(
+                self.read,
+                version=__version__,
+                kernel=os.uname().release,
+                port_labels=self.port_labels.labels if self.port_labels else lambda: (),
+            )
+        )
+        self.server.start()  # a port in use fails here, before the kernel work
+        try:
+            self.tracer.start()
+        except BaseException:
+            self.server.shutdown()
+            raise
+        self._ready.set()
+
+    def _prepare(self, tracer: Tracer) -> None:
+        """Before the probes attach: what exists already."""
+        tracer.seed_listeners(collect_listener_seeds())
+        try:
+            filters = tracer.options
+            self.preexisting = take_snapshot(self.netns, filters.ports, filters.family, filters.pid)
+        except (UserError, OSError) as err:
+            log.warning(
+                "no start-up snapshot (%s): sockets older than the exporter are not counted", err
+            )
+            self.preexisting = Preexisting([], self.netns, time.time())
+        log.info("start-up snapshot: %d existing sockets", len(self.preexisting))
+        if self.port_labels is not None:
+            self._assign_port_slots(self._listening_ports())
+
+    def close(self) -> None:
+        self._ready.clear()
+        self.server.shutdown()
+        self.tracer.close()
+
+    def serve_forever(self, stop: StopFlag) -> None:
+        next_tick = time.monotonic()
+        while not stop.stopped:
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                try:
+                    self.tick()
+                except Exception:  # housekeeping must not kill the daemon
+                    log.exception("housekeeping failed")
+            time.sleep(min(0.2, max(0.0, next_tick - time.monotonic())))
+
+    # -- housekeeping ------------------------------------------------------
+
+    def tick(self) -> None:
+        self.tracer.sweep()
+        if self.preexisting is not None:
+            self.preexisting.adopt(self.tracer.drain_adopted())
+            if (
+                self.preexisting.has_timewait
+                and time.monotonic() - self._last_timewait_check >= TIMEWAIT_RECHECK_S
+            ):
+                self._last_timewait_check = time.monotonic()
+                self._recheck_timewait()
+        if self.port_labels is not None:
+            self._assign_port_slots(self._listening_ports())
+
+    def _recheck_timewait(self) -> None:
+        from . import sockdiag
+
+        assert self.preexisting is not None
+        try:
+            present = sockdiag.snapshot(states=[TcpState.TIME_WAIT, TcpState.FIN_WAIT2])
+        except (UserError, OSError) as err:
+            log.debug("timewait re-check failed: %s", err)
+            return
+        self.preexisting.timewait_still_there(
+            {key_of(sock, self.netns) for sock in present if sock.is_timewait}
+        )
+
+    def _listening_ports(self) -> list[int]:
+        table = self.tracer.table("listeners")
+        return [int(key.port) for key in table]
+
+    def _assign_port_slots(self, ports: Sequence[int]) -> None:
+        assert self.port_labels is not None
+        added = self.port_labels.add(ports)
+        if added:
+            table = self.tracer.table("port_slots")
+            for port, slot in added.items():
+                table[table.Key(port)] = table.Leaf(slot)
+
+    # -- scrape --------------------------------------------------------------
+
+    def read(self) -> KernelReading:
+        """What one scrape needs from the kernel (called from the HTTP threads)."""
+        if not self._ready.is_set():
+            raise NotReady
+        arrays = self.tracer.metric_arrays()
+        counters = self.tracer.counters()
+        now = time.time()
+        offset = now - time.monotonic()
+        owners = [
+            CloseWaitOwner(comm=sock.comm, since=sock.since_ns / 1e9 + offset)
+            for sock in self.tracer.close_wait_sockets()
+        ]
+        extra: dict[int, int] = {}
+        dests = self.tracer.dest_ports()
+        if self.preexisting is not None:
+            extra = self.preexisting.counts()
+            owners.extend(
+                CloseWaitOwner(comm=old.comm or "unknown", since=old.since)
+                for old in self.preexisting.close_wait()
+            )
+            for dest, count in self.preexisting.dests().items():
+                dests[dest] = dests.get(dest, 0) + count
+        return KernelReading(
+            arrays=arrays,
+            counters=counters,
+            sockets_extra=extra,
+            close_wait=owners,
+            ephemeral_ports=ephemeral_port_count(),
+            ephemeral_ports_in_use_max=max(dests.values(), default=0),
+            now=now,
+        )

@@ -1,0 +1,385 @@
+"""Prometheus metrics, built at scrape time from what the kernel aggregated.
+
+The BPF program keeps counters and histograms in per-CPU arrays, one map per
+metric, named after it (``state_transitions_total`` becomes
+``tcptrace_state_transitions_total``). At each scrape `TcpTraceCollector`
+reads them (through a `KernelReading`), decodes array indexes into labels,
+adds what only user space knows (sockets that predate the exporter,
+CLOSE_WAIT owners) and yields fresh metric families. No per-event work
+happens in Python.
+
+Building families from a `KernelReading` is pure, so it is tested without
+root against a fresh CollectorRegistry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import buckets
+from .states import STATE_SLOTS, TcpState
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tcptrace_"
+
+# Rows of the role-keyed arrays (metric_role() in the BPF program).
+ROLES = ("client", "server", "unknown")
+# enum tt_close, by value; listener_closed (9) is not a connection.
+CLOSES = (
+    "active", "passive", "simultaneous", "reset_sent", "reset_received",
+    "refused", "timeout", "connect_failed",
+)  # fmt: skip
+CLOSE_SLOTS = 10
+# enum tt_tw_end rows of time_wait_duration_seconds.
+TW_ENDS = {1: "expired", 2: "reused", 3: "killed"}
+TW_END_SLOTS = 4
+# States a socket can be counted in (CLOSE is not a state one stays in).
+GAUGE_STATES = tuple(
+    state
+    for state in TcpState
+    if state not in (TcpState.CLOSE, TcpState.NEW_SYN_RECV, TcpState.BOUND_INACTIVE)
+)
+LOST_CAUSES = {
+    "lost_ringbuf": "ringbuf_full",
+    "lost_socket_map": "socket_map_full",
+    "lost_timewait_map": "timewait_map_full",
+    "lost_killed_map": "killed_map_full",
+    "lost_listener_map": "listener_map_full",
+    "lost_close_wait_map": "close_wait_map_full",
+    "lost_adopted_map": "adopted_map_full",
+    "lost_dest_map": "dest_map_full",
+}
+TOP_COMMS = 10  # CLOSE_WAIT gauges per program: the biggest ten, the rest as "other"
+
+
+class NotReady(Exception):
+    """The kernel program is not attached yet: a scrape then has only self-metrics."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseWaitOwner:
+    """A socket in CLOSE_WAIT as the metrics see it: who holds it, since when."""
+
+    comm: str
+    since: float  # unix seconds (a lower bound for sockets older than the exporter)
+
+
+@dataclass
+class KernelReading:
+    """Everything one scrape reads from the kernel, plus user-space additions."""
+
+    arrays: Mapping[str, Sequence[int]]  # per-CPU arrays summed over CPUs, by map name
+    counters: dict[str, int]
+    sockets_extra: dict[int, int] = field(
+        default_factory=dict
+    )  # state -> pre-existing, not yet seen
+    close_wait: list[CloseWaitOwner] = field(default_factory=list)
+    ephemeral_ports: int = 0
+    ephemeral_ports_in_use_max: int = 0
+    now: float = 0.0
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def histogram_rows(
+    name: str,
+    documentation: str,
+    labels: Sequence[str],
+    bounds: Sequence[float],
+    flat: Sequence[int],
+    rows: Iterable[tuple[int, Sequence[str]]],
+) -> HistogramMetricFamily:
+    """A histogram family from a flat per-row array: for each row, one count
+    per bucket (le = bound), one for +Inf, then the sum in nanoseconds.
+    Rows that never saw an observation are left out."""
+    family = HistogramMetricFamily(PREFIX + name, documentation, labels=list(labels))
+    stride = len(bounds) + 2
+    for row, label_values in rows:
+        base = row * stride
+        counts = flat[base : base + len(bounds) + 1]
+        if len(counts) < len(bounds) + 1:
+            continue
+        total = sum(counts)
+        if total == 0:
+            continue
+        cumulative = list(itertools.accumulate(counts))
+        series = [
+            (_le(bound), float(value)) for bound, value in zip(bounds, cumulative, strict=False)
+        ]
+        series.append(("+Inf", float(total)))
+        family.add_metric(list(label_values), series, flat[base + len(bounds) + 1] / 1e9)
+    return family
+
+
+def _role_port_rows(port_labels: Sequence[str]) -> Iterator[tuple[int, tuple[str, ...]]]:
+    """Rows of the role x port arrays, with their label values."""
+    slots = max(1, len(port_labels))
+    for role_index, role in enumerate(ROLES):
+        for slot in range(slots):
+            if port_labels:
+                # Only the server role has a local listening port; clients get "".
+                port = port_labels[slot] if role == "server" else ""
+                if role != "server" and slot:
+                    continue
+                yield role_index * slots + slot, (role, port)
+            else:
+                yield role_index * slots + slot, (role,)
+
+
+def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> list[Metric]:
+    """Every tcptrace_* family from one reading (pure)."""
+    arrays = reading.arrays
+    families: list[Metric] = []
+    role_labels = ["role", "port"] if port_labels else ["role"]
+
+    transitions = CounterMetricFamily(
+        PREFIX + "state_transitions_total",
+        "TCP state changes, by old and new state (TIME_WAIT as the connection lives it).",
+        labels=["old_state", "new_state"],
+    )
+    for index, value in enumerate(arrays.get("state_transitions_total", ())):
+        if value:
+            old, new = divmod(index, STATE_SLOTS)
+            transitions.add_metric([_state(old), _state(new)], value)
+    families.append(transitions)
+
+    sockets = GaugeMetricFamily(
+        PREFIX + "sockets",
+        "TCP sockets in each state now (TIME_WAIT included), counted since start-up.",
+        labels=["state"],
+    )
+    counted = arrays.get("sockets", ())
+    for state in GAUGE_STATES:
+        value = counted[state] if state < len(counted) else 0
+        value += reading.sockets_extra.get(int(state), 0)
+        sockets.add_metric([state.name], max(0, value))
+    families.append(sockets)
+
+    families.append(
+        histogram_rows(
+            "state_duration_seconds",
+            "Time spent in a TCP state, observed when the state is left.",
+            ["state"],
+            buckets.STATE,
+            arrays.get("state_duration_seconds", ()),
+            ((int(state), (state.name,)) for state in TcpState if state < STATE_SLOTS),
+        )
+    )
+    families.append(
+        histogram_rows(
+            "handshake_duration_seconds",
+            "Handshake time: SYN_SENT to ESTABLISHED (client), SYN_RECV to ESTABLISHED (server).",
+            role_labels,
+            buckets.HANDSHAKE,
+            arrays.get("handshake_duration_seconds", ()),
+            _role_port_rows(port_labels),
+        )
+    )
+    families.append(
+        histogram_rows(
+            "connection_duration_seconds",
+            "Connection lifetime, from connect() or accept to close (TIME_WAIT not included).",
+            role_labels,
+            buckets.CONNECTION,
+            arrays.get("connection_duration_seconds", ()),
+            _role_port_rows(port_labels),
+        )
+    )
+
+    opened = CounterMetricFamily(
+        PREFIX + "connections_opened_total",
+        "Connections opened: connect() calls (client) and accepted children (server).",
+        labels=role_labels,
+    )
+    opened_values = arrays.get("connections_opened_total", ())
+    for row, label_values in _role_port_rows(port_labels):
+        value = opened_values[row] if row < len(opened_values) else 0
+        if value or label_values[0] != "unknown":
+            opened.add_metric(list(label_values), value)
+    families.append(opened)
+
+    closed = CounterMetricFamily(
+        PREFIX + "connections_closed_total",
+        "Connections closed, by role and how they closed.",
+        labels=[*role_labels, "close"],
+    )
+    closed_values = arrays.get("connections_closed_total", ())
+    for row, label_values in _role_port_rows(port_labels):
+        for close_index, close in enumerate(CLOSES, start=1):
+            index = row * CLOSE_SLOTS + close_index
+            value = closed_values[index] if index < len(closed_values) else 0
+            if value or label_values[0] != "unknown":
+                closed.add_metric([*label_values, close], value)
+    families.append(closed)
+
+    families.append(
+        histogram_rows(
+            "time_wait_duration_seconds",
+            "How long TIME_WAIT lasted, by how it ended: expired (60 s timer), reused "
+            "(a new connection took the address pair) or killed (RST, ss -K, netns gone).",
+            ["end"],
+            buckets.TIME_WAIT,
+            arrays.get("time_wait_duration_seconds", ()),
+            ((row, (end,)) for row, end in TW_ENDS.items()),
+        )
+    )
+    families.append(
+        histogram_rows(
+            "close_wait_duration_seconds",
+            "How long sockets stayed in CLOSE_WAIT (peer closed, we had not), observed when "
+            "they left it.",
+            [],
+            buckets.CLOSE_WAIT,
+            arrays.get("close_wait_duration_seconds", ()),
+            [(0, ())],
+        )
+    )
+
+    skipped = CounterMetricFamily(
+        PREFIX + "time_wait_skipped_total",
+        "Active closes for which the kernel created no TIME_WAIT socket "
+        "(net.ipv4.tcp_max_tw_buckets reached).",
+    )
+    skipped.add_metric([], reading.counters.get("time_wait_skipped", 0))
+    families.append(skipped)
+
+    families.append(
+        GaugeMetricFamily(
+            PREFIX + "ephemeral_ports",
+            "Size of the ephemeral port range (net.ipv4.ip_local_port_range).",
+            value=reading.ephemeral_ports,
+        )
+    )
+    families.append(
+        GaugeMetricFamily(
+            PREFIX + "ephemeral_ports_in_use_max",
+            "The most local ports in use towards one remote address and port (client "
+            "sockets, TIME_WAIT included); connect() there fails once it reaches "
+            "tcptrace_ephemeral_ports.",
+            value=reading.ephemeral_ports_in_use_max,
+        )
+    )
+
+    families.extend(close_wait_families(reading.close_wait, reading.now))
+
+    events = CounterMetricFamily(
+        PREFIX + "events_total", "TCP state changes the kernel program processed."
+    )
+    events.add_metric([], reading.counters.get("events", 0))
+    families.append(events)
+    lost = CounterMetricFamily(
+        PREFIX + "lost_events_total",
+        "Events or sockets the tracer could not record, by cause.",
+        labels=["cause"],
+    )
+    for counter, cause in LOST_CAUSES.items():
+        lost.add_metric([cause], reading.counters.get(counter, 0))
+    families.append(lost)
+    return families
+
+
+def close_wait_families(sockets: Sequence[CloseWaitOwner], now: float) -> list[Metric]:
+    """CLOSE_WAIT sockets and their oldest age per program: the top ten, then "other"."""
+    by_comm: dict[str, list[float]] = {}
+    for sock in sockets:
+        by_comm.setdefault(sock.comm or "unknown", []).append(sock.since)
+    ranked = sorted(by_comm.items(), key=lambda item: (-len(item[1]), item[0]))
+    top, rest = ranked[:TOP_COMMS], ranked[TOP_COMMS:]
+    if rest:
+        top.append(("other", [since for _, values in rest for since in values]))
+    count = GaugeMetricFamily(
+        PREFIX + "close_wait_sockets",
+        "Sockets in CLOSE_WAIT (the peer closed, the program has not), per program.",
+        labels=["comm"],
+    )
+    oldest = GaugeMetricFamily(
+        PREFIX + "close_wait_oldest_seconds",
+        "Age of the oldest CLOSE_WAIT socket per program (a lower bound for sockets "
+        "older than the exporter).",
+        labels=["comm"],
+    )
+    for comm, since in top:
+        count.add_metric([comm], len(since))
+        oldest.add_metric([comm], max(0.0, now - min(since)))
+    return [count, oldest]
+
+
+def _state(value: int) -> str:
+    try:
+        return TcpState(value).name
+    except ValueError:
+        return f"UNKNOWN_{value}"
+
+
+class TcpTraceCollector(Collector):
+    """The exporter's collector: fresh families from the kernel at each scrape."""
+
+    def __init__(
+        self,
+        read: Callable[[], KernelReading],
+        version: str,
+        kernel: str,
+        port_labels: Callable[[], Sequence[str]] = lambda: (),
+    ) -> None:
+        self._read = read
+        self._version = version
+        self._kernel = kernel
+        self._port_labels = port_labels
+        self._errors = 0
+        self._last_duration = 0.0
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterator[Metric]:
+        # Declared here so registering does not read the kernel.
+        reading = KernelReading(arrays={}, counters={})
+        yield from build_families(reading, self._port_labels())
+        yield from self._self_families()
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        families: list[Metric] = []
+        with self._lock:
+            try:
+                families = build_families(self._read(), self._port_labels())
+            except NotReady:
+                pass
+            except Exception:
+                self._errors += 1
+                log.exception("scrape failed")
+            self._last_duration = time.perf_counter() - started
+            families.extend(self._self_families())
+        yield from families
+
+    def _self_families(self) -> list[Metric]:
+        duration = GaugeMetricFamily(
+            PREFIX + "scrape_duration_seconds",
+            "Time the exporter took to read the kernel and build this scrape's metrics.",
+            value=self._last_duration,
+        )
+        errors = CounterMetricFamily(
+            PREFIX + "scrape_errors_total", "Scrapes that failed to read the kernel."
+        )
+        errors.add_metric([], self._errors)
+        info = GaugeMetricFamily(
+            PREFIX + "build_info",
+            "tcptrace-ebpf version and the kernel it runs on.",
+            labels=["version", "kernel"],
+        )
+        info.add_metric([self._version, self._kernel], 1)
+        return [duration, errors, info]
