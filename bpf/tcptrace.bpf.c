@@ -24,14 +24,20 @@
 
 /* ---------------------------------------------------------------- maps -- */
 
+/*
+ * Hash maps are not preallocated: their kernel memory follows the sockets
+ * actually followed, up to the bound; a full map is counted, never silent.
+ */
+
 /* Per full socket: identity, owner, state and when it began. */
-BPF_HASH(socks, u64, struct tt_sock, MAX_SOCKETS);
+BPF_F_TABLE("hash", u64, struct tt_sock, socks, MAX_SOCKETS, BPF_F_NO_PREALLOC);
 /* Per timewait socket whose timer is running, keyed by its address. */
-BPF_HASH(timewait, u64, struct tt_timewait, MAX_TIMEWAIT);
+BPF_F_TABLE("hash", u64, struct tt_timewait, timewait, MAX_TIMEWAIT, BPF_F_NO_PREALLOC);
 /* Timewait sockets whose timer was cancelled, until classified. */
-BPF_HASH(tw_killed, struct tt_tuple, struct tt_timewait, MAX_KILLED);
+BPF_F_TABLE("hash", struct tt_tuple, struct tt_timewait, tw_killed, MAX_KILLED, BPF_F_NO_PREALLOC);
 /* Owner of the listeners of each (netns, port), for their children. */
-BPF_HASH(listeners, struct tt_listener_key, struct tt_listener, MAX_LISTENERS);
+BPF_F_TABLE("hash", struct tt_listener_key, struct tt_listener, listeners, MAX_LISTENERS,
+	    BPF_F_NO_PREALLOC);
 
 /*
  * An abortive close (SO_LINGER 0, unread data, connect(AF_UNSPEC)) sets
@@ -41,10 +47,10 @@ BPF_HASH(listeners, struct tt_listener_key, struct tt_listener, MAX_LISTENERS);
  */
 struct tt_pending_close {
 	struct tt_sock s;
-	struct tt_tuple tuple;
 	u64 ts_ns;
 };
-BPF_HASH(pending_close, u64, struct tt_pending_close, MAX_PENDING_CLOSE);
+BPF_F_TABLE("hash", u64, struct tt_pending_close, pending_close, MAX_PENDING_CLOSE,
+	    BPF_F_NO_PREALLOC);
 
 /* Lifecycle ids: one global counter, so ids are unique and increasing. */
 BPF_ARRAY(next_sock_id, u64, 1);
@@ -118,15 +124,15 @@ BPF_PERCPU_ARRAY(connections_closed_total, u64, TT_METRIC_ROLES * PORT_SLOTS * T
 BPF_PERCPU_ARRAY(time_wait_duration_seconds, u64, TT_TW_END_SLOTS * HIST_ROW(NB_TIME_WAIT));
 BPF_PERCPU_ARRAY(close_wait_duration_seconds, u64, HIST_ROW(NB_CLOSE_WAIT));
 /* Sockets now in CLOSE_WAIT, with when they entered it and their owner. */
-BPF_HASH(close_wait, u64, struct tt_close_wait, MAX_CLOSE_WAIT);
+BPF_F_TABLE("hash", u64, struct tt_close_wait, close_wait, MAX_CLOSE_WAIT, BPF_F_NO_PREALLOC);
 /*
  * Local ports in use towards each remote address:port: client sockets from
  * connect() to the end of their TIME_WAIT. connect() to a destination fails
  * (EADDRNOTAVAIL) once its count reaches the ephemeral port range.
  */
-BPF_HASH(dest_ports, struct tt_dest, s64, MAX_DESTS);
+BPF_F_TABLE("hash", struct tt_dest, s64, dest_ports, MAX_DESTS, BPF_F_NO_PREALLOC);
 /* Pre-existing sockets seen for the first time; drained by user space. */
-BPF_HASH(adopted, struct tt_tuple, u8, MAX_ADOPTED);
+BPF_F_TABLE("hash", struct tt_tuple, u8, adopted, MAX_ADOPTED, BPF_F_NO_PREALLOC);
 #if PORT_SLOTS > 1
 /* Local listening port -> row of the `port` label; missing: row 0 ("other"). */
 BPF_HASH(port_slots, u16, u8, PORT_SLOTS);
@@ -429,7 +435,9 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 				 u8 new, u64 ts, u32 evflags, u8 tw_end)
 {
 	u8 old = id->state;
-	bool finishes = (new == TT_CLOSE || new == TT_TIME_WAIT) &&
+	/* An end we never saw: clean up after it, count nothing about it. */
+	bool unseen = evflags & TT_EVF_END_UNSEEN;
+	bool finishes = (new == TT_CLOSE || new == TT_TIME_WAIT) && !unseen &&
 			!(id->flags & TT_SF_FINISHED) && id->role != TT_ROLE_LISTENER;
 
 	/* `old` too: a socket first seen mid-close starts in a closing state. */
@@ -444,12 +452,12 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 
 #if COLLECT_METRICS
 	u32 index = (old & (TT_STATE_SLOTS - 1)) * TT_STATE_SLOTS + (new & (TT_STATE_SLOTS - 1));
-	u64 *value = state_transitions_total.lookup(&index);
+	u64 *value = unseen ? 0 : state_transitions_total.lookup(&index);
 	if (value)
 		*value += 1;
 
 	u64 in_old_ns = id->state_ns && ts >= id->state_ns ? ts - id->state_ns : 0;
-	if (id->state_ns) {
+	if (id->state_ns && !unseen) {
 		observe_state_duration(old & (TT_STATE_SLOTS - 1), in_old_ns);
 		if (old == TT_CLOSE_WAIT)
 			observe_close_wait(0, in_old_ns);
@@ -506,10 +514,25 @@ static __always_inline void tuple_from_set_state(struct tt_tuple *t, struct tp_i
 	}
 }
 
+/*
+ * The socket we followed at this address ended without us seeing it: the
+ * kernel skips a tracing program when another one runs on the same CPU
+ * (an interrupt while one of ours runs), and counts that as a recursion
+ * miss. Close its lifecycle now, flagged, and count the loss.
+ */
+static __always_inline void end_unseen(void *ctx, u64 sk, struct tt_ident *id,
+				       const struct tt_tuple *t, u64 now, u32 evflags)
+{
+	count(TT_C_MISSED_END);
+	id->flags |= TT_SF_LOST;
+	id->state_ns = 0;
+	step(ctx, sk, id, t, TT_CLOSE, now, evflags | TT_EVF_END_UNSEEN, TT_TW_END_NONE);
+}
+
 /* Close a held socket for good, as of when it went to CLOSE. */
 static __always_inline void finish_pending_close(void *ctx, u64 sk, struct tt_pending_close *p)
 {
-	step(ctx, sk, &p->s.id, &p->tuple, TT_CLOSE, p->ts_ns, 0, TT_TW_END_NONE);
+	step(ctx, sk, &p->s.id, &p->s.tuple, TT_CLOSE, p->ts_ns, 0, TT_TW_END_NONE);
 }
 
 /*
@@ -607,9 +630,19 @@ int on_timer_start(struct tp_timer_start *args)
 	u32 zero = 0;
 
 	struct tt_timewait *e = timewait.lookup(&tw);
+	struct tt_tw_slot *slot = tw_slot.lookup(&zero);
 	if (e) {
 		/* Re-armed: the peer's FIN (or a duplicate) arrived. */
 		tw_check_fin(args, tw, e, now);
+		/*
+		 * Or a new timewait socket where one whose end we missed was: if
+		 * a full socket closes right after on this CPU, it was.
+		 */
+		if (slot) {
+			slot->tw = tw;
+			slot->ts_ns = now;
+			slot->substate = tw_read_substate(tw);
+		}
 		return 0;
 	}
 	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
@@ -630,7 +663,6 @@ int on_timer_start(struct tp_timer_start *args)
 		return 0;
 	}
 	/* A new timewait socket: its full socket goes to CLOSE right after. */
-	struct tt_tw_slot *slot = tw_slot.lookup(&zero);
 	if (slot) {
 		slot->tw = tw;
 		slot->ts_ns = now;
@@ -748,6 +780,24 @@ int sweep_killed(struct bpf_raw_tracepoint_args *ctx)
 	tw_killed.delete(&key);
 	return 1;
 }
+/*
+ * Run by user space (BPF_PROG_TEST_RUN): a timewait socket followed for far
+ * longer than TIME_WAIT lasts, whose end we must have missed.
+ */
+int sweep_timewait(struct bpf_raw_tracepoint_args *ctx)
+{
+	u32 zero = 0;
+	u64 *request = sweep_request_sk.lookup(&zero);
+	if (!request)
+		return 0;
+	u64 tw = *request;
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (!e)
+		return 0;
+	end_unseen(ctx, e->skaddr, &e->id, &e->tuple, bpf_ktime_get_ns(), TT_EVF_TIMEWAIT_SOCK);
+	timewait.delete(&tw);
+	return 1;
+}
 #endif /* HAVE_TIMEWAIT */
 
 /* ---------------------------------------------------------- set_state -- */
@@ -791,7 +841,7 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 					u64 now)
 {
 	struct tt_ident *id = &fresh->id;
-	t->netns = fresh->netns;
+	t->netns = fresh->tuple.netns;
 	if (old == TT_CLOSE && new == TT_SYN_SENT) {
 		id->role = TT_ROLE_CLIENT;
 		set_owner_current(id, TT_OWNER_CONNECT);
@@ -799,7 +849,7 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 		id->role = TT_ROLE_LISTENER;
 		set_owner_current(id, TT_OWNER_LISTEN);
 	} else {
-		struct tt_listener_key lk = {.netns = fresh->netns, .port = t->sport};
+		struct tt_listener_key lk = {.netns = fresh->tuple.netns, .port = t->sport};
 		struct tt_listener *l = listeners.lookup(&lk);
 		if (old == TT_LISTEN && new == TT_SYN_RECV) {
 			id->role = TT_ROLE_SERVER;
@@ -887,6 +937,13 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 #endif
 
 	struct tt_sock *s = socks.lookup(&sk);
+	if (s && s->id.state != old &&
+	    (old == TT_CLOSE || (old == TT_LISTEN && new == TT_SYN_RECV))) {
+		/* A new socket where one we followed was: that one ended unseen. */
+		end_unseen(args, sk, &s->id, &s->tuple, now, 0);
+		socks.delete(&sk);
+		s = NULL;
+	}
 	if (!s) {
 		/* The memory of a socket held in pending_close was reused: it got no RST. */
 		struct tt_pending_close *held = pending_close.lookup(&sk);
@@ -895,9 +952,10 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 			pending_close.delete(&sk);
 		}
 		struct tt_sock fresh = {};
-		fresh.netns = read_netns(sk);
+		fresh.tuple.netns = read_netns(sk);
 		if (!first_sight(&fresh, &t, old, new, now))
 			return 0;
+		fresh.tuple = t;
 		if (new == TT_CLOSE) {
 			/* Born and gone in one step, or first seen on its way out. */
 			step(args, sk, &fresh.id, &t, new, now, 0, TT_TW_END_NONE);
@@ -924,7 +982,15 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 			return 0;
 	}
 	struct tt_ident *id = &s->id;
-	t.netns = s->netns;
+	t.netns = s->tuple.netns;
+	s->tuple = t;
+	if (id->state != old) {
+		/* A change we never saw (see end_unseen): carry on from the kernel's state. */
+		count(TT_C_MISSED_TRANSITION);
+		id->flags |= TT_SF_LOST;
+		id->state = old;
+		id->state_ns = 0;
+	}
 
 	/*
 	 * Only the process holding the socket closes it (close(), shutdown() or
@@ -949,6 +1015,13 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 		e.tuple = t;
 		e.skaddr = sk;
 		e.created_ns = now;
+		struct tt_timewait *stale = timewait.lookup(&tw);
+		if (stale) {
+			/* Its memory held a timewait socket whose end we missed. */
+			end_unseen(args, stale->skaddr, &stale->id, &stale->tuple, now,
+				   TT_EVF_TIMEWAIT_SOCK);
+			timewait.delete(&tw);
+		}
 		/* In substate FIN_WAIT2 it still waits for the peer's FIN: no step yet. */
 		if (tw_substate != TT_FIN_WAIT2)
 			step(args, sk, &e.id, &t, TT_TIME_WAIT, now, 0, TT_TW_END_NONE);
@@ -965,7 +1038,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	if (new == TT_CLOSE && !id->last_reset && rst_may_follow_close(old)) {
 		struct tt_pending_close held = {};
 		held.s = *s;
-		held.tuple = t;
+		held.s.tuple = t;
 		held.ts_ns = now;
 		if (pending_close.update(&sk, &held) == 0) {
 			socks.delete(&sk);
@@ -1052,7 +1125,7 @@ int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
 #if HAVE_TIMEWAIT
 	/* The pair is known now even if the connect never completes. */
 	struct tt_tuple t = {};
-	t.netns = s->netns;
+	t.netns = s->tuple.netns;
 	t.family = args->family;
 	t.sport = args->sport;
 	t.dport = args->dport;

@@ -88,6 +88,8 @@ enum tt_tw_end {
 #define TT_EVF_INFERRED_TIME	(1u << 7)	/* ts recovered from the timewait timer, not seen live */
 #define TT_EVF_TIMEWAIT_SOCK	(1u << 8)	/* the kernel's timewait socket, not the full socket */
 #define TT_EVF_NO_TIME_WAIT	(1u << 9)	/* closed actively but the kernel created no timewait socket */
+#define TT_EVF_END_UNSEEN	(1u << 10)	/* it ended unseen (the kernel skipped our program): */
+						/* this event closes it when we noticed */
 
 /* One TCP state change, sent to user space (trace and lifecycles modes). */
 struct tt_event {
@@ -158,8 +160,7 @@ struct tt_ident {
 /* Per full socket, keyed by its kernel address. */
 struct tt_sock {
 	struct tt_ident id;
-	u32 netns;
-	u32 pad;
+	struct tt_tuple tuple;	/* as of its last state change (netns included) */
 };
 
 /*
@@ -225,6 +226,8 @@ enum tt_counter {
 	TT_C_TW_SKIPPED = 8,		/* active closes that got no timewait socket */
 	TT_C_SOCKETS_BORN = 9,		/* lifecycles started (tracked or not) */
 	TT_C_LOST_DEST_MAP = 10,	/* client sockets not counted per destination: map full */
+	TT_C_MISSED_TRANSITION = 11,	/* a change's old state was not the one we recorded */
+	TT_C_MISSED_END = 12,		/* lifecycles whose end we never saw */
 };
 #define TT_COUNTER_SLOTS 16
 

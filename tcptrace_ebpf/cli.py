@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from pathlib import Path
+from typing import Any, ClassVar, TextIO
 
 import click
 
@@ -154,6 +157,8 @@ def _lost_summary(counters: dict[str, int]) -> str:
         "lost_listener_map": "listener map full",
         "lost_close_wait_map": "close-wait map full",
         "lost_adopted_map": "adopted map full",
+        "lost_dest_map": "destination map full",
+        "kernel_skipped": "skipped by the kernel",
     }
     total = sum(counters.get(key, 0) for key in labels)
     detail = ", ".join(
@@ -172,6 +177,7 @@ def seed_existing(tracer: Any) -> None:
 
 def _run_event_command(
     options: Any,
+    *,
     duration: float | None,
     handle: Callable[[Any], None],
     finish: Callable[[set[int]], str],
@@ -240,7 +246,7 @@ def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
         out.flush()
         return ""
 
-    _run_event_command(options, duration, handle, finish, out)
+    _run_event_command(options, duration=duration, handle=handle, finish=finish, out=out)
 
 
 @cli.command()
@@ -282,10 +288,11 @@ def lifecycles(
             f", {stats.evicted} evicted" if stats.evicted else ""
         )
 
-    _run_event_command(options, duration, handle, finish, out)
+    _run_event_command(options, duration=duration, handle=handle, finish=finish, out=out)
 
 
 DEFAULT_LISTEN = ":10072"
+DEFAULT_API_SOCKET = Path("/run/tcptrace-ebpf/api.sock")
 
 
 @cli.command()
@@ -318,6 +325,13 @@ DEFAULT_LISTEN = ":10072"
     help='Add a `port` label (local listening port, 19 at most, then "other") to per-role metrics.',
 )
 @click.option(
+    "--api.socket",
+    "api_socket",
+    default=str(DEFAULT_API_SOCKET),
+    show_default=True,
+    help="Root-only unix socket where `closewait` gets CLOSE_WAIT ages ('' to disable).",
+)
+@click.option(
     "--log.level",
     "log_level",
     type=click.Choice(["debug", "info", "warn", "error"]),
@@ -326,10 +340,12 @@ DEFAULT_LISTEN = ":10072"
 )
 @filter_options
 def serve(
+    *,
     listen_address: str,
     telemetry_path: str,
     web_config_file: str | None,
     port_label: bool,
+    api_socket: str,
     log_level: str,
     **filters: Any,
 ) -> None:
@@ -348,11 +364,13 @@ def serve(
         web_config=load_web_config(web_config_file),
         tracer=_build_options(emit_events=False, collect_metrics=True, **filters),
         port_label=port_label,
+        api_path=Path(api_socket) if api_socket else None,
     )
     exporter = Exporter(options)
     with StopFlag() as stop:
         exporter.start()
         try:
+            assert exporter.server is not None
             host, port = exporter.server.address
             scheme = exporter.server.scheme
             shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
@@ -365,6 +383,223 @@ def serve(
         finally:
             exporter.close()
     notice(f"stopped: {counters['events']} events, {_lost_summary(counters)}")
+
+
+class DurationParam(click.ParamType):  # type: ignore[type-arg]
+    """A duration: 90, 90s, 1m30s, 2h."""
+
+    name = "duration"
+    _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+    _UNITS: ClassVar[dict[str | None, float]] = {
+        "ms": 0.001,
+        "s": 1,
+        "m": 60,
+        "h": 3600,
+        "d": 86400,
+        None: 1,
+    }
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip()
+        total, position = 0.0, 0
+        for match in self._PART.finditer(text):
+            if match.start() != position:
+                break
+            total += float(match.group(1)) * self._UNITS[match.group(2)]
+            position = match.end()
+        if not text or position != len(text):
+            self.fail(f"{value!r} is not a duration like 30s, 2m or 1h30m", param, ctx)
+        return total
+
+
+@cli.command()
+@click.option(
+    "--min-age",
+    type=DurationParam(),
+    default="30s",
+    show_default=True,
+    help="Only sockets in CLOSE_WAIT at least this long.",
+)
+@click.option("--sockets", "per_socket", is_flag=True, help="One line per socket, not per process.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per process (or socket).")
+@click.option("--watch", is_flag=True, help="Refresh a live table in place until Ctrl-C.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
+@click.option(
+    "--api.socket",
+    "api_socket",
+    default=str(DEFAULT_API_SOCKET),
+    show_default=True,
+    help="Where the running `serve` answers with CLOSE_WAIT ages.",
+)
+def closewait(
+    *,
+    min_age: float,
+    per_socket: bool,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    api_socket: str,
+) -> None:
+    """Find CLOSE_WAIT leaks: which process holds sockets whose peer closed, how many, since when.
+
+    Ages come from the running `tcptrace-ebpf serve`; without it, --watch
+    traces by itself (ages exact from then on), a one-shot run shows none.
+    """
+    from .api import ApiUnavailable, query
+    from .closewait import ages_from_api
+    from .probe import require_root
+    from .seed import own_netns_inum
+
+    require_root()
+    netns = own_netns_inum()
+    path = Path(api_socket)
+    own_tracer: Any = None
+    try:
+        query(path, "ping", timeout=2.0)
+    except ApiUnavailable as err:
+        if watch:
+            own_tracer = _start_own_tracer()
+            source = "this command's own tracer (no daemon running)"
+        else:
+            notice(
+                f"ages unknown: {err}; start 'tcptrace-ebpf serve', or use --watch "
+                "to measure from now"
+            )
+            source = ""
+    else:
+        source = f"tcptrace-ebpf serve at {path}"
+
+    def ages() -> Any:
+        if own_tracer is not None:
+            return ages_from_api(own_tracer.close_wait_list(), netns)
+        if not source:
+            return {}
+        try:
+            return ages_from_api(query(path, "close_wait"), netns)
+        except ApiUnavailable as err:
+            notice(f"ages unknown: {err}")
+            return {}
+
+    out = Output()
+    try:
+        if not watch:
+            _show_close_wait(
+                out,
+                ages=ages(),
+                min_age=min_age,
+                per_socket=per_socket,
+                as_json=as_json,
+                source=source,
+                clear=False,
+            )
+            out.flush()
+            return
+        from .runner import StopFlag
+
+        with StopFlag() as stop:
+            while not stop.stopped:
+                _show_close_wait(
+                    out,
+                    ages=ages(),
+                    min_age=min_age,
+                    per_socket=per_socket,
+                    as_json=as_json,
+                    source=source,
+                    clear=not as_json,
+                )
+                out.flush()
+                deadline = time.monotonic() + interval
+                while not stop.stopped and time.monotonic() < deadline:
+                    if own_tracer is not None:
+                        own_tracer.tick()
+                    time.sleep(min(0.2, interval))
+    finally:
+        if own_tracer is not None:
+            own_tracer.close()
+
+
+def _start_own_tracer() -> Any:
+    from .exporter import Exporter, ServeOptions
+    from .probe import TracerOptions
+
+    exporter = Exporter(
+        ServeOptions(
+            listen=None,
+            api_path=None,
+            tracer=TracerOptions(emit_events=False, collect_metrics=True),
+        )
+    )
+    exporter.start()
+    return exporter
+
+
+def _show_close_wait(
+    out: Output,
+    *,
+    ages: Any,
+    min_age: float,
+    per_socket: bool,
+    as_json: bool,
+    source: str,
+    clear: bool,
+) -> None:
+    from .closewait import format_age, gather, group_by_process, old_enough
+    from .render import format_endpoint
+
+    sockets = old_enough(gather(ages), min_age)
+    groups = group_by_process(sockets)
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    if as_json:
+        for group in groups:
+            if per_socket:
+                for sock in group.sockets:
+                    out.write(dumps(sock.to_json(group.holder)))
+            else:
+                out.write(dumps(group.to_json()))
+        return
+    if clear:
+        out.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S"))
+    held = sum(group.count for group in groups if group.holder is not None)
+    what = f"ages from {source}" if source else "ages unknown"
+    out.write(
+        f"{len(sockets)} sockets in CLOSE_WAIT for at least {min_age:g}s "
+        f"({len([g for g in groups if g.holder])} processes hold {held}); {what}"
+    )
+    if per_socket:
+        out.write(f"{'PID':>7} {'COMM':<15} {'LOCAL':<23} {'REMOTE':<23} {'AGE':>8} {'RECV-Q':>7}")
+        for group in groups:
+            for sock in sorted(group.sockets, key=lambda s: -(s.age_s or 0)):
+                out.write(
+                    f"{group.holder.pid if group.holder else '-':>7} "
+                    f"{(group.holder.comm if group.holder else 'unknown')[:15]:<15} "
+                    f"{format_endpoint(sock.family, sock.laddr, sock.lport):<23} "
+                    f"{format_endpoint(sock.family, sock.raddr, sock.rport):<23} "
+                    f"{format_age(sock.age_s, sock.age_is_lower_bound):>8} {sock.recv_q:>7}"
+                )
+        return
+    out.write(f"{'PID':>7} {'COMM':<15} {'COUNT':>6} {'OLDEST':>8} {'MEDIAN':>8}  PORTS  TOP PEERS")
+    for group in groups:
+        holder = group.holder
+        peers = ", ".join(f"{raddr}:{rport} x{count}" for raddr, rport, count in group.top_peers(3))
+        ports = ",".join(str(port) for port in group.local_ports[:4])
+        out.write(
+            f"{holder.pid if holder else '-':>7} {(holder.comm if holder else 'unknown')[:15]:<15} "
+            f"{group.count:>6} {format_age(group.oldest_age_s, group.oldest_is_lower_bound):>8} "
+            f"{format_age(group.median_age_s, False):>8}  {ports}  {peers}"
+        )
+        if holder is not None:
+            where = holder.container_id[:12] if holder.container_id else holder.cgroup
+            out.write(f"{'':>7} cmd: {holder.cmdline[:60]}  cgroup: {where}")
 
 
 @cli.command()

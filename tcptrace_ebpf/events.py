@@ -35,6 +35,7 @@ F_LAST = 1 << 6
 F_INFERRED_TIME = 1 << 7
 F_TIMEWAIT_SOCK = 1 << 8
 F_NO_TIME_WAIT = 1 << 9
+F_END_UNSEEN = 1 << 10
 
 FLAG_NAMES = {
     F_PREEXISTING: "preexisting",
@@ -46,6 +47,7 @@ FLAG_NAMES = {
     F_INFERRED_TIME: "inferred_time",
     F_TIMEWAIT_SOCK: "timewait_socket",
     F_NO_TIME_WAIT: "no_time_wait",
+    F_END_UNSEEN: "end_unseen",
 }
 FLAG_VALUES = {name: value for value, name in FLAG_NAMES.items()}
 

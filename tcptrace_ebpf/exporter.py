@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -21,27 +22,45 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from . import __version__
+from .api import DEFAULT_PATH as DEFAULT_API_PATH
+from .api import ApiServer
 from .errors import UserError
 from .metrics import CloseWaitOwner, KernelReading, NotReady, TcpTraceCollector
 from .preexisting import Preexisting, key_of, take_snapshot
-from .probe import Tracer, TracerOptions
+from .probe import KernelCloseWait, Tracer, TracerOptions, TupleKey
 from .runner import StopFlag
 from .seed import collect_listener_seeds, own_netns_inum
 from .states import TcpState
 from .webserver import MetricsServer, WebConfig
 
+
+def endpoints(key: TupleKey) -> tuple[int, str, int, str, int]:
+    """(family, laddr, lport, raddr, rport) of a kernel address pair."""
+    _netns, family, sport, dport, saddr, daddr = key
+    size = 4 if family == socket.AF_INET else 16
+    return (
+        family,
+        socket.inet_ntop(family, saddr[:size]),
+        sport,
+        socket.inet_ntop(family, daddr[:size]),
+        dport,
+    )
+
+
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 TIMEWAIT_RECHECK_S = 5.0
+HOLDER_REFRESH_S = 5.0  # how often CLOSE_WAIT sockets' holders are looked up in /proc
 PORT_LABEL_SLOTS = 20  # "other" plus 19 listening ports
 
 
 @dataclass
 class ServeOptions:
-    listen: tuple[str, int]
+    listen: tuple[str, int] | None  # None: no HTTP server (closewait --watch's own tracer)
     telemetry_path: str = "/metrics"
     web_config: WebConfig | None = None
+    api_path: Path | None = DEFAULT_API_PATH
     tracer: TracerOptions = field(
         default_factory=lambda: TracerOptions(emit_events=False, collect_metrics=True)
     )
@@ -89,11 +108,15 @@ class Exporter:
         self.options = options
         self.netns = own_netns_inum()
         self.registry = CollectorRegistry(auto_describe=True)
-        self.server = MetricsServer(
-            self.registry,
-            options.listen,
-            telemetry_path=options.telemetry_path,
-            web_config=options.web_config,
+        self.server = (
+            MetricsServer(
+                self.registry,
+                options.listen,
+                telemetry_path=options.telemetry_path,
+                web_config=options.web_config,
+            )
+            if options.listen is not None
+            else None
         )
         self.port_labels = PortLabels(PORT_LABEL_SLOTS) if options.port_label else None
         tracer_options = options.tracer
@@ -104,8 +127,15 @@ class Exporter:
         self.tracer = Tracer(tracer_options, prepare=self._prepare)
         self.preexisting: Preexisting | None = None
         self._ready = threading.Event()
-        self._started_monotonic_ns = time.monotonic_ns()
         self._last_timewait_check = 0.0
+        self._last_holder_refresh = 0.0
+        # CLOSE_WAIT sockets' holders (program names), by address pair, from /proc.
+        self._holder_comm: dict[tuple[int, str, int, str, int], str] = {}
+        self.api = (
+            ApiServer(options.api_path, {"close_wait": self.close_wait_list})
+            if options.api_path is not None
+            else None
+        )
 
     # -- start and stop --------------------------------------------------
 
@@ -119,13 +149,23 @@ class Exporter:
                 port_labels=self.port_labels.labels if self.port_labels else lambda: (),
             )
         )
-        self.server.start()  # a port in use fails here, before the kernel work
+        if self.server is not None:
+            self.server.start()  # a port in use fails here, before the kernel work
         try:
             self.tracer.start()
         except BaseException:
-            self.server.shutdown()
+            if self.server is not None:
+                self.server.shutdown()
             raise
         self._ready.set()
+        if self.api is not None:
+            try:
+                self.api.start()
+            except OSError as err:
+                log.warning(
+                    "no local API at %s (%s): closewait will show no ages", self.api.path, err
+                )
+                self.api = None
 
     def _prepare(self, tracer: Tracer) -> None:
         """Before the probes attach: what exists already."""
@@ -144,7 +184,10 @@ class Exporter:
 
     def close(self) -> None:
         self._ready.clear()
-        self.server.shutdown()
+        if self.api is not None:
+            self.api.close()
+        if self.server is not None:
+            self.server.shutdown()
         self.tracer.close()
 
     def serve_forever(self, stop: StopFlag) -> None:
@@ -173,6 +216,70 @@ class Exporter:
                 self._recheck_timewait()
         if self.port_labels is not None:
             self._assign_port_slots(self._listening_ports())
+        if time.monotonic() - self._last_holder_refresh >= HOLDER_REFRESH_S:
+            self._last_holder_refresh = time.monotonic()
+            self._refresh_holders()
+
+    def _refresh_holders(self) -> None:
+        """Name CLOSE_WAIT sockets after the program holding them now (as ss -p).
+
+        The kernel knows the owner it saw (the connect() caller, the
+        listener's owner); the holder may differ (a worker it was passed to).
+        """
+        from . import procfs, sockdiag
+
+        tracked = self.tracer.close_wait_sockets()
+        old = self.preexisting.close_wait() if self.preexisting is not None else []
+        if not tracked and not old:
+            self._holder_comm = {}
+            return
+        try:
+            listed = sockdiag.snapshot(states=[TcpState.CLOSE_WAIT])
+            holders = procfs.socket_holders({sock.inode for sock in listed if sock.inode})
+        except (UserError, OSError) as err:
+            log.debug("CLOSE_WAIT holders not refreshed: %s", err)
+            return
+        names: dict[tuple[int, str, int, str, int], str] = {}
+        for sock in listed:
+            for pid in holders.get(sock.inode, []):
+                info = procfs.process_info(pid)
+                if info is not None:
+                    names[(sock.family, sock.laddr, sock.lport, sock.raddr, sock.rport)] = info.comm
+                    break
+        self._holder_comm = names
+
+    def close_wait_list(self) -> list[dict[str, object]]:
+        """Sockets in CLOSE_WAIT and when they entered it (the local API's answer)."""
+        offset = time.time() - time.monotonic()
+        result: list[dict[str, object]] = []
+        for sock in self.tracer.close_wait_sockets():
+            result.append(
+                self._describe(sock.key, sock.since_ns / 1e9 + offset, False, sock.pid, sock.comm)
+            )
+        if self.preexisting is not None:
+            for old in self.preexisting.close_wait():
+                result.append(self._describe(old.key, old.since, True, 0, old.comm))
+        return result
+
+    def _describe(
+        self, key: TupleKey, since: float, lower_bound: bool, pid: int, comm: str
+    ) -> dict[str, object]:
+        family, laddr, lport, raddr, rport = endpoints(key)
+        return {
+            "family": "ipv6" if family == socket.AF_INET6 else "ipv4",
+            "laddr": laddr,
+            "lport": lport,
+            "raddr": raddr,
+            "rport": rport,
+            "netns": key[0],
+            "since": since,
+            "lower_bound": lower_bound,
+            "pid": pid,
+            "comm": comm,
+        }
+
+    def _comm_of(self, sock: KernelCloseWait) -> str:
+        return self._holder_comm.get(endpoints(sock.key), sock.comm)
 
     def _recheck_timewait(self) -> None:
         from . import sockdiag
@@ -210,7 +317,7 @@ class Exporter:
         now = time.time()
         offset = now - time.monotonic()
         owners = [
-            CloseWaitOwner(comm=sock.comm, since=sock.since_ns / 1e9 + offset)
+            CloseWaitOwner(comm=self._comm_of(sock), since=sock.since_ns / 1e9 + offset)
             for sock in self.tracer.close_wait_sockets()
         ]
         extra: dict[int, int] = {}
@@ -218,7 +325,10 @@ class Exporter:
         if self.preexisting is not None:
             extra = self.preexisting.counts()
             owners.extend(
-                CloseWaitOwner(comm=old.comm or "unknown", since=old.since)
+                CloseWaitOwner(
+                    comm=self._holder_comm.get(endpoints(old.key), old.comm) or "unknown",
+                    since=old.since,
+                )
                 for old in self.preexisting.close_wait()
             )
             for dest, count in self.preexisting.dests().items():
@@ -230,5 +340,6 @@ class Exporter:
             close_wait=owners,
             ephemeral_ports=ephemeral_port_count(),
             ephemeral_ports_in_use_max=max(dests.values(), default=0),
+            program_skips=self.tracer.program_skips(),
             now=now,
         )

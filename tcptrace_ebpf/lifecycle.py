@@ -22,6 +22,7 @@ from typing import Any
 
 from .events import (
     AF_INET6,
+    F_END_UNSEEN,
     F_LAST,
     F_LOST_BEFORE,
     F_PREEXISTING,
@@ -301,6 +302,13 @@ class LifecycleEngine:
             life.laddr = event.laddr
         life.syn_retrans = max(life.syn_retrans, event.syn_retrans)
         life.last_ts = event.ts
+        if event.flags & F_END_UNSEEN:
+            # It ended while the kernel skipped our program: when and how are unknown.
+            life.ended = True
+            entry.events_lost = True
+            states[-1].duration_s = None
+            life.close = None
+            return
         if event.flags & F_LAST or event.new_state == CLOSE:
             life.ended = True
             life.time_wait_end = TW_END_NAMES.get(event.tw_end)

@@ -62,6 +62,9 @@ LOST_CAUSES = {
     "lost_close_wait_map": "close_wait_map_full",
     "lost_adopted_map": "adopted_map_full",
     "lost_dest_map": "dest_map_full",
+    # State changes whose program run the kernel skipped: another tracing BPF
+    # program was running on that CPU (an interrupt in the middle of one).
+    "kernel_skipped": "kernel_skipped",
 }
 TOP_COMMS = 10  # CLOSE_WAIT gauges per program: the biggest ten, the rest as "other"
 
@@ -90,6 +93,7 @@ class KernelReading:
     close_wait: list[CloseWaitOwner] = field(default_factory=list)
     ephemeral_ports: int = 0
     ephemeral_ports_in_use_max: int = 0
+    program_skips: Mapping[str, int] = field(default_factory=dict)  # tracepoint -> skipped runs
     now: float = 0.0
 
 
@@ -99,6 +103,7 @@ def _le(bound: float) -> str:
 
 def histogram_rows(
     name: str,
+    *,
     documentation: str,
     labels: Sequence[str],
     bounds: Sequence[float],
@@ -174,31 +179,33 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     families.append(
         histogram_rows(
             "state_duration_seconds",
-            "Time spent in a TCP state, observed when the state is left.",
-            ["state"],
-            buckets.STATE,
-            arrays.get("state_duration_seconds", ()),
-            ((int(state), (state.name,)) for state in TcpState if state < STATE_SLOTS),
+            documentation="Time spent in a TCP state, observed when the state is left.",
+            labels=["state"],
+            bounds=buckets.STATE,
+            flat=arrays.get("state_duration_seconds", ()),
+            rows=((int(state), (state.name,)) for state in TcpState if state < STATE_SLOTS),
         )
     )
     families.append(
         histogram_rows(
             "handshake_duration_seconds",
-            "Handshake time: SYN_SENT to ESTABLISHED (client), SYN_RECV to ESTABLISHED (server).",
-            role_labels,
-            buckets.HANDSHAKE,
-            arrays.get("handshake_duration_seconds", ()),
-            _role_port_rows(port_labels),
+            documentation="Handshake time: SYN_SENT to ESTABLISHED (client), "
+            "SYN_RECV to ESTABLISHED (server).",
+            labels=role_labels,
+            bounds=buckets.HANDSHAKE,
+            flat=arrays.get("handshake_duration_seconds", ()),
+            rows=_role_port_rows(port_labels),
         )
     )
     families.append(
         histogram_rows(
             "connection_duration_seconds",
-            "Connection lifetime, from connect() or accept to close (TIME_WAIT not included).",
-            role_labels,
-            buckets.CONNECTION,
-            arrays.get("connection_duration_seconds", ()),
-            _role_port_rows(port_labels),
+            documentation="Connection lifetime, from connect() or accept to close "
+            "(TIME_WAIT not included).",
+            labels=role_labels,
+            bounds=buckets.CONNECTION,
+            flat=arrays.get("connection_duration_seconds", ()),
+            rows=_role_port_rows(port_labels),
         )
     )
 
@@ -231,23 +238,24 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     families.append(
         histogram_rows(
             "time_wait_duration_seconds",
-            "How long TIME_WAIT lasted, by how it ended: expired (60 s timer), reused "
-            "(a new connection took the address pair) or killed (RST, ss -K, netns gone).",
-            ["end"],
-            buckets.TIME_WAIT,
-            arrays.get("time_wait_duration_seconds", ()),
-            ((row, (end,)) for row, end in TW_ENDS.items()),
+            documentation="How long TIME_WAIT lasted, by how it ended: expired (60 s "
+            "timer), reused (a new connection took the address pair) or killed (RST, "
+            "ss -K, netns gone).",
+            labels=["end"],
+            bounds=buckets.TIME_WAIT,
+            flat=arrays.get("time_wait_duration_seconds", ()),
+            rows=((row, (end,)) for row, end in TW_ENDS.items()),
         )
     )
     families.append(
         histogram_rows(
             "close_wait_duration_seconds",
-            "How long sockets stayed in CLOSE_WAIT (peer closed, we had not), observed when "
-            "they left it.",
-            [],
-            buckets.CLOSE_WAIT,
-            arrays.get("close_wait_duration_seconds", ()),
-            [(0, ())],
+            documentation="How long sockets stayed in CLOSE_WAIT (peer closed, we had "
+            "not), observed when they left it.",
+            labels=[],
+            bounds=buckets.CLOSE_WAIT,
+            flat=arrays.get("close_wait_duration_seconds", ()),
+            rows=[(0, ())],
         )
     )
 
@@ -291,6 +299,15 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     for counter, cause in LOST_CAUSES.items():
         lost.add_metric([cause], reading.counters.get(counter, 0))
     families.append(lost)
+    skipped_runs = CounterMetricFamily(
+        PREFIX + "program_skipped_runs_total",
+        "Runs of the tracer's BPF programs the kernel skipped because another tracing "
+        "program was running on that CPU, by tracepoint (most timer ones concern no socket).",
+        labels=["tracepoint"],
+    )
+    for tracepoint, count in sorted(reading.program_skips.items()):
+        skipped_runs.add_metric([tracepoint], count)
+    families.append(skipped_runs)
     return families
 
 

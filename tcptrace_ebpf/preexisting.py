@@ -177,8 +177,8 @@ def take_snapshot(
     holders = procfs.socket_holders(leaking) if leaking else {}
 
     def comm_of_inode(inode: int) -> str:
-        for pid in holders.get(inode, []):
-            info = procfs.process_info(pid)
+        for holder in holders.get(inode, []):
+            info = procfs.process_info(holder)
             if info is not None:
                 return info.comm
         return ""

@@ -44,6 +44,8 @@ COUNTER_NAMES = {
     8: "time_wait_skipped",
     9: "sockets_born",
     10: "lost_dest_map",
+    11: "missed_transitions",
+    12: "missed_ends",
 }
 
 
@@ -84,6 +86,10 @@ class TracerOptions:
     # How long a close is held waiting for the RST of an abortive close,
     # which follows within microseconds in the same system call.
     pending_close_grace_ns: int = 100_000_000
+    # A timewait socket followed this long ended unseen (TIME_WAIT lasts about
+    # 60 s; a peer's retransmitted FINs can each restart it). Checked rarely.
+    stale_timewait_ns: int = 600_000_000_000
+    stale_check_interval_ns: int = 60_000_000_000
 
 
 def _pow2_pages(nbytes: int) -> int:
@@ -292,6 +298,74 @@ class KernelCloseWait:
     owner_source: int
 
 
+_BPF_OBJ_GET_INFO_BY_FD = 15
+
+
+class _ProgInfo(ctypes.Structure):
+    # struct bpf_prog_info (include/uapi/linux/bpf.h), up to recursion_misses.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+def _recursion_misses(prog_fd: int) -> int:
+    """The kernel's count of skipped runs of a program (0 where not reported)."""
+    number = _NR_BPF.get(platform.machine())
+    if number is None:
+        return 0
+    info = _ProgInfo()
+    attr = _InfoAttr(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        return 0
+    # Older kernels fill less of the struct: then the field is not there.
+    if attr.info_len < _ProgInfo.recursion_misses.offset + 8:
+        return 0
+    return int(info.recursion_misses)
+
+
 @dataclass
 class KilledTimewait:
     """A cancelled timewait socket awaiting classification (for tests and debugging)."""
@@ -315,6 +389,9 @@ class Tracer:
     tracefs_mounted: bool = field(default=False, init=False)
     _sweep_fd: int = field(default=-1, init=False)
     _sweep_close_fd: int = field(default=-1, init=False)
+    _sweep_timewait_fd: int = field(default=-1, init=False)
+    _next_stale_check_ns: int = field(default=0, init=False)
+    _attached_pairs: list[tuple[str, str]] = field(default_factory=list, init=False)
     _ring: bool = field(default=True, init=False)
 
     def start(self) -> None:
@@ -333,7 +410,7 @@ class Tracer:
             )
         for name, cap in self.features.capabilities.items():
             if not cap.available and name != "set_state":
-                log.info("degraded: %s", cap.detail)
+                log.warning("degraded: %s", cap.detail)
         text, cflags = build_source(self.features, self.options)
         self._ring = not self.options.force_perf_buffer
         with _capture_stderr() as output:
@@ -387,6 +464,7 @@ class Tracer:
                     f"{_first_error(output()) if output() else err}"
                 ) from None
         self.attached.append(tracepoint)
+        self._attached_pairs.append((tracepoint, function))
 
     def _attach_all(self) -> None:
         assert self.features is not None
@@ -399,6 +477,7 @@ class Tracer:
             if self.features.has("kfree_rx_sk"):
                 self._attach("skb:kfree_skb", "on_kfree_skb")
             self._sweep_fd = self._load_sweeper("sweep_killed")
+            self._sweep_timewait_fd = self._load_sweeper("sweep_timewait")
         if self.features.has("reset_received"):
             self._attach("tcp:tcp_receive_reset", "on_tcp_receive_reset")
         if self.features.has("reset_sent"):
@@ -468,6 +547,9 @@ class Tracer:
                 request_sk[ctypes.c_int(0)] = ctypes.c_uint64(skaddr)
                 _bpf_prog_test_run(self._sweep_close_fd)
             done += len(held)
+        if self._sweep_timewait_fd >= 0 and now_ns >= self._next_stale_check_ns:
+            self._next_stale_check_ns = now_ns + self.options.stale_check_interval_ns
+            done += self._sweep_stale_timewait(now_ns)
         if self._sweep_fd < 0:
             return done
         killed = self.bpf["tw_killed"]
@@ -481,6 +563,35 @@ class Tracer:
             request[ctypes.c_int(0)] = key
             _bpf_prog_test_run(self._sweep_fd)
         return done + len(due)
+
+    def _sweep_stale_timewait(self, now_ns: int) -> int:
+        table = self.bpf["timewait"]
+        try:
+            items = list(table.items_lookup_batch())
+        except Exception:  # empty map: the batch call reports ENOENT
+            items = []
+        stale = [
+            int(getattr(key, "value", key))  # batch lookups give plain ints for u64 keys
+            for key, value in items
+            if value.created_ns + self.options.stale_timewait_ns <= now_ns
+        ]
+        request_sk = self.bpf["sweep_request_sk"]
+        for address in stale:
+            request_sk[ctypes.c_int(0)] = ctypes.c_uint64(address)
+            _bpf_prog_test_run(self._sweep_timewait_fd)
+        return len(stale)
+
+    def program_skips(self) -> dict[str, int]:
+        """Runs skipped by the kernel, by tracepoint: the program was not run
+        because another tracing BPF program was running on that CPU."""
+        if self.bpf is None:
+            return {}
+        skips = {}
+        for tracepoint, name in self._attached_pairs:
+            function = self.bpf.funcs.get(name.encode()) or self.bpf.funcs.get(name)
+            if function is not None:
+                skips[tracepoint] = _recursion_misses(function.fd)
+        return skips
 
     def pending_killed(self) -> list[KilledTimewait]:
         if self.bpf is None or self._sweep_fd < 0:
@@ -497,13 +608,15 @@ class Tracer:
         return {int(key.value) for key in self.bpf["lost_socks"]}
 
     def counters(self) -> dict[str, int]:
-        """Self counters summed over CPUs, by name (see COUNTER_NAMES)."""
+        """Self counters summed over CPUs, by name (see COUNTER_NAMES), plus
+        `kernel_skipped`: state changes whose program run the kernel skipped."""
         if self.bpf is None:
-            return dict.fromkeys(COUNTER_NAMES.values(), 0)
+            return dict.fromkeys([*COUNTER_NAMES.values(), "kernel_skipped"], 0)
         table = self.bpf["counters"]
         values = {}
         for index, name in COUNTER_NAMES.items():
             values[name] = int(sum(table[ctypes.c_int(index)]))
+        values["kernel_skipped"] = self.program_skips().get("sock:inet_sock_set_state", 0)
         return values
 
     def metric_arrays(self) -> dict[str, list[int]]:
@@ -570,6 +683,7 @@ class Tracer:
                     log.debug("cleanup: %s", err)
             self.bpf = None
             self.attached.clear()
+            self._attached_pairs.clear()
 
     def __enter__(self) -> Tracer:
         self.start()

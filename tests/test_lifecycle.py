@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tcptrace_ebpf.events import F_LOST_BEFORE, F_UNTRACKED, Event
+from tcptrace_ebpf.events import F_END_UNSEEN, F_LOST_BEFORE, F_UNTRACKED, Event
 from tcptrace_ebpf.lifecycle import Lifecycle, LifecycleEngine, classify_close
 
 STREAMS = Path(__file__).parent / "data" / "streams"
@@ -156,6 +156,25 @@ def test_bounded_memory() -> None:
     assert engine.stats.evicted == 4950
     assert len(reported) == 4950
     assert all(not life.complete and life.close is None for life in reported)
+
+
+def test_unseen_end_closes_incomplete() -> None:
+    """The kernel program noticed the socket ended unseen: the lifecycle ends,
+    how and when unknown."""
+    events = [e for e in load_events("test_server_closes_first") if e.role == 1]
+    sock = events[0].sock
+    mine = [e for e in events if e.sock == sock][:2]  # CLOSE>SYN_SENT, SYN_SENT>ESTABLISHED
+    unseen = mine[-1]._replace(
+        seq=2, old_state=1, new_state=7, duration_s=None, flags=F_END_UNSEEN | F_LOST_BEFORE
+    )
+    lives, engine = run([*mine, unseen])
+    (life,) = lives
+    assert [span.state for span in life.states] == [2, 1]
+    assert life.states[-1].duration_s is None
+    assert life.close is None
+    assert life.lost is True
+    assert life.complete is False
+    assert engine.open_count == 0
 
 
 def test_untracked_events_are_counted_not_rebuilt() -> None:

@@ -1,0 +1,34 @@
+# tcptrace-ebpf. Every target runs as root on Debian 12 and installs what it needs.
+#   make serve   install, then run the Prometheus exporter on :10072 (the main job)
+#   make test    install, then run the whole test suite
+#   make lint    ruff and mypy
+#   make bench   install, then run the benchmark (several minutes)
+
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup setup-test serve test lint bench clean
+
+setup:
+	sh scripts/setup.sh
+
+setup-test:
+	sh scripts/setup.sh --test
+
+serve: setup
+	exec $(VENV)/bin/tcptrace-ebpf serve $(ARGS)
+
+test: setup-test
+	$(PY) -m pytest -p no:cacheprovider $(ARGS)
+
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/run $(ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1818 @@
+"""What tcptrace-ebpf costs under loopback connection churn, and whether its counters are exact.
+
+Run it as root through the wrapper next to this file:
+
+    sudo bench/run [--duration S] [--connections C] [--rounds R] [--json FILE] [--quick]
+
+See bench/README.md for what is measured and how to read the numbers. In short:
+
+* throughput: nginx (keep-alive off) and wrk (`Connection: close`, so one
+  request is one TCP connection) on 127.0.0.1, measured with no tracer, with
+  `tcptrace-ebpf serve` (unfiltered, scraped every second), with
+  `tcptrace-ebpf serve --port <nginx port>` (the exactness check), with
+  `tcptrace-ebpf trace --json > /dev/null` and with bcc's
+  `tcpstates-bpfcc > /dev/null`, interleaved over several rounds;
+* scrape latency of `serve` with 100,000 sockets alive;
+* the exporter's resident memory after 100,000 and after 5,000,000 connections.
+
+Everything this script starts runs in its own session and is stopped by pid;
+sysctls it changes are restored, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import http.client
+import json
+import math
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+LOOPBACK = "127.0.0.1"
+SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+TRACEFS = Path("/sys/kernel/tracing")
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+# (command, Debian package that provides it)
+TOOLS = (
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+    ("tcpstates-bpfcc", "bpfcc-tools"),
+    ("ss", "iproute2"),
+)
+
+MODE_BASELINE = "baseline"
+MODE_SERVE = "serve"
+MODE_EXACT = "serve-port"
+MODE_TRACE = "trace"
+MODE_TCPSTATES = "tcpstates"
+ALL_MODES = (MODE_BASELINE, MODE_SERVE, MODE_EXACT, MODE_TRACE, MODE_TCPSTATES)
+MODE_TITLES = {
+    MODE_BASELINE: "baseline (no tracer)",
+    MODE_SERVE: "serve (unfiltered)",
+    MODE_EXACT: "serve --port NGINX",
+    MODE_TRACE: "trace --json",
+    MODE_TCPSTATES: "tcpstates-bpfcc",
+}
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """An expected failure: one line, then cleanup."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, SIGTERM or SIGHUP: stop measuring and clean up."""
+
+
+# -- signals ------------------------------------------------------------------
+
+_interrupts: list[int] = []
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    _interrupts.append(signum)
+    if len(_interrupts) == 1:
+        raise Interrupted(signal.Signals(signum).name)
+
+
+def install_signal_handlers() -> None:
+    # A handler (not SIG_IGN) also means children get the default action after exec.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+
+def ignore_signals() -> None:
+    """While cleaning up: a second Ctrl-C must not abandon half-stopped processes."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda _s, _f: None)
+
+
+# -- processes ------------------------------------------------------------------
+
+
+class Processes:
+    """Every process the bench starts: each in its own session, stopped by pid."""
+
+    def __init__(self) -> None:
+        self.running: list[tuple[str, subprocess.Popen[Any]]] = []
+
+    def start(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        *,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+        stdout: int | IO[Any] | None = subprocess.DEVNULL,
+        stderr: int | IO[Any] | None = subprocess.DEVNULL,
+        text: bool = False,
+    ) -> subprocess.Popen[Any]:
+        proc: subprocess.Popen[Any] = subprocess.Popen(
+            list(cmd),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            text=text,
+            env={**os.environ, "PATH": SBIN_PATH + ":" + os.environ.get("PATH", "")},
+        )
+        self.running.append((name, proc))
+        return proc
+
+    def stop(
+        self,
+        proc: subprocess.Popen[Any],
+        first: signal.Signals = signal.SIGTERM,
+        timeout: float = 15.0,
+    ) -> int | None:
+        """Signal by pid, wait, then escalate to SIGTERM and SIGKILL. Returns the exit code."""
+        steps = [first, *(s for s in (signal.SIGTERM, signal.SIGKILL) if s != first)]
+        for step in steps:
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(step)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=timeout if step != signal.SIGKILL else 10.0)
+        self.running = [(n, p) for n, p in self.running if p is not proc]
+        return proc.poll()
+
+    def stop_all(self) -> None:
+        for name, proc in reversed(list(self.running)):
+            if proc.poll() is None:
+                log(f"stopping {name} (pid {proc.pid})")
+            self.stop(proc, signal.SIGTERM, timeout=10.0)
+
+
+# -- /proc readings -----------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: fields start after the last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def cpu_seconds(pid: int, with_children: bool = True) -> float:
+    """utime+stime of a process (all its threads), of the children it reaped and,
+    optionally, of its live descendants."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return math.nan
+    # After the comm: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+    ticks = sum(int(value) for value in fields[11:15])
+    if with_children:
+        for child in descendants(pid):
+            child_fields = _stat_fields(child)
+            if child_fields:
+                ticks += int(child_fields[11]) + int(child_fields[12])
+    return ticks / CLK_TCK
+
+
+def rss_bytes(pid: int, key: str = "VmRSS") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    try:
+        entries = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return kinds
+    for entry in entries:
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("anon_inode:"):
+            kind = target.removeprefix("anon_inode:").strip("[]")
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def bpf_prog_stats(pid: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over the BPF programs a process holds
+    (non-zero only while kernel.bpf_stats_enabled=1)."""
+    run_ns = runs = 0
+    try:
+        entries = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return 0, 0
+    for entry in entries:
+        try:
+            if os.readlink(entry) != "anon_inode:bpf-prog":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{entry.name}").read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            key, _, value = line.partition(":")
+            if key == "run_time_ns":
+                run_ns += int(value)
+            elif key == "run_cnt":
+                runs += int(value)
+    return run_ns, runs
+
+
+@dataclass
+class SystemCpu:
+    busy: float
+    softirq: float
+    total: float
+
+    @classmethod
+    def read(cls) -> SystemCpu:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        user, nice, system, idle, iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+        total = user + nice + system + idle + iowait + irq + softirq + steal
+        return cls(
+            busy=(total - idle - iowait) / CLK_TCK,
+            softirq=softirq / CLK_TCK,
+            total=total / CLK_TCK,
+        )
+
+
+def timewait_count() -> int:
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            parts = line.split()
+            return int(parts[parts.index("tw") + 1])
+    return -1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+# -- HTTP -------------------------------------------------------------------------
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.value = 0
+        self.lock = threading.Lock()
+
+    def add(self) -> None:
+        with self.lock:
+            self.value += 1
+
+
+_own = _Counter()
+
+
+def own_connections() -> int:
+    """TCP connections this process has opened (each one moves LISTEN->SYN_RECV once)."""
+    with _own.lock:
+        return _own.value
+
+
+def http_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes, float]:
+    """One GET on a fresh connection: (status, body, seconds from connect to last byte)."""
+    _own.add()
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, body, time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+Sample = dict[tuple[str, frozenset[tuple[str, str]]], float]
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> Sample:
+    samples: Sample = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        labels = frozenset(_LABEL.findall(match.group(3) or ""))
+        samples[(match.group(1), labels)] = float(match.group(4))
+    return samples
+
+
+def metric_sum(samples: Sample, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(value for (n, lbls), value in samples.items() if n == name and wanted <= set(lbls))
+
+
+def scrape(port: int, timeout: float = 10.0) -> tuple[Sample, float]:
+    status, body, seconds = http_get(port, "/metrics", timeout)
+    if status != 200:
+        raise BenchError(f"scrape of :{port}/metrics returned HTTP {status}")
+    return parse_metrics(body.decode()), seconds
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | int]:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        # nearest rank
+        rank = max(1, math.ceil(q * len(ordered)))
+        return ordered[rank - 1]
+
+    return {
+        "count": len(ordered),
+        "p50": pick(0.50),
+        "p90": pick(0.90),
+        "p99": pick(0.99),
+        "max": ordered[-1],
+        "mean": statistics.fmean(ordered),
+    }
+
+
+class Scraper(threading.Thread):
+    """GET /metrics every `interval` seconds, as Prometheus would; keeps latencies."""
+
+    def __init__(self, port: int, interval: float = 1.0) -> None:
+        super().__init__(name="scraper", daemon=True)
+        self.port = port
+        self.interval = interval
+        self.latencies: list[float] = []
+        self.server_durations: list[float] = []
+        self.failures: list[str] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop_event.is_set():
+            try:
+                samples, seconds = scrape(self.port)
+                self.latencies.append(seconds)
+                self.server_durations.append(
+                    metric_sum(samples, "tcptrace_scrape_duration_seconds")
+                )
+            except (OSError, BenchError, http.client.HTTPException) as err:
+                self.failures.append(str(err))
+            next_at += self.interval
+            self._stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+    def finish(self) -> dict[str, Any]:
+        self._stop_event.set()
+        self.join(timeout=30)
+        return {
+            "latency_s": percentiles(self.latencies),
+            "server_scrape_duration_s": percentiles(self.server_durations),
+            "failures": len(self.failures),
+            "failure_examples": self.failures[:3],
+        }
+
+
+# -- nginx --------------------------------------------------------------------------
+
+
+@dataclass
+class StubStatus:
+    active: int
+    accepts: int
+    handled: int
+    requests: int
+
+
+class Nginx:
+    """A private nginx: its own config, pid file and logs in a temp dir; stopped by pid."""
+
+    def __init__(self, procs: Processes, workdir: Path, workers: int) -> None:
+        self.procs = procs
+        self.dir = workdir / "nginx"
+        self.port = free_port()
+        self.status_port = free_port()
+        while self.status_port == self.port:
+            self.status_port = free_port()
+        self.workers = workers
+        self.proc: subprocess.Popen[Any] | None = None
+        self.stub_reads = 0
+
+    def config(self) -> str:
+        temp = self.dir / "tmp"
+        try:
+            built = subprocess.run(
+                ["nginx", "-V"], capture_output=True, text=True, check=False
+            ).stderr
+        except OSError:
+            built = ""
+        temp_paths = [f"client_body_temp_path {temp}/body;"]
+        for module in ("proxy", "fastcgi", "uwsgi", "scgi"):
+            if f"--without-http_{module}_module" not in built:
+                temp_paths.append(f"{module}_temp_path {temp}/{module};")
+        temp_lines = "\n    ".join(temp_paths)
+        return f"""# written by tcptrace-ebpf bench/tcpbench.py
+daemon off;
+master_process on;
+worker_processes {self.workers};
+worker_rlimit_nofile 65536;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{
+    worker_connections 16384;
+}}
+http {{
+    access_log off;
+    keepalive_timeout 0;
+    {temp_lines}
+    server {{
+        listen {LOOPBACK}:{self.port} backlog=4096;
+        location / {{
+            return 200 "ok\\n";
+        }}
+    }}
+    server {{
+        listen {LOOPBACK}:{self.status_port};
+        location / {{
+            stub_status;
+        }}
+    }}
+}}
+"""
+
+    def start(self) -> None:
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "nginx.conf"
+        conf.write_text(self.config())
+        errlog = self.dir / "error.log"
+        cmd = ["nginx", "-e", str(errlog), "-p", str(self.dir), "-c", str(conf)]
+        check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, check=False)
+        if check.returncode != 0:
+            raise BenchError(f"nginx config test failed: {check.stderr.strip()}")
+        self.proc = self.procs.start("nginx", cmd, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"nginx exited at start: {self._errlog_tail()}")
+            with contextlib.suppress(OSError, BenchError, http.client.HTTPException):
+                self.stub()
+                return
+            time.sleep(0.1)
+        raise BenchError(f"nginx did not answer within 15 s: {self._errlog_tail()}")
+
+    def _errlog_tail(self) -> str:
+        try:
+            return " | ".join((self.dir / "error.log").read_text().splitlines()[-3:])
+        except OSError:
+            return "(no error log)"
+
+    def stub(self) -> StubStatus:
+        self.stub_reads += 1
+        status, body, _seconds = http_get(self.status_port, "/")
+        text = body.decode()
+        active = re.search(r"Active connections:\s*(\d+)", text)
+        counts = re.search(r"\n\s*(\d+)\s+(\d+)\s+(\d+)\s*\n", text)
+        if status != 200 or not active or not counts:
+            raise BenchError(f"unexpected stub_status answer: {text!r}")
+        return StubStatus(int(active.group(1)), *(int(v) for v in counts.groups()))
+
+    def wait_idle(self, timeout: float = 15.0) -> StubStatus:
+        """Until the only active connection is our own stub_status request."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stub = self.stub()
+            if stub.active <= 1 or time.monotonic() > deadline:
+                return stub
+            time.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        if self.proc is None:
+            return []
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc, signal.SIGQUIT, timeout=10.0)
+            self.proc = None
+
+
+# -- wrk ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests_per_s: float
+    requests: int
+    seconds: float
+    errors: dict[str, int]
+    non_2xx: int
+    output: str
+
+
+def parse_wrk(output: str) -> WrkResult:
+    rate = re.search(r"Requests/sec:\s*([\d.]+)", output)
+    total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", output)
+    if not rate or not total:
+        raise BenchError(f"could not parse wrk's output: {output!r}")
+    unit = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}.get(total.group(3), 1.0)
+    errors = {}
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if socket_errors:
+        errors = dict(
+            zip(
+                ("connect", "read", "write", "timeout"),
+                map(int, socket_errors.groups()),
+                strict=True,
+            )
+        )
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", output)
+    return WrkResult(
+        requests_per_s=float(rate.group(1)),
+        requests=int(total.group(1)),
+        seconds=float(total.group(2)) * unit,
+        errors=errors,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        output=output,
+    )
+
+
+def wrk_command(args: argparse.Namespace, port: int, duration: float) -> list[str]:
+    return [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{max(1, round(duration))}s",
+        "-H",
+        "Connection: close",
+        f"http://{LOOPBACK}:{port}/",
+    ]
+
+
+# -- tracers -------------------------------------------------------------------------
+
+
+STOPPED_LINE = re.compile(r"stopped: (\d+) events, (\d+) lost(?: \(([^)]*)\))?")
+POSSIBLY_LOST = re.compile(r"Possibly lost (\d+) samples")
+
+
+class Tracer:
+    """One tracer process under test (serve, trace --json or tcpstates-bpfcc)."""
+
+    def __init__(
+        self, mode: str, procs: Processes, workdir: Path, args: argparse.Namespace, nginx_port: int
+    ) -> None:
+        self.mode = mode
+        self.procs = procs
+        self.stderr_path = workdir / f"{mode}-{time.monotonic_ns()}.stderr"
+        self.metrics_port = 0
+        self.proc: subprocess.Popen[Any] | None = None
+        self.exit_code: int | None = None
+        self.startup_s = math.nan
+        if mode in (MODE_SERVE, MODE_EXACT):
+            self.metrics_port = free_port()
+            self.cmd = [
+                args.tcptrace,
+                "serve",
+                "--web.listen-address",
+                f"{LOOPBACK}:{self.metrics_port}",
+            ]
+            if mode == MODE_EXACT:
+                self.cmd += ["--port", str(nginx_port)]
+        elif mode == MODE_TRACE:
+            self.cmd = [args.tcptrace, "trace", "--json"]
+        elif mode == MODE_TCPSTATES:
+            self.cmd = [args.tcpstates]
+        else:
+            raise ValueError(mode)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = 180.0) -> None:
+        started = time.monotonic()
+        with self.stderr_path.open("wb") as err:
+            self.proc = self.procs.start(self.mode, self.cmd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = " | ".join(self.stderr_text().strip().splitlines()[-3:])
+                raise BenchError(f"{self.mode} exited at start ({self.proc.returncode}): {tail}")
+            if self._attached():
+                break
+            time.sleep(0.1)
+        else:
+            raise BenchError(f"{self.mode} did not start within {timeout:.0f} s")
+        self.startup_s = time.monotonic() - started
+        self._wait_quiet(deadline)
+
+    def _attached(self) -> bool:
+        if self.mode == MODE_TCPSTATES:
+            # tcpstates prints its header to stdout (/dev/null here) once attached:
+            # look for its program and its 1 + 2 x CPUs perf events (the tracepoint,
+            # then two per-CPU perf buffers) instead.
+            kinds = fd_kinds(self.pid)
+            return kinds.get("bpf-prog", 0) >= 1 and kinds.get("perf_event", 0) >= 1 + 2 * NCPU
+        return "tracing started" in self.stderr_text()
+
+    def _wait_quiet(self, deadline: float) -> None:
+        """Let start-up work finish (compiling, loading) before measuring."""
+        previous = cpu_seconds(self.pid)
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = cpu_seconds(self.pid)
+            if now - previous < 0.05:
+                return
+            previous = now
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        first = signal.SIGINT if self.mode == MODE_TCPSTATES else signal.SIGTERM
+        self.exit_code = self.procs.stop(self.proc, first, timeout=30.0)
+
+    def final_counts(self) -> tuple[int | None, int | None, str]:
+        """(events, lost, detail) from the tracer's own last words on stderr."""
+        text = self.stderr_text()
+        if self.mode == MODE_TCPSTATES:
+            lost_lines = [int(n) for n in POSSIBLY_LOST.findall(text)]
+            if lost_lines:
+                return None, sum(lost_lines), f"{len(lost_lines)} 'Possibly lost' lines"
+            return None, None, "not reported"
+        matches = STOPPED_LINE.findall(text)
+        if not matches:
+            return None, None, "no summary line"
+        events, lost, detail = matches[-1]
+        return int(events), int(lost), detail
+
+
+# -- exactness ------------------------------------------------------------------------
+
+TRANSITIONS = "tcptrace_state_transitions_total"
+
+
+def exact_view(samples: Sample) -> dict[str, float]:
+    """The counters the exactness check compares, from one scrape."""
+    return {
+        "LISTEN->SYN_RECV": metric_sum(
+            samples, TRANSITIONS, old_state="LISTEN", new_state="SYN_RECV"
+        ),
+        "CLOSE->SYN_SENT": metric_sum(
+            samples, TRANSITIONS, old_state="CLOSE", new_state="SYN_SENT"
+        ),
+        "opened{server}": metric_sum(samples, "tcptrace_connections_opened_total", role="server"),
+        "opened{client}": metric_sum(samples, "tcptrace_connections_opened_total", role="client"),
+        "closed{server}": metric_sum(samples, "tcptrace_connections_closed_total", role="server"),
+        "closed{client}": metric_sum(samples, "tcptrace_connections_closed_total", role="client"),
+        "events": metric_sum(samples, "tcptrace_events_total"),
+        "lost": metric_sum(samples, "tcptrace_lost_events_total"),
+    }
+
+
+# The brief's checks (must hold exactly) and further ones (also shown, also required).
+EXACT_KEYS = ("LISTEN->SYN_RECV", "opened{server}", "CLOSE->SYN_SENT")
+EXTRA_KEYS = ("opened{client}", "closed{server}", "closed{client}")
+
+
+def settle_metrics(port: int, keys: Sequence[str], timeout: float = 20.0) -> Sample:
+    """Scrape until the given counters have not moved for 2.5 s (closes the exporter
+    holds for a grace period are finished by its once-a-second housekeeping)."""
+    deadline = time.monotonic() + timeout
+    samples, _ = scrape(port)
+    last = [exact_view(samples)[k] for k in keys]
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        samples, _ = scrape(port)
+        now = [exact_view(samples)[k] for k in keys]
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= 2.5:
+            break
+    return samples
+
+
+# -- one measured run --------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    round: int
+    position: int
+    mode: str
+    ok: bool = True
+    error: str = ""
+    conn_per_s: float = math.nan
+    requests: int = 0
+    wrk_seconds: float = math.nan
+    wrk_errors: dict[str, int] = field(default_factory=dict)
+    non_2xx: int = 0
+    nginx_accepts: int = 0  # connections nginx accepted during the run (the truth N)
+    timewait_before: int = -1
+    tracer_startup_s: float = math.nan
+    tracer_cpu_s: float = math.nan  # during wrk's run
+    tracer_cpu_after_s: float = math.nan  # from wrk's end until the tracer stopped
+    tracer_rss_bytes: int = -1
+    bpf_run_ns: int = 0
+    bpf_runs: int = 0
+    events: int | None = None
+    lost: int | None = None
+    lost_detail: str = ""
+    exact: dict[str, Any] = field(default_factory=dict)
+    scrapes: dict[str, Any] = field(default_factory=dict)
+    system: dict[str, float] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.procs = Processes()
+        self.workdir = Path(tempfile.mkdtemp(prefix="tcptrace-bench-"))
+        self.restore: list[Callable[[], None]] = []
+        self.nginx: Nginx | None = None
+        self.results: dict[str, Any] = {}
+
+    # -- set-up and clean-up ---------------------------------------------------
+
+    def set_sysctl(self, name: str, value: str) -> None:
+        path = Path("/proc/sys") / name.replace(".", "/")
+        old = path.read_text().strip()
+        if old == value:
+            return
+        path.write_text(value)
+        log(f"sysctl {name}: {old} -> {value} (restored at the end)")
+
+        def undo() -> None:
+            path.write_text(old)
+            log(f"sysctl {name} restored to {old}")
+
+        self.restore.append(undo)
+
+    def cleanup(self) -> None:
+        ignore_signals()
+        if self.nginx is not None:
+            self.nginx.stop()
+        self.procs.stop_all()
+        for undo in reversed(self.restore):
+            try:
+                undo()
+            except OSError as err:
+                log(f"could not restore: {err}")
+        self.restore.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- the throughput runs --------------------------------------------------------
+
+    def run_one(self, mode: str, round_no: int, position: int, duration: float) -> RunResult:
+        args = self.args
+        nginx = self.nginx
+        assert nginx is not None
+        result = RunResult(round=round_no, position=position, mode=mode)
+        tracer: Tracer | None = None
+        scraper: Scraper | None = None
+        try:
+            if mode != MODE_BASELINE:
+                tracer = Tracer(mode, self.procs, self.workdir, args, nginx.port)
+                tracer.start()
+                result.tracer_startup_s = tracer.startup_s
+            nginx.wait_idle()
+            time.sleep(args.pause)
+            result.timewait_before = timewait_count()
+
+            # Before: nginx's accept counter, then the exporter's counters.
+            stub_reads_before = nginx.stub_reads
+            stub0 = nginx.stub()
+            metrics0: Sample = {}
+            if tracer is not None and tracer.metrics_port:
+                metrics0, _ = scrape(tracer.metrics_port)
+                scraper = Scraper(tracer.metrics_port, args.scrape_interval)
+                scraper.start()
+            own_after_m0 = own_connections()
+
+            cpu0 = cpu_seconds(tracer.pid) if tracer else math.nan
+            bpf0 = bpf_prog_stats(tracer.pid) if tracer else (0, 0)
+            ours0 = self._our_cpu(tracer)
+            sys0 = SystemCpu.read()
+            wrk = subprocess.run(
+                wrk_command(args, nginx.port, duration),
+                capture_output=True,
+                text=True,
+                timeout=duration + 60,
+                check=False,
+                start_new_session=True,
+            )
+            sys1 = SystemCpu.read()
+            ours1 = self._our_cpu(tracer)
+            cpu1 = cpu_seconds(tracer.pid) if tracer else math.nan
+            bpf1 = bpf_prog_stats(tracer.pid) if tracer else (0, 0)
+            if wrk.returncode != 0:
+                raise BenchError(f"wrk failed ({wrk.returncode}): {wrk.stderr.strip()}")
+            parsed = parse_wrk(wrk.stdout)
+            result.conn_per_s = parsed.requests_per_s
+            result.requests = parsed.requests
+            result.wrk_seconds = parsed.seconds
+            result.wrk_errors = parsed.errors
+            result.non_2xx = parsed.non_2xx
+            result.tracer_cpu_s = cpu1 - cpu0
+            result.bpf_run_ns = bpf1[0] - bpf0[0]
+            result.bpf_runs = bpf1[1] - bpf0[1]
+            busy = sys1.busy - sys0.busy
+            softirq = sys1.softirq - sys0.softirq
+            ours = ours1 - ours0
+            result.system = {
+                "busy_cpu_s": busy,
+                "softirq_cpu_s": softirq,
+                "nginx_wrk_tracer_cpu_s": ours,
+                # What no process of ours used (other users of this machine; also
+                # softirq work not charged to a process): a noise indicator.
+                "other_cpu_s": busy - softirq - ours,
+                "wall_s": sys1.total / NCPU - sys0.total / NCPU,
+            }
+
+            if scraper is not None:
+                result.scrapes = scraper.finish()
+                scraper = None
+            nginx.wait_idle()
+            metrics1: Sample = {}
+            if tracer is not None and tracer.metrics_port:
+                metrics1 = settle_metrics(tracer.metrics_port, (*EXACT_KEYS, *EXTRA_KEYS))
+            own_in_window = own_connections() - own_after_m0
+            # The accept counter once the load is over: every stub_status request
+            # since stub0 was itself one accepted connection.
+            stub_final = nginx.stub()
+            stub_reads_in_window = nginx.stub_reads - stub_reads_before - 1
+            result.nginx_accepts = stub_final.accepts - stub0.accepts - stub_reads_in_window
+            if tracer is not None and tracer.metrics_port:
+                before, after = exact_view(metrics0), exact_view(metrics1)
+                delta = {key: int(after[key] - before[key]) for key in after}
+                result.events = delta["events"]
+                result.lost = delta["lost"]
+                result.lost_detail = "tcptrace_lost_events_total, during the run"
+                result.exact = self._exact_check(mode, delta, result.nginx_accepts, own_in_window)
+            result.tracer_rss_bytes = rss_bytes(tracer.pid) if tracer else -1
+            if tracer is not None:
+                cpu_end = cpu_seconds(tracer.pid)
+                tracer.stop()
+                result.tracer_cpu_after_s = cpu_end - cpu1
+                events, lost, detail = tracer.final_counts()
+                if mode in (MODE_TRACE, MODE_TCPSTATES):
+                    result.events, result.lost, result.lost_detail = events, lost, detail
+                elif lost is not None:
+                    result.lost_detail += f"; at exit: {events} events, {lost} lost"
+                if tracer.exit_code not in (0, None) and mode != MODE_TCPSTATES:
+                    result.lost_detail += f"; exit code {tracer.exit_code}"
+        except BenchError as err:
+            result.ok = False
+            result.error = str(err)
+            log(f"  {mode}: FAILED: {err}")
+        finally:
+            if scraper is not None:
+                scraper.finish()
+            if tracer is not None:
+                tracer.stop()
+        return result
+
+    def _our_cpu(self, tracer: Tracer | None) -> float:
+        assert self.nginx is not None
+        total = sum(cpu_seconds(pid, with_children=False) for pid in self.nginx.pids())
+        total += cpu_seconds(os.getpid(), with_children=True)  # wrk is our child
+        if tracer is not None:
+            total += cpu_seconds(tracer.pid)
+        return total
+
+    def _exact_check(
+        self, mode: str, delta: dict[str, int], accepts: int, own_in_window: int
+    ) -> dict[str, Any]:
+        if mode == MODE_EXACT:
+            # Filtered to the nginx port: stub_status (other port) and scrapes (the
+            # exporter's port) are invisible, so every counter must equal N.
+            expected = dict.fromkeys((*EXACT_KEYS, *EXTRA_KEYS), accepts)
+            checks = {
+                key: {"got": delta[key], "want": want, "ok": delta[key] == want}
+                for key, want in expected.items()
+            }
+            return {
+                "kind": "exact (serve --port nginx)",
+                "N": accepts,
+                "checks": checks,
+                "pass": all(c["ok"] for c in checks.values()) and delta["lost"] == 0,
+            }
+        # Unfiltered: the bench's own connections (stub_status reads, scrapes) and
+        # any other TCP traffic on this machine move the counters too.
+        server_side = delta["LISTEN->SYN_RECV"]
+        other = server_side - accepts - own_in_window
+        return {
+            "kind": "unfiltered (informative)",
+            "N": accepts,
+            "bench_own_connections": own_in_window,
+            "LISTEN->SYN_RECV": server_side,
+            "opened{server}": delta["opened{server}"],
+            "CLOSE->SYN_SENT": delta["CLOSE->SYN_SENT"],
+            "other_host_connections": other,
+        }
+
+    def throughput(self) -> list[RunResult]:
+        args = self.args
+        nginx = self.nginx
+        assert nginx is not None
+        modes = [m for m in ALL_MODES if m in args.modes]
+        if args.warmup > 0:
+            log(f"warm-up: wrk for {args.warmup:.0f} s (not measured)")
+            subprocess.run(
+                wrk_command(args, nginx.port, args.warmup),
+                capture_output=True,
+                timeout=args.warmup + 60,
+                check=False,
+                start_new_session=True,
+            )
+        runs: list[RunResult] = []
+        for round_no in range(1, args.rounds + 1):
+            shift = (round_no - 1) % len(modes)
+            order = modes[shift:] + modes[:shift]
+            log(f"round {round_no}/{args.rounds}: {', '.join(order)}")
+            for position, mode in enumerate(order):
+                result = self.run_one(mode, round_no, position, args.duration)
+                runs.append(result)
+                if result.ok:
+                    extra = ""
+                    if result.exact.get("kind", "").startswith("exact"):
+                        extra = " exact=" + ("PASS" if result.exact["pass"] else "FAIL")
+                    cpu = "" if tracer_less(mode) else f"  tracer CPU {result.tracer_cpu_s:5.2f} s"
+                    lost = "" if result.lost is None else f"  lost {result.lost:,}"
+                    log(
+                        f"  {mode:<10} {result.conn_per_s:>9,.0f} conn/s{cpu}{lost}{extra}"
+                        f"  (TIME_WAIT before: {result.timewait_before:,})"
+                    )
+        return runs
+
+    # -- scrape latency with many sockets -------------------------------------------
+
+    def scrape_test(self) -> dict[str, Any]:
+        args = self.args
+        connections = args.scrape_sockets // 2
+        per_helper = min(connections, connections_per_helper())
+        helpers = -(-connections // per_helper)
+        needed_fds = 2 * per_helper + 4096
+        if int(Path("/proc/sys/fs/nr_open").read_text()) < needed_fds:
+            self.set_sysctl("fs.nr_open", str(needed_fds))
+        file_nr = Path("/proc/sys/fs/file-nr").read_text().split()
+        if int(file_nr[2]) - int(file_nr[0]) < 2 * connections + 65536:
+            self.set_sysctl("fs.file-max", str(int(file_nr[0]) + 2 * connections + 65536))
+        out: dict[str, Any] = {
+            "sockets_target": 2 * connections,
+            "scrapes": args.scrape_count,
+            "helpers": helpers,
+        }
+        serve = Tracer(MODE_SERVE, self.procs, self.workdir, args, 0)
+        holders: list[subprocess.Popen[str]] = []
+        try:
+            log(
+                f"scrape test: starting serve, then opening {connections:,} connections "
+                f"({helpers} helper process(es))"
+            )
+            serve.start()
+            opened_at = time.monotonic()
+            left, held = connections, 0
+            ports: list[str] = []
+            while left > 0:
+                count = min(per_helper, left)
+                holder = self.procs.start(
+                    "holdsockets",
+                    [sys.executable, str(HERE / "holdsockets.py"), "--connections", str(count)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                holders.append(holder)
+                line = read_line(holder, timeout=600)
+                match = re.match(r"ready (\d+) ports=(\S+)", line)
+                if not match:
+                    raise BenchError(f"holdsockets: {line or 'no answer'}")
+                held += int(match.group(1))
+                ports += match.group(2).split(",")
+                left -= count
+            out["open_seconds"] = time.monotonic() - opened_at
+            out["holder"] = f"{held:,} sockets held, listening ports {','.join(ports)}"
+            out["sockets_held"] = held
+            log(f"  {out['holder']} (in {out['open_seconds']:.1f} s)")
+            time.sleep(2.0)
+            out["serve_started_first"] = self._time_scrapes(serve)
+            log(f"  serve started before the sockets: {fmt_latency(out['serve_started_first'])}")
+            serve.stop()
+            log("  restarting serve with the sockets already open (start-up snapshot)")
+            serve = Tracer(MODE_SERVE, self.procs, self.workdir, args, 0)
+            serve.start()
+            time.sleep(2.0)
+            out["serve_started_after"] = self._time_scrapes(serve)
+            out["serve_started_after"]["startup_s"] = serve.startup_s
+            log(f"  serve started after the sockets: {fmt_latency(out['serve_started_after'])}")
+        finally:
+            serve.stop()
+            for holder in holders:
+                with contextlib.suppress(OSError):
+                    assert holder.stdin is not None
+                    holder.stdin.close()
+            for holder in holders:
+                self.procs.stop(holder, signal.SIGTERM, timeout=60.0)
+        return out
+
+    def _time_scrapes(self, serve: Tracer) -> dict[str, Any]:
+        latencies: list[float] = []
+        server: list[float] = []
+        sizes: list[int] = []
+        established = 0.0
+        for _ in range(self.args.scrape_count):
+            status, body, seconds = http_get(serve.metrics_port, "/metrics", timeout=30)
+            if status != 200:
+                raise BenchError(f"scrape returned HTTP {status}")
+            samples = parse_metrics(body.decode())
+            latencies.append(seconds)
+            sizes.append(len(body))
+            server.append(metric_sum(samples, "tcptrace_scrape_duration_seconds"))
+            established = metric_sum(samples, "tcptrace_sockets", state="ESTABLISHED")
+            time.sleep(self.args.scrape_test_interval)
+        return {
+            "latency_s": percentiles(latencies),
+            "latencies_s": [round(v, 6) for v in latencies],
+            "server_scrape_duration_s": percentiles(server),
+            "body_bytes": max(sizes, default=0),
+            "sockets_established_reported": established,
+            "sockets_in_use_kernel": sockets_in_use(),
+            "serve_rss_bytes": rss_bytes(serve.pid),
+            "pass": bool(latencies) and percentiles(latencies)["p99"] < 0.100,
+        }
+
+    # -- memory under sustained churn ------------------------------------------------
+
+    def memory_test(self) -> dict[str, Any]:
+        args = self.args
+        nginx = self.nginx
+        assert nginx is not None
+        target, checkpoint = args.memory_connections, args.memory_checkpoint
+        out: dict[str, Any] = {"target_connections": target, "checkpoint": checkpoint}
+        serve = Tracer(MODE_SERVE, self.procs, self.workdir, args, 0)
+        wrk: subprocess.Popen[str] | None = None
+        scraper: Scraper | None = None
+        try:
+            log(f"memory test: serve under churn until {target:,} connections")
+            serve.start()
+            nginx.wait_idle()
+            out["rss_idle_bytes"] = rss_bytes(serve.pid)
+            scraper = Scraper(serve.metrics_port, 1.0)
+            scraper.start()
+            stub0 = nginx.stub()
+            reads0 = nginx.stub_reads
+            started = time.monotonic()
+            cpu0 = cpu_seconds(serve.pid)
+            wrk = self.procs.start(
+                "wrk",
+                wrk_command(args, nginx.port, args.memory_max_seconds),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            timeline: list[dict[str, float]] = []
+            next_sample = 0.0
+            done = 0
+            while True:
+                time.sleep(1.0)
+                elapsed = time.monotonic() - started
+                # Each stub_status read is one accepted connection too.
+                done = nginx.stub().accepts - stub0.accepts - (nginx.stub_reads - reads0)
+                rss = rss_bytes(serve.pid)
+                if "rss_at_checkpoint_bytes" not in out and done >= checkpoint:
+                    out["rss_at_checkpoint_bytes"] = rss
+                    out["connections_at_checkpoint"] = done
+                    log(f"  {done:,} connections: RSS {rss / 2**20:.1f} MiB")
+                if elapsed >= next_sample:
+                    timeline.append({"t_s": round(elapsed, 1), "connections": done, "rss": rss})
+                    next_sample = elapsed + args.memory_sample_interval
+                    if len(timeline) % 6 == 0:
+                        log(f"  {done:,} connections, RSS {rss / 2**20:.1f} MiB")
+                if done >= target or wrk.poll() is not None:
+                    break
+            out["seconds"] = time.monotonic() - started
+            out["connections"] = done
+            out["rss_final_bytes"] = rss_bytes(serve.pid)
+            out["rss_hwm_bytes"] = rss_bytes(serve.pid, "VmHWM")
+            out["serve_cpu_s"] = cpu_seconds(serve.pid) - cpu0
+            self.procs.stop(wrk, signal.SIGINT, timeout=15.0)
+            wrk = None
+            out["scrapes"] = scraper.finish()
+            scraper = None
+            nginx.wait_idle()
+            samples, _ = scrape(serve.metrics_port)
+            view = exact_view(samples)
+            out["events_total"] = view["events"]
+            out["lost_total"] = view["lost"]
+            out["timeline"] = timeline
+            after_checkpoint = [s["rss"] for s in timeline if s["connections"] >= checkpoint]
+            out["rss_max_after_checkpoint_bytes"] = max(after_checkpoint, default=-1)
+            if "rss_at_checkpoint_bytes" in out:
+                growth = out["rss_final_bytes"] - out["rss_at_checkpoint_bytes"]
+                out["rss_growth_bytes"] = growth
+                out["pass"] = done >= target and growth <= 10 * 2**20
+            else:
+                out["pass"] = False
+            log(
+                f"  {done:,} connections in {out['seconds']:.0f} s: RSS "
+                f"{out['rss_final_bytes'] / 2**20:.1f} MiB"
+            )
+        finally:
+            if scraper is not None:
+                scraper.finish()
+            if wrk is not None:
+                self.procs.stop(wrk, signal.SIGINT, timeout=15.0)
+            serve.stop()
+        return out
+
+    # -- the whole run -----------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        started = time.monotonic()
+        self.results = {
+            "machine": machine_info(args),
+            "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
+            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        if args.bpf_stats:
+            self.set_sysctl("kernel.bpf_stats_enabled", "1")
+        self.nginx = Nginx(self.procs, self.workdir, args.nginx_workers)
+        self.nginx.start()
+        self.results["nginx_port"] = self.nginx.port
+        log(
+            f"nginx on {LOOPBACK}:{self.nginx.port} (stub_status on :{self.nginx.status_port}), "
+            f"wrk -t{args.threads} -c{args.connections}, {args.duration:.0f} s per run"
+        )
+        runs = self.throughput()
+        self.results["runs"] = [asdict(r) for r in runs]
+        self.results["summary"] = summarize(runs)
+        if args.scrape_test:
+            try:
+                self.results["scrape_test"] = self.scrape_test()
+            except BenchError as err:
+                log(f"scrape test FAILED: {err}")
+                self.results["scrape_test"] = {"error": str(err), "pass": False}
+        if args.memory_test:
+            try:
+                self.results["memory_test"] = self.memory_test()
+            except BenchError as err:
+                log(f"memory test FAILED: {err}")
+                self.results["memory_test"] = {"error": str(err), "pass": False}
+        self.results["elapsed_s"] = time.monotonic() - started
+        return self.results
+
+
+def has_cap_sys_resource() -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) & (1 << 24))  # CAP_SYS_RESOURCE
+    return False
+
+
+def connections_per_helper() -> int:
+    """How many connections (two descriptors each) one holdsockets process may hold:
+    a process may raise RLIMIT_NOFILE above its hard limit only with CAP_SYS_RESOURCE
+    (containers often drop it); without it, several helpers share the sockets."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if has_cap_sys_resource() or hard == resource.RLIM_INFINITY:
+        return 50_000
+    return max(1000, (hard - 1024) // 2 // 1000 * 1000)
+
+
+def tracer_less(mode: str) -> bool:
+    return mode == MODE_BASELINE
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        return ""
+    return proc.stdout.readline().strip()
+
+
+def sockets_in_use() -> int:
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            parts = line.split()
+            return int(parts[parts.index("inuse") + 1])
+    return -1
+
+
+# -- summary and report ------------------------------------------------------------
+
+
+def summarize(runs: Sequence[RunResult]) -> dict[str, Any]:
+    by_mode: dict[str, list[RunResult]] = {}
+    for run in runs:
+        by_mode.setdefault(run.mode, []).append(run)
+    baseline = {r.round: r.conn_per_s for r in by_mode.get(MODE_BASELINE, []) if r.ok}
+    base_median = statistics.median(baseline.values()) if baseline else math.nan
+    summary: dict[str, Any] = {}
+    for mode, results in by_mode.items():
+        good = [r for r in results if r.ok]
+        rates = [r.conn_per_s for r in good]
+        median = statistics.median(rates) if rates else math.nan
+        per_round = [r.conn_per_s / baseline[r.round] for r in good if baseline.get(r.round, 0) > 0]
+        cpus = [r.tracer_cpu_s for r in good if not math.isnan(r.tracer_cpu_s)]
+        durations = [r.wrk_seconds for r in good if not math.isnan(r.wrk_seconds)]
+        losts = [r.lost for r in good if r.lost is not None]
+        events = [r.events for r in good if r.events is not None]
+        exact = [r.exact for r in good if r.exact.get("kind", "").startswith("exact")]
+        summary[mode] = {
+            "runs": len(results),
+            "failed": len(results) - len(good),
+            "conn_per_s_median": median,
+            "conn_per_s_min": min(rates, default=math.nan),
+            "conn_per_s_max": max(rates, default=math.nan),
+            "ratio_of_medians": median / base_median if base_median else math.nan,
+            "ratio_per_round": per_round,
+            "ratio_per_round_median": statistics.median(per_round) if per_round else math.nan,
+            "tracer_cpu_s_median": statistics.median(cpus) if cpus else math.nan,
+            "tracer_cpu_core_fraction_median": (
+                statistics.median(c / d for c, d in zip(cpus, durations, strict=False))
+                if cpus and durations
+                else math.nan
+            ),
+            "tracer_cpu_after_s_max": max(
+                (r.tracer_cpu_after_s for r in good if not math.isnan(r.tracer_cpu_after_s)),
+                default=math.nan,
+            ),
+            "lost_total": sum(losts) if losts else None,
+            "lost_per_run": losts,
+            "events_per_run": events,
+            "lost_detail": good[0].lost_detail if good else "",
+            "exact_runs": len(exact),
+            "exact_pass": sum(1 for e in exact if e["pass"]),
+            "bpf_ns_per_run": (
+                sum(r.bpf_run_ns for r in good) / max(1, sum(r.bpf_runs for r in good))
+                if any(r.bpf_runs for r in good)
+                else None
+            ),
+            "scrape_p50_s_median": _median_of(good, "p50"),
+            "scrape_p99_s_max": _max_of(good, "p99"),
+            "scrape_max_s": _max_of(good, "max"),
+            "errors": [r.error for r in results if not r.ok],
+        }
+    return summary
+
+
+def _median_of(runs: Sequence[RunResult], key: str) -> float | None:
+    values = [r.scrapes["latency_s"][key] for r in runs if key in r.scrapes.get("latency_s", {})]
+    return statistics.median(values) if values else None
+
+
+def _max_of(runs: Sequence[RunResult], key: str) -> float | None:
+    values = [r.scrapes["latency_s"][key] for r in runs if key in r.scrapes.get("latency_s", {})]
+    return max(values) if values else None
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value * 1000:.1f} ms"
+
+
+def fmt_latency(block: dict[str, Any]) -> str:
+    lat = block["latency_s"]
+    return (
+        f"p50 {ms(lat.get('p50'))}, p99 {ms(lat.get('p99'))}, max {ms(lat.get('max'))} "
+        f"over {lat.get('count', 0)} scrapes"
+    )
+
+
+def mib(value: float | None) -> str:
+    return "-" if value is None or value < 0 else f"{value / 2**20:.1f} MiB"
+
+
+def signed_mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:+.1f} MiB"
+
+
+def report(results: dict[str, Any]) -> str:
+    config = results["config"]
+    machine = results["machine"]
+    lines = [
+        "",
+        f"tcptrace-ebpf benchmark  {results['started']}  kernel {machine['kernel']}, "
+        f"{machine['cpus']} CPUs, {machine['nginx']}, {machine['wrk']}",
+        f"nginx (keepalive off, {config['nginx_workers']} worker) + wrk -t{config['threads']} "
+        f"-c{config['connections']} 'Connection: close' on 127.0.0.1; {config['duration']:.0f} s"
+        f" runs, {config['rounds']} rounds in rotating order; medians shown",
+        "",
+    ]
+    header = (
+        f"{'mode':<22}{'conn/s':>9}{'min-max':>16}{'ratio':>7}{'rounds':>14}"
+        f"{'tracer CPU':>12}{'% core':>8}  {'lost':<22}exact"
+    )
+    lines += [header, "-" * len(header)]
+    summary = results["summary"]
+    for mode in ALL_MODES:
+        if mode not in summary:
+            continue
+        s = summary[mode]
+        ratio = "-" if mode == MODE_BASELINE else f"{s['ratio_of_medians']:.3f}"
+        rounds = (
+            "-"
+            if mode == MODE_BASELINE
+            else "/".join(f"{r:.2f}" for r in s["ratio_per_round"]) or "-"
+        )
+        cpu = "-" if math.isnan(s["tracer_cpu_s_median"]) else f"{s['tracer_cpu_s_median']:.2f} s"
+        core = (
+            "-"
+            if math.isnan(s["tracer_cpu_core_fraction_median"])
+            else f"{100 * s['tracer_cpu_core_fraction_median']:.0f}%"
+        )
+        if mode == MODE_BASELINE:
+            lost = "-"
+        elif mode == MODE_TCPSTATES and s["lost_total"] is None:
+            lost = "not reported"
+        elif s["lost_total"] is None:
+            lost = "?"
+        else:
+            events = s["events_per_run"]
+            total_events = sum(events)
+            share = f" ({100 * s['lost_total'] / total_events:.0f}%)" if total_events else ""
+            lost = f"{s['lost_total']:,}{share}"
+        if mode == MODE_EXACT:
+            verdict = "PASS" if s["exact_pass"] == s["exact_runs"] and s["exact_runs"] else "FAIL"
+            exact = f"{verdict} {s['exact_pass']}/{s['exact_runs']} runs"
+        elif mode == MODE_SERVE:
+            exact = "see serve --port"
+        else:
+            exact = "-"
+        failed = f" ({s['failed']} failed)" if s["failed"] else ""
+        rng = f"{s['conn_per_s_min']:,.0f}-{s['conn_per_s_max']:,.0f}"
+        lines.append(
+            f"{MODE_TITLES[mode] + failed:<22}{s['conn_per_s_median']:>9,.0f}{rng:>16}"
+            f"{ratio:>7}{rounds:>14}{cpu:>12}{core:>8}  {lost:<22}{exact}"
+        )
+    lines.append("")
+    lines.append(
+        "ratio = median conn/s / median baseline conn/s; rounds = per-round ratio to that "
+        "round's baseline."
+    )
+    lines.append(
+        "tracer CPU = utime+stime of the tracer process (all threads) during wrk's run; "
+        "% core = of one CPU. In-kernel BPF time is not in it (it is charged to nginx, wrk "
+        "and softirq, and shows in conn/s)."
+    )
+    bpf = [
+        f"{MODE_TITLES[m]} {summary[m]['bpf_ns_per_run']:.0f} ns"
+        for m in ALL_MODES
+        if m in summary and summary[m].get("bpf_ns_per_run")
+    ]
+    if bpf:
+        lines.append("BPF program time per run (kernel.bpf_stats_enabled): " + ", ".join(bpf))
+    runs = results["runs"]
+    lines.append("")
+    lines.append("Exactness (serve --port NGINX; N = nginx stub_status accepts during the run):")
+    for run in runs:
+        exact = run["exact"]
+        if not exact.get("kind", "").startswith("exact"):
+            continue
+        parts = [
+            f"{key} {c['got']:,}{'' if c['ok'] else ' (want ' + format(c['want'], ',') + ')'}"
+            for key, c in exact["checks"].items()
+        ]
+        verdict = "PASS" if exact["pass"] else "FAIL"
+        lines.append(
+            f"  round {run['round']}: {verdict}  N={exact['N']:,}: "
+            + ", ".join(parts)
+            + f"; lost {run['lost']}"
+        )
+    unfiltered = [r for r in runs if r["exact"].get("kind", "").startswith("unfiltered")]
+    if unfiltered:
+        lines.append(
+            "Unfiltered serve (informative): LISTEN->SYN_RECV delta - N - the bench's own "
+            "connections = other TCP connections on this host during the run:"
+        )
+        for run in unfiltered:
+            e = run["exact"]
+            lines.append(
+                f"  round {run['round']}: delta {e['LISTEN->SYN_RECV']:,}, N {e['N']:,}, own "
+                f"{e['bench_own_connections']}, other {e['other_host_connections']:,}"
+            )
+    lines.append("")
+    lines.append("Scrape latency of serve under this load (client side, one scrape a second):")
+    for mode in (MODE_SERVE, MODE_EXACT):
+        if mode in summary and summary[mode]["scrape_p50_s_median"] is not None:
+            s = summary[mode]
+            lines.append(
+                f"  {MODE_TITLES[mode]:<22} p50 {ms(s['scrape_p50_s_median'])}, "
+                f"p99 {ms(s['scrape_p99_s_max'])} (worst run), max {ms(s['scrape_max_s'])}"
+            )
+    timewait = [r["timewait_before"] for r in runs if r["timewait_before"] >= 0]
+    if timewait:
+        lines.append("")
+        lines.append(
+            f"TIME_WAIT sockets on the host at the start of each run: {min(timewait):,} to "
+            f"{max(timewait):,} (loopback reuse keeps it bounded; the warm-up brings every "
+            "run to the same level)"
+        )
+    noisy = [r for r in runs if r["system"].get("other_cpu_s", 0) > 0.5]
+    if noisy:
+        lines.append("")
+        lines.append(
+            "Noise: CPU used by other processes during runs (> 0.5 s): "
+            + ", ".join(
+                f"r{r['round']} {r['mode']} {r['system']['other_cpu_s']:.1f} s" for r in noisy
+            )
+        )
+    errors = [f"r{r['round']} {r['mode']}: {r['error']}" for r in runs if not r["ok"]]
+    if errors:
+        lines.append("Failed runs: " + "; ".join(errors))
+
+    scrape = results.get("scrape_test")
+    if scrape:
+        lines.append("")
+        if "error" in scrape:
+            lines.append(f"Scrape test: FAILED: {scrape['error']}")
+        else:
+            lines.append(
+                f"Scrape latency with {scrape['sockets_target']:,} sockets alive "
+                f"({scrape['holder']}), target p99 < 100 ms:"
+            )
+            for key, title in (
+                ("serve_started_first", "serve started before them"),
+                ("serve_started_after", "serve started after them"),
+            ):
+                block = scrape.get(key)
+                if not block:
+                    continue
+                lat, srv = block["latency_s"], block["server_scrape_duration_s"]
+                extra = f", start-up {block['startup_s']:.1f} s" if "startup_s" in block else ""
+                lines.append(
+                    f"  {title:<26} p50 {ms(lat['p50'])}, p99 {ms(lat['p99'])}, max "
+                    f"{ms(lat['max'])} ({lat['count']} scrapes; exporter-reported p50 "
+                    f"{ms(srv['p50'])}); ESTABLISHED reported "
+                    f"{block['sockets_established_reported']:,.0f}; RSS "
+                    f"{mib(block['serve_rss_bytes'])}{extra}  "
+                    + ("PASS" if block["pass"] else "FAIL")
+                )
+    memory = results.get("memory_test")
+    if memory:
+        lines.append("")
+        if "error" in memory:
+            lines.append(f"Memory test: FAILED: {memory['error']}")
+        else:
+            growth = memory.get("rss_growth_bytes")
+            lines.append(
+                f"Memory of serve under churn (VmRSS), target growth <= 10 MiB: idle "
+                f"{mib(memory['rss_idle_bytes'])}; after "
+                f"{memory.get('connections_at_checkpoint', 0):,} connections "
+                f"{mib(memory.get('rss_at_checkpoint_bytes'))}; after "
+                f"{memory['connections']:,} {mib(memory['rss_final_bytes'])} "
+                f"(growth {signed_mib(growth)}, "
+                f"max after checkpoint {mib(memory['rss_max_after_checkpoint_bytes'])}, "
+                f"VmHWM {mib(memory['rss_hwm_bytes'])})  " + ("PASS" if memory["pass"] else "FAIL")
+            )
+            lines.append(
+                f"  {memory['seconds']:.0f} s, {memory['connections'] / memory['seconds']:,.0f} "
+                f"conn/s, serve CPU {memory['serve_cpu_s']:.1f} s, events "
+                f"{memory['events_total']:,.0f}, lost {memory['lost_total']:,.0f}, scrapes "
+                f"{fmt_latency(memory['scrapes'])}"
+            )
+    lines.append("")
+    lines.append(f"Total time: {results['elapsed_s'] / 60:.1f} min")
+    return "\n".join(lines)
+
+
+# -- machine and tools ----------------------------------------------------------------
+
+
+def _first_line(cmd: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (done.stdout or done.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_total = "unknown"
+    with contextlib.suppress(OSError):
+        mem_total = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+
+    def sysctl(name: str) -> str:
+        try:
+            return Path("/proc/sys", name.replace(".", "/")).read_text().strip()
+        except OSError:
+            return "unknown"
+
+    return {
+        "kernel": platform.release(),
+        "cpus": NCPU,
+        "cpu_model": cpu_model,
+        "memory": mem_total,
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "nginx": _first_line(["nginx", "-v"]).replace("nginx version: ", ""),
+        "wrk": _first_line(["wrk", "--version"]).split(" [")[0],
+        "bpfcc_tools": _first_line(["dpkg-query", "-W", "-f", "${Version}", "bpfcc-tools"]),
+        "tcptrace_ebpf": _first_line([args.tcptrace, "--version"]),
+        "python": platform.python_version(),
+        "git_commit": _first_line(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
+        "git_dirty_files": len(
+            subprocess.run(
+                ["git", "--no-optional-locks", "-C", str(REPO), "status", "--porcelain"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.splitlines()
+        ),
+        "sysctl": {
+            name: sysctl(name)
+            for name in (
+                "net.ipv4.ip_local_port_range",
+                "net.ipv4.tcp_tw_reuse",
+                "net.ipv4.tcp_max_tw_buckets",
+                "net.core.somaxconn",
+                "fs.nr_open",
+            )
+        },
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name, path=SBIN_PATH + ":" + os.environ.get("PATH", ""))
+
+
+@contextlib.contextmanager
+def no_service_start() -> Iterator[None]:
+    """Debian starts nginx's service when the package is installed; a policy-rc.d
+    that answers 101 prevents it (only if none exists; removed afterwards)."""
+    created = False
+    if not POLICY_RC_D.exists():
+        POLICY_RC_D.write_text("#!/bin/sh\n# temporary, from tcptrace-ebpf bench\nexit 101\n")
+        POLICY_RC_D.chmod(0o755)
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            POLICY_RC_D.unlink(missing_ok=True)
+
+
+def ensure_tools(args: argparse.Namespace) -> list[str]:
+    """Install what is missing (Debian packages); returns the packages installed."""
+    wanted = [(cmd, pkg) for cmd, pkg in TOOLS if which(cmd) is None]
+    if args.tcpstates == "tcpstates-bpfcc":
+        args.tcpstates = which("tcpstates-bpfcc") or args.tcpstates
+    missing = [pkg for cmd, pkg in wanted]
+    if not missing:
+        return []
+    if args.no_install:
+        raise BenchError(f"missing: {', '.join(c for c, _ in wanted)} (and --no-install given)")
+    log(f"installing {' '.join(missing)} with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    with no_service_start():
+        install = ["apt-get", "install", "-y", *missing]
+        done = subprocess.run(install, env=env, check=False, timeout=1800)
+        if done.returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, check=False, timeout=1800)
+            done = subprocess.run(install, env=env, check=False, timeout=1800)
+    still = [cmd for cmd, _ in wanted if which(cmd) is None]
+    if done.returncode != 0 or still:
+        raise BenchError(f"could not install {' '.join(missing)} (still missing: {still})")
+    if args.tcpstates == "tcpstates-bpfcc" or not Path(args.tcpstates).exists():
+        args.tcpstates = which("tcpstates-bpfcc") or args.tcpstates
+    return missing
+
+
+def ensure_tracefs(bench: Bench) -> None:
+    if (TRACEFS / "events").is_dir():
+        return
+    log(f"mounting tracefs on {TRACEFS} (unmounted at the end)")
+    subprocess.run(["mount", "-t", "tracefs", "tracefs", str(TRACEFS)], check=True)
+
+    def unmount() -> None:
+        subprocess.run(["umount", str(TRACEFS)], check=False)
+
+    bench.restore.append(unmount)
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run",
+        description="Measure what tcptrace-ebpf costs under loopback connection churn "
+        "(nginx + wrk), check the exporter's counters are exact, time scrapes with "
+        "100,000 sockets alive and watch the exporter's memory. Needs root.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (-c)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (-t)")
+    parser.add_argument("--nginx-workers", type=int, default=1, help="nginx worker_processes")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every mode")
+    parser.add_argument(
+        "--modes",
+        default=",".join(ALL_MODES),
+        help="comma-separated subset of: " + ", ".join(ALL_MODES),
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=5.0, help="seconds of unmeasured load first"
+    )
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds of rest before a run")
+    parser.add_argument(
+        "--scrape-interval", type=float, default=1.0, help="scrape period during runs"
+    )
+    parser.add_argument("--json", metavar="FILE", help="write every result as JSON here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one round of 5 s runs, no scrape or memory test (unless asked for)",
+    )
+    parser.add_argument(
+        "--scrape-test",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time scrapes with --scrape-sockets sockets alive (default: on unless --quick)",
+    )
+    parser.add_argument("--scrape-sockets", type=int, default=100_000)
+    parser.add_argument("--scrape-count", type=int, default=200, help="scrapes timed")
+    parser.add_argument(
+        "--scrape-test-interval", type=float, default=0.1, help="pause between timed scrapes"
+    )
+    parser.add_argument(
+        "--memory-test",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve's RSS under sustained churn (default: on unless --quick)",
+    )
+    parser.add_argument("--memory-connections", type=int, default=5_000_000)
+    parser.add_argument("--memory-checkpoint", type=int, default=100_000)
+    parser.add_argument("--memory-max-seconds", type=float, default=1800.0)
+    parser.add_argument("--memory-sample-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--bpf-stats",
+        action="store_true",
+        help="enable kernel.bpf_stats_enabled during the run (adds a little overhead) "
+        "and report BPF program time per event",
+    )
+    parser.add_argument(
+        "--tcptrace",
+        default=str(REPO / ".venv" / "bin" / "tcptrace-ebpf"),
+        help="the tcptrace-ebpf command",
+    )
+    parser.add_argument("--tcpstates", default="tcpstates-bpfcc", help="bcc's tcpstates")
+    parser.add_argument(
+        "--no-install", action="store_true", help="fail instead of apt-get installing tools"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        defaults = {"duration": 10.0, "rounds": 3}
+        for key, value in (("duration", 5.0), ("rounds", 1)):
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+    if args.scrape_test is None:
+        args.scrape_test = not args.quick
+    if args.memory_test is None:
+        args.memory_test = not args.quick
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in ALL_MODES]
+    if unknown:
+        parser.error(f"unknown mode(s): {', '.join(unknown)}")
+    if MODE_BASELINE not in args.modes:
+        args.modes.insert(0, MODE_BASELINE)
+    if args.duration <= 0 or args.rounds < 1 or args.connections < 1 or args.threads < 1:
+        parser.error("--duration, --rounds, --connections and --threads must be positive")
+    if args.connections < args.threads:
+        parser.error("wrk needs --connections >= --threads")
+    if args.scrape_sockets < 2 or args.memory_connections < 1 or args.scrape_count < 1:
+        parser.error("--scrape-sockets and --memory-connections must be positive")
+    return args
+
+
+def json_default(value: object) -> object:
+    return str(value)
+
+
+def clean_nan(value: Any) -> Any:
+    """JSON has no NaN: write null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_nan(v) for v in value]
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/run: needs root (BPF, nginx, sysctls): sudo bench/run", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    bench: Bench | None = None
+    try:
+        installed = ensure_tools(args)
+        if not Path(args.tcptrace).exists():
+            raise BenchError(f"{args.tcptrace} not found (make the venv, or pass --tcptrace)")
+        bench = Bench(args)
+        ensure_tracefs(bench)
+        results = bench.run()
+        results["installed_packages"] = installed
+    except BenchError as err:
+        print(f"bench/run: error: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as sig:
+        print(f"bench/run: interrupted ({sig}); cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        if bench is not None:
+            bench.cleanup()
+    print(report(results))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(clean_nan(results), indent=2, default=json_default) + "\n")
+        print(f"results written to {path}")
+    return 0 if all_passed(results) else 3
+
+
+def all_passed(results: dict[str, Any]) -> bool:
+    summary = results.get("summary", {})
+    exact = summary.get(MODE_EXACT)
+    checks = [exact is None or exact["exact_pass"] == exact["exact_runs"]]
+    for key in ("scrape_test", "memory_test"):
+        if key in results:
+            block = results[key]
+            if key == "scrape_test" and "error" not in block:
+                checks.extend(block[k]["pass"] for k in block if k.startswith("serve_started"))
+            else:
+                checks.append(bool(block.get("pass")))
+    return all(checks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
