@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import http.client
 import json
 import math
@@ -732,22 +733,40 @@ EXACT_KEYS = ("LISTEN->SYN_RECV", "opened{server}", "CLOSE->SYN_SENT")
 EXTRA_KEYS = ("opened{client}", "closed{server}", "closed{client}")
 
 
-def settle_metrics(port: int, keys: Sequence[str], timeout: float = 20.0) -> Sample:
-    """Scrape until the given counters have not moved for 2.5 s (closes the exporter
-    holds for a grace period are finished by its once-a-second housekeeping)."""
-    deadline = time.monotonic() + timeout
+# The exporter finishes some closes in its once-a-second housekeeping, after
+# grace periods of up to 5 s (a cancelled TIME_WAIT waits that long for the
+# connection that reuses its address pair): its counters catch up with the
+# kernel a few seconds after the load stops.
+QUIET_S = 6.0
+CONVERGE_TIMEOUT_S = 30.0
+
+
+def settle_metrics(
+    port: int,
+    reached: Callable[[dict[str, float]], bool] | None = None,
+    timeout: float = CONVERGE_TIMEOUT_S,
+) -> tuple[Sample, float, bool]:
+    """Scrape until `reached(view)` holds on two scrapes 1.5 s apart; without
+    `reached` (an unfiltered exporter: each scrape is itself a connection it
+    counts, so its counters never stand still) just wait QUIET_S and scrape once.
+    Returns the last scrape, the seconds waited and whether it settled in time."""
+    started = time.monotonic()
+    if reached is None:
+        time.sleep(QUIET_S)
+        samples, _ = scrape(port)
+        return samples, time.monotonic() - started, True
+    deadline = started + timeout
     samples, _ = scrape(port)
-    last = [exact_view(samples)[k] for k in keys]
-    stable_since = time.monotonic()
     while time.monotonic() < deadline:
+        if reached(exact_view(samples)):
+            time.sleep(1.5)
+            samples, _ = scrape(port)
+            if reached(exact_view(samples)):
+                return samples, time.monotonic() - started, True
+            continue
         time.sleep(0.5)
         samples, _ = scrape(port)
-        now = [exact_view(samples)[k] for k in keys]
-        if now != last:
-            last, stable_since = now, time.monotonic()
-        elif time.monotonic() - stable_since >= 2.5:
-            break
-    return samples
+    return samples, time.monotonic() - started, False
 
 
 # -- one measured run --------------------------------------------------------------
@@ -881,9 +900,11 @@ class Bench:
                 "busy_cpu_s": busy,
                 "softirq_cpu_s": softirq,
                 "nginx_wrk_tracer_cpu_s": ours,
-                # What no process of ours used (other users of this machine; also
-                # softirq work not charged to a process): a noise indicator.
-                "other_cpu_s": busy - softirq - ours,
+                # What no process of ours used (other users of this machine, and
+                # softirq work that ran in ksoftirqd or hit another task): a noise
+                # indicator. With tick accounting softirq ticks are charged to the
+                # interrupted task too, so they are mostly inside `ours`.
+                "other_cpu_s": busy - ours,
                 "wall_s": sys1.total / NCPU - sys0.total / NCPU,
             }
 
@@ -891,22 +912,31 @@ class Bench:
                 result.scrapes = scraper.finish()
                 scraper = None
             nginx.wait_idle()
-            metrics1: Sample = {}
-            if tracer is not None and tracer.metrics_port:
-                metrics1 = settle_metrics(tracer.metrics_port, (*EXACT_KEYS, *EXTRA_KEYS))
-            own_in_window = own_connections() - own_after_m0
             # The accept counter once the load is over: every stub_status request
             # since stub0 was itself one accepted connection.
             stub_final = nginx.stub()
             stub_reads_in_window = nginx.stub_reads - stub_reads_before - 1
             result.nginx_accepts = stub_final.accepts - stub0.accepts - stub_reads_in_window
             if tracer is not None and tracer.metrics_port:
-                before, after = exact_view(metrics0), exact_view(metrics1)
+                keys = (*EXACT_KEYS, *EXTRA_KEYS)
+                before = exact_view(metrics0)
+                accepts = result.nginx_accepts
+
+                def exact_now(view: dict[str, float]) -> bool:
+                    return all(view[k] - before[k] == accepts for k in keys)
+
+                metrics1, waited, settled = settle_metrics(
+                    tracer.metrics_port, exact_now if mode == MODE_EXACT else None
+                )
+                own_in_window = own_connections() - own_after_m0
+                after = exact_view(metrics1)
                 delta = {key: int(after[key] - before[key]) for key in after}
                 result.events = delta["events"]
                 result.lost = delta["lost"]
                 result.lost_detail = "tcptrace_lost_events_total, during the run"
-                result.exact = self._exact_check(mode, delta, result.nginx_accepts, own_in_window)
+                result.exact = self._exact_check(mode, delta, accepts, own_in_window)
+                result.exact["settle_s"] = round(waited, 1)
+                result.exact["settled"] = settled
             result.tracer_rss_bytes = rss_bytes(tracer.pid) if tracer else -1
             if tracer is not None:
                 cpu_end = cpu_seconds(tracer.pid)
@@ -931,9 +961,11 @@ class Bench:
         return result
 
     def _our_cpu(self, tracer: Tracer | None) -> float:
+        """CPU of the bench (and of wrk, once reaped: it counts in our cutime/cstime),
+        nginx's processes and the tracer."""
         assert self.nginx is not None
         total = sum(cpu_seconds(pid, with_children=False) for pid in self.nginx.pids())
-        total += cpu_seconds(os.getpid(), with_children=True)  # wrk is our child
+        total += cpu_seconds(os.getpid(), with_children=False)
         if tracer is not None:
             total += cpu_seconds(tracer.pid)
         return total
@@ -1166,10 +1198,16 @@ class Bench:
             out["timeline"] = timeline
             after_checkpoint = [s["rss"] for s in timeline if s["connections"] >= checkpoint]
             out["rss_max_after_checkpoint_bytes"] = max(after_checkpoint, default=-1)
+            # A leak grows with the connections; a one-off step does not: the slope
+            # over the last 80 % of the run tells them apart.
+            tail = [s for s in timeline if s["connections"] >= max(checkpoint, target // 5)]
+            out["rss_slope_mib_per_million"] = rss_slope(tail)
+            out["rss_at_fifth_bytes"] = tail[0]["rss"] if tail else -1
+            out["connections_at_fifth"] = tail[0]["connections"] if tail else 0
             if "rss_at_checkpoint_bytes" in out:
                 growth = out["rss_final_bytes"] - out["rss_at_checkpoint_bytes"]
                 out["rss_growth_bytes"] = growth
-                out["pass"] = done >= target and growth <= 10 * 2**20
+                out["pass"] = done >= target and growth <= MEMORY_BUDGET
             else:
                 out["pass"] = False
             log(
@@ -1219,7 +1257,24 @@ class Bench:
                 log(f"memory test FAILED: {err}")
                 self.results["memory_test"] = {"error": str(err), "pass": False}
         self.results["elapsed_s"] = time.monotonic() - started
+        self.results["tracer_source_digest_at_end"] = source_digest()
         return self.results
+
+
+MEMORY_BUDGET = 10 * 2**20  # RSS growth allowed from the checkpoint to the end
+
+
+def rss_slope(samples: Sequence[dict[str, float]]) -> float | None:
+    """Least-squares slope of RSS over connections, in MiB per million connections."""
+    if len(samples) < 3:
+        return None
+    xs = [s["connections"] / 1e6 for s in samples]
+    ys = [s["rss"] / 2**20 for s in samples]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    if var == 0:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
 
 
 def has_cap_sys_resource() -> bool:
@@ -1360,8 +1415,8 @@ def report(results: dict[str, Any]) -> str:
         "",
     ]
     header = (
-        f"{'mode':<22}{'conn/s':>9}{'min-max':>16}{'ratio':>7}{'rounds':>14}"
-        f"{'tracer CPU':>12}{'% core':>8}  {'lost':<22}exact"
+        f"{'mode':<22}{'conn/s':>9}{'min-max':>16}{'ratio':>8}  {'per round':<16}"
+        f"{'tracer CPU':>10}{'% core':>8}  {'lost':<22}exact"
     )
     lines += [header, "-" * len(header)]
     summary = results["summary"]
@@ -1403,12 +1458,12 @@ def report(results: dict[str, Any]) -> str:
         rng = f"{s['conn_per_s_min']:,.0f}-{s['conn_per_s_max']:,.0f}"
         lines.append(
             f"{MODE_TITLES[mode] + failed:<22}{s['conn_per_s_median']:>9,.0f}{rng:>16}"
-            f"{ratio:>7}{rounds:>14}{cpu:>12}{core:>8}  {lost:<22}{exact}"
+            f"{ratio:>8}  {rounds:<16}{cpu:>10}{core:>8}  {lost:<22}{exact}"
         )
     lines.append("")
     lines.append(
-        "ratio = median conn/s / median baseline conn/s; rounds = per-round ratio to that "
-        "round's baseline."
+        "ratio = median conn/s / median baseline conn/s; per round = each round's ratio to "
+        "that round's baseline."
     )
     lines.append(
         "tracer CPU = utime+stime of the tracer process (all threads) during wrk's run; "
@@ -1437,7 +1492,12 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"  round {run['round']}: {verdict}  N={exact['N']:,}: "
             + ", ".join(parts)
-            + f"; lost {run['lost']}"
+            + f"; lost {run['lost']}; "
+            + (
+                f"matched {exact['settle_s']} s after nginx went idle"
+                if exact.get("settled")
+                else f"still off {exact.get('settle_s')} s after nginx went idle"
+            )
         )
     unfiltered = [r for r in runs if r["exact"].get("kind", "").startswith("unfiltered")]
     if unfiltered:
@@ -1525,6 +1585,13 @@ def report(results: dict[str, Any]) -> str:
                 f"max after checkpoint {mib(memory['rss_max_after_checkpoint_bytes'])}, "
                 f"VmHWM {mib(memory['rss_hwm_bytes'])})  " + ("PASS" if memory["pass"] else "FAIL")
             )
+            slope = memory.get("rss_slope_mib_per_million")
+            if slope is not None:
+                lines.append(
+                    f"  after {memory['connections_at_fifth']:,} connections "
+                    f"{mib(memory['rss_at_fifth_bytes'])}; RSS slope from there to the end "
+                    f"{slope:+.2f} MiB per million connections"
+                )
             lines.append(
                 f"  {memory['seconds']:.0f} s, {memory['connections'] / memory['seconds']:,.0f} "
                 f"conn/s, serve CPU {memory['serve_cpu_s']:.1f} s, events "
@@ -1532,6 +1599,17 @@ def report(results: dict[str, Any]) -> str:
                 f"{fmt_latency(memory['scrapes'])}"
             )
     lines.append("")
+    start_digest = machine.get("tracer_source_digest")
+    end_digest = results.get("tracer_source_digest_at_end")
+    if start_digest != end_digest:
+        lines.append(
+            f"WARNING: tcptrace-ebpf's sources changed during the run ({start_digest} -> "
+            f"{end_digest}): later runs measured different code."
+        )
+    lines.append(
+        f"tcptrace-ebpf {machine['tcptrace_ebpf']}, commit {machine['git_commit'][:12]}"
+        f" ({machine['git_dirty_files']} files modified in the checkout), sources {start_digest}"
+    )
     lines.append(f"Total time: {results['elapsed_s'] / 60:.1f} min")
     return "\n".join(lines)
 
@@ -1596,7 +1674,21 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
             )
         },
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "tracer_source_digest": source_digest(),
     }
+
+
+def source_digest() -> str:
+    """A digest of the tracer's sources in this checkout (the package is installed
+    editable, and BPF code is compiled at each start): a run during which someone
+    changed them is flagged."""
+    digest = hashlib.sha256()
+    for folder in (REPO / "tcptrace_ebpf", REPO / "bpf"):
+        for path in sorted(folder.glob("*")):
+            if path.is_file() and path.suffix in (".py", ".c", ".h"):
+                digest.update(path.name.encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def which(name: str) -> str | None:

@@ -190,8 +190,10 @@ def _run_event_command(
 
     decoder = Decoder(clock_offset_ns())
     decode = decoder.decode
+    delivered = [0]
 
     def on_event(raw: bytes) -> None:
+        delivered[0] += 1
         handle(decode(raw))
 
     with StopFlag() as stop:
@@ -205,7 +207,10 @@ def _run_event_command(
         finally:
             tracer.close()
     extra = finish(lost_socks)
-    notice(f"stopped: {counters['events']} events, {_lost_summary(counters)}{extra}")
+    notice(
+        f"stopped: {delivered[0]} events reported ({counters['events']} TCP state changes "
+        f"seen on the host), {_lost_summary(counters)}{extra}"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -382,7 +387,7 @@ def serve(
             counters = exporter.tracer.counters()
         finally:
             exporter.close()
-    notice(f"stopped: {counters['events']} events, {_lost_summary(counters)}")
+    notice(f"stopped: {counters['events']} TCP state changes seen, {_lost_summary(counters)}")
 
 
 class DurationParam(click.ParamType):  # type: ignore[type-arg]
@@ -600,6 +605,59 @@ def _show_close_wait(
         if holder is not None:
             where = holder.container_id[:12] if holder.container_id else holder.cgroup
             out.write(f"{'':>7} cmd: {holder.cmdline[:60]}  cgroup: {where}")
+
+
+@cli.command()
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option(
+    "--api.socket",
+    "api_socket",
+    default=str(DEFAULT_API_SOCKET),
+    show_default=True,
+    help="Where the running `serve` answers with the programs behind TIME_WAIT.",
+)
+def timewait(top: int, as_json: bool, api_socket: str) -> None:
+    """TIME_WAIT pressure: ports in use per destination against the ephemeral range,
+    TIME_WAIT per local service port and per program."""
+    from .api import ApiUnavailable, query
+    from .seed import own_netns_inum
+    from .timewait import gather
+
+    owners: dict[tuple[str, int, str, int], str] | None = None
+    try:
+        data = query(Path(api_socket), "time_wait", timeout=10.0)
+    except ApiUnavailable as err:
+        notice(f"programs unknown: {err}; start 'tcptrace-ebpf serve' to know them")
+    else:
+        netns = own_netns_inum()
+        owners = {
+            (item["laddr"], item["lport"], item["raddr"], item["rport"]): item["comm"]
+            for item in data
+            if item["netns"] in (netns, 0)
+        }
+    view = gather(owners)
+    if as_json:
+        click.echo(json.dumps(view.to_json(top), separators=(",", ":")))
+        return
+    size = view.range_size
+    low, high = view.range
+    click.echo(f"ephemeral ports {low}-{high}: {size} per destination")
+    click.echo(f"{'DESTINATION':<40} {'IN USE':>7} {'TIME_WAIT':>9} {'OF RANGE':>8}")
+    for dest in view.destinations[:top]:
+        where = (
+            f"[{dest.raddr}]:{dest.rport}" if ":" in dest.raddr else f"{dest.raddr}:{dest.rport}"
+        )
+        share = f"{100 * dest.in_use / size:.1f}%" if size else "?"
+        click.echo(f"{where:<40} {dest.in_use:>7} {dest.time_wait:>9} {share:>8}")
+    if view.service_ports:
+        click.echo(f"{'LOCAL SERVICE PORT':<40} {'TIME_WAIT':>9}")
+        for port, count in view.service_ports[:top]:
+            click.echo(f"{port:<40} {count:>9}")
+    if view.programs:
+        click.echo(f"{'PROGRAM':<40} {'TIME_WAIT':>9}")
+        for comm, count in view.programs[:top]:
+            click.echo(f"{comm:<40} {count:>9}")
 
 
 @cli.command()

@@ -132,7 +132,10 @@ class Exporter:
         # CLOSE_WAIT sockets' holders (program names), by address pair, from /proc.
         self._holder_comm: dict[tuple[int, str, int, str, int], str] = {}
         self.api = (
-            ApiServer(options.api_path, {"close_wait": self.close_wait_list})
+            ApiServer(
+                options.api_path,
+                {"close_wait": self.close_wait_list, "time_wait": self.time_wait_list},
+            )
             if options.api_path is not None
             else None
         )
@@ -140,6 +143,11 @@ class Exporter:
     # -- start and stop --------------------------------------------------
 
     def start(self) -> None:
+        if self.server is not None:
+            # Probes for supervisors (systemd, Kubernetes): healthy while
+            # serving, ready once the BPF program is attached.
+            self.server.add_route("/-/healthy", lambda: (200, "text/plain", b"Healthy.\n"))
+            self.server.add_route("/-/ready", self._readiness)
         ProcessCollector(registry=self.registry)
         self.registry.register(
             TcpTraceCollector(
@@ -166,6 +174,11 @@ class Exporter:
                     "no local API at %s (%s): closewait will show no ages", self.api.path, err
                 )
                 self.api = None
+
+    def _readiness(self) -> tuple[int, str, bytes]:
+        if self._ready.is_set():
+            return 200, "text/plain", b"Ready: tracing.\n"
+        return 503, "text/plain", b"Not ready: loading the BPF program.\n"
 
     def _prepare(self, tracer: Tracer) -> None:
         """Before the probes attach: what exists already."""
@@ -259,6 +272,23 @@ class Exporter:
         if self.preexisting is not None:
             for old in self.preexisting.close_wait():
                 result.append(self._describe(old.key, old.since, True, 0, old.comm))
+        return result
+
+    def time_wait_list(self) -> list[dict[str, object]]:
+        """Timewait sockets and the program that made each connection (local API)."""
+        result: list[dict[str, object]] = []
+        for key, comm in self.tracer.timewait_owners():
+            _family, laddr, lport, raddr, rport = endpoints(key)
+            result.append(
+                {
+                    "netns": key[0],
+                    "laddr": laddr,
+                    "lport": lport,
+                    "raddr": raddr,
+                    "rport": rport,
+                    "comm": comm,
+                }
+            )
         return result
 
     def _describe(

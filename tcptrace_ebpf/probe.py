@@ -639,6 +639,23 @@ class Tracer:
             )
         return result
 
+    def timewait_owners(self) -> list[tuple[TupleKey, str]]:
+        """Each followed timewait socket's address pair and the program that made
+        the connection (no process holds a timewait socket; the kernel program
+        remembers who owned the connection)."""
+        table = self.bpf["timewait"]
+        try:
+            items = list(table.items_lookup_batch())
+        except Exception:  # empty map: the batch call reports ENOENT
+            items = []
+        return [
+            (
+                tuple_key(value.tuple),
+                bytes(value.id.comm).split(b"\0", 1)[0].decode(errors="replace"),
+            )
+            for _key, value in items
+        ]
+
     def dest_ports(self) -> dict[DestKey, int]:
         """Local ports in use per remote address:port (client sockets, TIME_WAIT included)."""
         result: dict[DestKey, int] = {}

@@ -303,9 +303,15 @@ def test_daemonset_serves_metrics_and_probes_them() -> None:
     assert port == DEFAULT_PORT
     (container_port,) = container["ports"]
     assert container_port == {"name": "metrics", "containerPort": port, "protocol": "TCP"}
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    # Ready only once the BPF program is attached; healthy while serving.
+    expected_paths = {
+        "startupProbe": "/-/ready",
+        "livenessProbe": "/-/healthy",
+        "readinessProbe": "/-/ready",
+    }
+    for probe, probe_path in expected_paths.items():
         http_get = container[probe]["httpGet"]
-        assert http_get["path"] == "/metrics", probe
+        assert http_get["path"] == probe_path, probe
         assert http_get["port"] in ("metrics", port), probe
     annotations = _daemonset()["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"

@@ -81,7 +81,8 @@ def pick(lives: list[dict[str, Any]], role: str, nth: int = 0, **match: Any) -> 
 
 
 def reuse_pair(client: Peer, server: Peer, host: str, port: int, cport: int) -> float:
-    """Connect again from the same client port: a new connection on the same
+    """Connect again from the same client port (tests bind a port outside the
+    ephemeral range, so other traffic cannot hold it): a new connection on the same
     address pair ends a TIME_WAIT on it early (the kernel lets a connect()
     reuse its own TIME_WAIT pair on loopback after about 1 s). The new
     connection is then reset so it leaves no TIME_WAIT behind. Returns when
@@ -108,7 +109,7 @@ def test_client_closes_first(host: str) -> None:
     with run_cli("lifecycles", "--json", "--port", str(port)) as run:
         with Peer() as server, Peer() as client:
             server.cmd(f"listen {host} {port}")
-            cport = int(client.cmd(f"connect {host} {port}"))
+            cport = int(client.cmd(f"connect {host} {port} {free_port(host)}"))
             server.cmd("accept")
             client.cmd("send 100")
             server.cmd("recv")
@@ -171,7 +172,7 @@ def test_server_closes_first() -> None:
     with run_cli("lifecycles", "--json", "--port", str(port)) as run:
         with Peer() as server, Peer() as client:
             server.cmd(f"listen {host} {port}")
-            cport = int(client.cmd(f"connect {host} {port}"))
+            cport = int(client.cmd(f"connect {host} {port} {free_port(host)}"))
             server.cmd("accept")
             client.cmd("send 10")
             server.cmd("recv")
@@ -293,7 +294,8 @@ def test_abortive_close(resetter: str) -> None:
 
 
 def test_simultaneous_close() -> None:
-    """Scenario 6: both FINs cross, both sides pass through CLOSING.
+    """Scenario 6: both FINs cross; a side that gets the peer's FIN before the
+    ACK of its own passes through CLOSING.
 
     Inside a namespace of its own, the test holds back FIN segments with
     nftables while both sides close, then lets the retransmitted FINs
@@ -334,9 +336,20 @@ def test_simultaneous_close() -> None:
     lives = lifecycles_on(run, port)
     first = pick(lives, "client", lport=cport)
     child = pick(lives, "server", rport=cport)
+    # Both sides pass through CLOSING when both retransmitted FINs leave before
+    # either arrives (most runs); otherwise the FIN that comes second carries
+    # the ACK of the first, and that side reads as a plain active close.
+    crossed = [life for life in (first, child) if "CLOSING" in path(life)]
+    assert crossed, (first, child)
     for life, pid in ((first, client_pid), (child, server_pid)):
-        assert path(life)[-3:] == ["FIN_WAIT1", "CLOSING", "TIME_WAIT"], life
-        assert life["close"] == "simultaneous"
+        assert path(life)[-1] == "TIME_WAIT", life
+        assert "FIN_WAIT1" in path(life), life
+        if life in crossed:
+            assert path(life)[-3:] == ["FIN_WAIT1", "CLOSING", "TIME_WAIT"], life
+            assert life["close"] == "simultaneous"
+        else:
+            assert path(life)[-3:] == ["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"], life
+            assert life["close"] == "active"
         assert life["time_wait_end"] == "killed"
         assert life["complete"] is True
         assert life["pid"] == pid
@@ -353,7 +366,7 @@ def test_ack_and_fin_in_one_segment(first_closer: str) -> None:
     with run_cli("lifecycles", "--json", "--port", str(port)) as run:
         with Peer() as server, Peer() as client:
             server.cmd(f"listen {host} {port}")
-            cport = int(client.cmd(f"connect {host} {port}"))
+            cport = int(client.cmd(f"connect {host} {port} {free_port(host)}"))
             server.cmd("accept")
             client.cmd("send 50")
             server.cmd("recv")

@@ -377,6 +377,15 @@ def test_malformed_web_config(tmp_path: Path) -> None:
 
 
 @requires_root
+def test_health_and_readiness() -> None:
+    with serving() as (_run, http_port):
+        for path, body in (("/-/healthy", b"Healthy"), ("/-/ready", b"Ready")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=10) as reply:
+                assert reply.status == 200
+                assert reply.read().startswith(body)
+
+
+@requires_root
 def test_sigterm_exits_zero() -> None:
     with serving() as (run, _http_port):
         pass
