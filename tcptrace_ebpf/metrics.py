@@ -337,6 +337,51 @@ def close_wait_families(sockets: Sequence[CloseWaitOwner], now: float) -> list[M
     return [count, oldest]
 
 
+@dataclass(frozen=True, slots=True)
+class MetricInfo:
+    name: str  # without the _bucket/_sum/_count of histograms
+    type: str  # counter, gauge, histogram
+    labels: frozenset[str]  # besides le
+
+
+def catalog(port_label: bool = True) -> list[MetricInfo]:
+    """Every tcptrace_* metric `serve` can export, with its type and labels:
+    what dashboards and alerts may use. Built by the same code as a scrape,
+    from a reading where everything is non-zero."""
+    reading = KernelReading(
+        arrays={
+            name: [1] * 4096
+            for name in (
+                "state_transitions_total",
+                "sockets",
+                "state_duration_seconds",
+                "handshake_duration_seconds",
+                "connection_duration_seconds",
+                "connections_opened_total",
+                "connections_closed_total",
+                "time_wait_duration_seconds",
+                "close_wait_duration_seconds",
+            )
+        },  # fmt: skip
+        counters=dict.fromkeys([*LOST_CAUSES, "events", "time_wait_skipped"], 1),
+        close_wait=[CloseWaitOwner("comm", 0.0)],
+        program_skips={"sock:inet_sock_set_state": 1},
+        now=1.0,
+    )
+    collector = TcpTraceCollector(lambda: reading, "v", "k")
+    families = [
+        *build_families(reading, ("other", "80") if port_label else ()),
+        *collector._self_families(),
+    ]
+    result = []
+    for family in families:
+        labels = {name for sample in family.samples for name in sample.labels} - {"le"}
+        # prometheus_client keeps a counter family's name without its _total.
+        name = family.name + "_total" if family.type == "counter" else family.name
+        result.append(MetricInfo(name, family.type, frozenset(labels)))
+    return result
+
+
 def _state(value: int) -> str:
     try:
         return TcpState(value).name

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tcptrace_ebpf.metrics import LOST_CAUSES, catalog
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,65 +48,28 @@ DASHBOARD_FILES = {
 # What `tcptrace-ebpf serve` exports
 # ---------------------------------------------------------------------------
 
-# Must match the metrics `tcptrace-ebpf serve` exports (names without the
-# _bucket/_sum/_count suffixes of histograms). The exporter's author will
-# replace this constant with an import from tcptrace_ebpf.metrics_catalog.
-EXPORTED_METRICS: tuple[str, ...] = (
-    "tcptrace_state_transitions_total",
-    "tcptrace_sockets",
-    "tcptrace_state_duration_seconds",
-    "tcptrace_handshake_duration_seconds",
-    "tcptrace_connection_duration_seconds",
-    "tcptrace_connections_opened_total",
-    "tcptrace_connections_closed_total",
-    "tcptrace_time_wait_duration_seconds",
-    "tcptrace_time_wait_skipped_total",
-    "tcptrace_ephemeral_ports",
-    "tcptrace_ephemeral_ports_in_use_max",
-    "tcptrace_close_wait_sockets",
-    "tcptrace_close_wait_oldest_seconds",
-    "tcptrace_close_wait_duration_seconds",
-    "tcptrace_events_total",
-    "tcptrace_lost_events_total",
-    "tcptrace_scrape_duration_seconds",
-    "tcptrace_scrape_errors_total",
-    "tcptrace_build_info",
-    # prometheus_client's process collector
+# What `tcptrace-ebpf serve` exports, from the exporter itself (names without
+# the _bucket/_sum/_count suffixes of histograms), plus prometheus_client's
+# process collector.
+_CATALOG = {info.name: info for info in catalog()}
+PROCESS_METRICS = (
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "process_open_fds",
     "process_start_time_seconds",
 )
+EXPORTED_METRICS: tuple[str, ...] = (*_CATALOG, *PROCESS_METRICS)
 
 # Which of EXPORTED_METRICS are histograms (queried as _bucket, _sum, _count).
-HISTOGRAM_METRICS = frozenset(
-    {
-        "tcptrace_state_duration_seconds",
-        "tcptrace_handshake_duration_seconds",
-        "tcptrace_connection_duration_seconds",
-        "tcptrace_time_wait_duration_seconds",
-        "tcptrace_close_wait_duration_seconds",
-    }
-)
+HISTOGRAM_METRICS = frozenset(name for name, info in _CATALOG.items() if info.type == "histogram")
 
 # Prometheus's own per-target series, which queries may use as well.
 PROMETHEUS_METRICS = frozenset({"up"})
 
 # Labels of each metric besides job and instance (and le on _bucket), as the
-# exporter documents them. "port" appears only with --metrics.port-label.
+# exporter builds them. "port" appears only with --metrics.port-label.
 METRIC_LABELS: dict[str, frozenset[str]] = {
-    "tcptrace_state_transitions_total": frozenset({"old_state", "new_state"}),
-    "tcptrace_sockets": frozenset({"state"}),
-    "tcptrace_state_duration_seconds": frozenset({"state"}),
-    "tcptrace_handshake_duration_seconds": frozenset({"role", "port"}),
-    "tcptrace_connection_duration_seconds": frozenset({"role", "port"}),
-    "tcptrace_connections_opened_total": frozenset({"role", "port"}),
-    "tcptrace_connections_closed_total": frozenset({"role", "close", "port"}),
-    "tcptrace_time_wait_duration_seconds": frozenset({"end"}),
-    "tcptrace_close_wait_sockets": frozenset({"comm"}),
-    "tcptrace_close_wait_oldest_seconds": frozenset({"comm"}),
-    "tcptrace_lost_events_total": frozenset({"cause"}),
-    "tcptrace_build_info": frozenset({"version", "kernel"}),
+    name: info.labels for name, info in _CATALOG.items() if info.labels
 }
 
 _STATES = frozenset(
@@ -142,18 +107,7 @@ LABEL_VALUES: dict[str, frozenset[str]] = {
         }
     ),
     "end": frozenset({"expired", "reused", "killed"}),
-    "cause": frozenset(
-        {
-            "ringbuf_full",
-            "socket_map_full",
-            "timewait_map_full",
-            "killed_map_full",
-            "listener_map_full",
-            "close_wait_map_full",
-            "adopted_map_full",
-            "dest_map_full",
-        }
-    ),
+    "cause": frozenset(LOST_CAUSES.values()),
 }
 
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
