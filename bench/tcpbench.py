@@ -603,7 +603,6 @@ def wrk_command(args: argparse.Namespace, port: int, duration: float) -> list[st
 # -- tracers -------------------------------------------------------------------------
 
 
-STOPPED_LINE = re.compile(r"stopped: (\d+) events, (\d+) lost(?: \(([^)]*)\))?")
 POSSIBLY_LOST = re.compile(r"Possibly lost (\d+) samples")
 
 
@@ -690,19 +689,48 @@ class Tracer:
         first = signal.SIGINT if self.mode == MODE_TCPSTATES else signal.SIGTERM
         self.exit_code = self.procs.stop(self.proc, first, timeout=30.0)
 
-    def final_counts(self) -> tuple[int | None, int | None, str]:
-        """(events, lost, detail) from the tracer's own last words on stderr."""
+    def final_counts(self) -> FinalCounts:
+        """What the tracer said about itself on stderr when it stopped."""
         text = self.stderr_text()
         if self.mode == MODE_TCPSTATES:
             lost_lines = [int(n) for n in POSSIBLY_LOST.findall(text)]
             if lost_lines:
-                return None, sum(lost_lines), f"{len(lost_lines)} 'Possibly lost' lines"
-            return None, None, "not reported"
-        matches = STOPPED_LINE.findall(text)
-        if not matches:
-            return None, None, "no summary line"
-        events, lost, detail = matches[-1]
-        return int(events), int(lost), detail
+                detail = f"{len(lost_lines)} 'Possibly lost N samples' lines"
+                return FinalCounts(lost=sum(lost_lines), detail=detail)
+            return FinalCounts(detail="not reported")
+        return parse_stopped_line(text)
+
+
+@dataclass
+class FinalCounts:
+    seen: int | None = None  # TCP state changes the kernel program saw
+    reported: int | None = None  # events delivered to user space (trace)
+    lost: int | None = None
+    detail: str = ""
+
+
+def parse_stopped_line(text: str) -> FinalCounts:
+    """tcptrace-ebpf's last stderr line, in either of its forms:
+    `stopped: N events, M lost (detail)` (N seen by the kernel program) or
+    `stopped: D events reported (N TCP state changes seen on the host), M lost (...)`
+    or, for serve, `stopped: N TCP state changes seen, M lost (...)`."""
+    lines = [line for line in text.splitlines() if "stopped:" in line]
+    if not lines:
+        return FinalCounts(detail="no summary line")
+    line = lines[-1].split("stopped:", 1)[1]
+    lost = re.search(r"(\d+) lost(?: \(([^)]*)\))?", line)
+    seen = re.search(r"(\d+) TCP state changes", line)
+    first = re.match(r"\s*(\d+) events( reported)?", line)
+    counts = FinalCounts(detail=line.strip())
+    if lost:
+        counts.lost = int(lost.group(1))
+    if seen:
+        counts.seen = int(seen.group(1))
+    if first and first.group(2):
+        counts.reported = int(first.group(1))
+    elif first and counts.seen is None:
+        counts.seen = int(first.group(1))
+    return counts
 
 
 # -- exactness ------------------------------------------------------------------------
@@ -792,7 +820,8 @@ class RunResult:
     tracer_rss_bytes: int = -1
     bpf_run_ns: int = 0
     bpf_runs: int = 0
-    events: int | None = None
+    events: int | None = None  # state changes the kernel program saw
+    events_reported: int | None = None  # events delivered to user space (trace)
     lost: int | None = None
     lost_detail: str = ""
     exact: dict[str, Any] = field(default_factory=dict)
@@ -942,11 +971,13 @@ class Bench:
                 cpu_end = cpu_seconds(tracer.pid)
                 tracer.stop()
                 result.tracer_cpu_after_s = cpu_end - cpu1
-                events, lost, detail = tracer.final_counts()
+                final = tracer.final_counts()
                 if mode in (MODE_TRACE, MODE_TCPSTATES):
-                    result.events, result.lost, result.lost_detail = events, lost, detail
-                elif lost is not None:
-                    result.lost_detail += f"; at exit: {events} events, {lost} lost"
+                    result.events, result.lost = final.seen, final.lost
+                    result.events_reported = final.reported
+                    result.lost_detail = final.detail
+                elif final.lost is not None:
+                    result.lost_detail += f"; at exit: {final.detail}"
                 if tracer.exit_code not in (0, None) and mode != MODE_TCPSTATES:
                     result.lost_detail += f"; exit code {tracer.exit_code}"
         except BenchError as err:

@@ -532,7 +532,15 @@ static __always_inline void end_unseen(void *ctx, u64 sk, struct tt_ident *id,
 /* Close a held socket for good, as of when it went to CLOSE. */
 static __always_inline void finish_pending_close(void *ctx, u64 sk, struct tt_pending_close *p)
 {
-	step(ctx, sk, &p->s.id, &p->s.tuple, TT_CLOSE, p->ts_ns, 0, TT_TW_END_NONE);
+	u32 evflags = 0;
+#if HAVE_TIMEWAIT
+	/* An active close with no RST and no timewait socket: the kernel made none. */
+	if (p->s.id.state == TT_FIN_WAIT2 && !p->s.id.last_reset) {
+		count(TT_C_TW_SKIPPED);
+		evflags |= TT_EVF_NO_TIME_WAIT;
+	}
+#endif
+	step(ctx, sk, &p->s.id, &p->s.tuple, TT_CLOSE, p->ts_ns, evflags, TT_TW_END_NONE);
 }
 
 /*
@@ -621,11 +629,11 @@ static __always_inline void tw_match_reuse(void *ctx, struct tt_tuple *t)
 	tw_killed.delete(t);
 }
 
-int on_timer_start(struct tp_timer_start *args)
+static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 {
-	if ((u64)args->function != TW_TIMER_HANDLER)
+	if (function != TW_TIMER_HANDLER)
 		return 0;
-	u64 tw = (u64)args->timer - OFF_TW_TIMER;
+	u64 tw = timer - OFF_TW_TIMER;
 	u64 now = bpf_ktime_get_ns();
 	u32 zero = 0;
 
@@ -633,7 +641,7 @@ int on_timer_start(struct tp_timer_start *args)
 	struct tt_tw_slot *slot = tw_slot.lookup(&zero);
 	if (e) {
 		/* Re-armed: the peer's FIN (or a duplicate) arrived. */
-		tw_check_fin(args, tw, e, now);
+		tw_check_fin(ctx, tw, e, now);
 		/*
 		 * Or a new timewait socket where one whose end we missed was: if
 		 * a full socket closes right after on this CPU, it was.
@@ -656,7 +664,7 @@ int on_timer_start(struct tp_timer_start *args)
 			if (timewait.update(&tw, &alive) == 0) {
 				e = timewait.lookup(&tw);
 				if (e)
-					tw_check_fin(args, tw, e, now);
+					tw_check_fin(ctx, tw, e, now);
 			}
 		}
 		cs->tw = 0;
@@ -671,9 +679,9 @@ int on_timer_start(struct tp_timer_start *args)
 	return 0;
 }
 
-int on_timer_cancel(struct tp_timer_cancel *args)
+static __always_inline int timer_cancelled(void *ctx, u64 timer)
 {
-	u64 tw = (u64)args->timer - OFF_TW_TIMER;
+	u64 tw = timer - OFF_TW_TIMER;
 	struct tt_timewait *e = timewait.lookup(&tw);
 	if (!e)
 		return 0;
@@ -692,14 +700,14 @@ int on_timer_cancel(struct tp_timer_cancel *args)
 	struct tt_timewait *previous = tw_killed.lookup(&key);
 	if (previous) {
 		/* An older cancelled socket with this pair was never claimed. */
-		tw_finish(args, previous, previous->killed_ns, TT_TW_END_KILLED,
+		tw_finish(ctx, previous, previous->killed_ns, TT_TW_END_KILLED,
 			  previous->killed_substate, previous->killed_expires_jiffies,
 			  previous->killed_jiffies);
 		tw_killed.delete(&key);
 	}
 	if (tw_killed.update(&key, e) != 0) {
 		count(TT_C_LOST_KILLED_MAP);
-		tw_finish(args, e, now, TT_TW_END_KILLED, e->killed_substate,
+		tw_finish(ctx, e, now, TT_TW_END_KILLED, e->killed_substate,
 			  e->killed_expires_jiffies, e->killed_jiffies);
 	}
 	u32 zero = 0;
@@ -713,22 +721,22 @@ int on_timer_cancel(struct tp_timer_cancel *args)
 	return 0;
 }
 
-int on_timer_expire_entry(struct tp_timer_expire_entry *args)
+static __always_inline int timer_expiring(void *ctx, u64 timer, u64 function)
 {
-	if ((u64)args->function != TW_TIMER_HANDLER)
+	if (function != TW_TIMER_HANDLER)
 		return 0;
-	u64 tw = (u64)args->timer - OFF_TW_TIMER;
+	u64 tw = timer - OFF_TW_TIMER;
 	u64 now = bpf_ktime_get_ns();
 	struct tt_timewait *e = timewait.lookup(&tw);
 	if (e) {
-		tw_finish(args, e, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
+		tw_finish(ctx, e, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
 			  bpf_jiffies64());
 		timewait.delete(&tw);
 		return 0;
 	}
 	/*
 	 * The timer wheel detaches a timer (traced as timer_cancel) just before
-	 * running it, so on_timer_cancel parked this one: take it back.
+	 * running it, so timer_cancelled() parked this one: take it back.
 	 */
 	u32 zero = 0;
 	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
@@ -736,7 +744,7 @@ int on_timer_expire_entry(struct tp_timer_expire_entry *args)
 		return 0;
 	struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
 	if (k && k->killed_ns == cs->ts_ns) {
-		tw_finish(args, k, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
+		tw_finish(ctx, k, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
 			  bpf_jiffies64());
 		tw_killed.delete(&cs->tuple);
 	}
@@ -744,18 +752,77 @@ int on_timer_expire_entry(struct tp_timer_expire_entry *args)
 	return 0;
 }
 
-#if HAVE_KFREE_RX_SK
-int on_kfree_skb(struct tp_kfree_skb *args)
+/* A segment processed by a timewait socket is freed with rx_sk = it. */
+static __always_inline int skb_freed(void *ctx, u64 rx_sk)
 {
-	/* A segment processed by a timewait socket is freed with rx_sk = it. */
-	u64 tw = (u64)args->rx_sk;
-	if (!tw)
+	if (!rx_sk)
 		return 0;
-	struct tt_timewait *e = timewait.lookup(&tw);
+	struct tt_timewait *e = timewait.lookup(&rx_sk);
 	if (e)
-		tw_check_fin(args, tw, e, bpf_ktime_get_ns());
+		tw_check_fin(ctx, rx_sk, e, bpf_ktime_get_ns());
 	return 0;
 }
+
+/*
+ * Entry points. Raw tracepoints are preferred: cheaper, and the kernel only
+ * refuses to nest a raw tracepoint program in itself, while it skips a
+ * classic tracepoint program whenever any other one runs on the CPU. These
+ * fire for every timer in the system, so with classic ones an interrupt
+ * arriving in one of them made the kernel skip our state-change program.
+ */
+#if USE_RAW_TIMERS
+static __always_inline u64 timer_function(u64 timer)
+{
+	u64 function = 0;
+	bpf_probe_read_kernel(&function, sizeof(function), (void *)(timer + OFF_TIMER_FUNCTION));
+	return function;
+}
+
+int raw_timer_start(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 timer = ctx->args[0];
+	return timer_started(ctx, timer, timer_function(timer));
+}
+
+int raw_timer_cancel(struct bpf_raw_tracepoint_args *ctx)
+{
+	return timer_cancelled(ctx, ctx->args[0]);
+}
+
+int raw_timer_expire_entry(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 timer = ctx->args[0];
+	return timer_expiring(ctx, timer, timer_function(timer));
+}
+#else
+int on_timer_start(struct tp_timer_start *args)
+{
+	return timer_started(args, (u64)args->timer, (u64)args->function);
+}
+
+int on_timer_cancel(struct tp_timer_cancel *args)
+{
+	return timer_cancelled(args, (u64)args->timer);
+}
+
+int on_timer_expire_entry(struct tp_timer_expire_entry *args)
+{
+	return timer_expiring(args, (u64)args->timer, (u64)args->function);
+}
+#endif
+
+#if HAVE_KFREE_RX_SK
+#if USE_RAW_KFREE
+int raw_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+	return skb_freed(ctx, ctx->args[KFREE_SKB_RX_SK_ARG]);
+}
+#else
+int on_kfree_skb(struct tp_kfree_skb *args)
+{
+	return skb_freed(args, (u64)args->rx_sk);
+}
+#endif
 #endif
 
 /*

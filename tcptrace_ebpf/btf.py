@@ -302,6 +302,62 @@ class Btf:
             if name_off:
                 by_name.setdefault(self._string(name_off), []).append(type_id)
 
+    def raw_tracepoint_arg_index(self, tracepoint: str, struct: str) -> int:
+        """Position, among the arguments of raw tracepoint ``tracepoint``, of its
+        one ``struct <struct> *`` argument.
+
+        A raw tracepoint program sees the tracepoint's C arguments, whose order
+        is not its tracefs format's. The kernel describes them in the BTF as
+        the prototype behind ``typedef btf_trace_<tracepoint>``; its parameters
+        are unnamed, so the argument is found by type. The prototype's first
+        parameter (the tracepoint's private data) is not an argument.
+        """
+        typedef_id = self._named_type(f"btf_trace_{tracepoint}", _KIND_TYPEDEF)
+        proto_id = self._strip_transparent(self._size_or_type(typedef_id))
+        if self._kind(proto_id) == _KIND_PTR:
+            proto_id = self._strip_transparent(self._size_or_type(proto_id))
+        if self._kind(proto_id) != _KIND_FUNC_PROTO:
+            raise BtfError(f"btf_trace_{tracepoint} is not a function prototype")
+        _, info, _, position = self._record(proto_id)
+        found = []
+        for index in range(1, info & 0xFFFF):
+            param_type = self._u32.unpack_from(
+                self._data, position + _TYPE_RECORD_SIZE + 8 * index + 4
+            )[0]
+            pointer = self._strip_transparent(param_type)
+            if self._kind(pointer) != _KIND_PTR:
+                continue
+            target = self._strip_transparent(self._size_or_type(pointer))
+            if self._kind(target) == _KIND_STRUCT and self._type_name(target) == struct:
+                found.append(index - 1)
+        if len(found) != 1:
+            raise BtfError(
+                f"raw tracepoint {tracepoint} has {len(found)} struct {struct} * arguments, not one"
+            )
+        return found[0]
+
+    def _type_name(self, type_id: int) -> str:
+        name_off = self._record(type_id)[0]
+        return self._string(name_off) if name_off else ""
+
+    def _named_type(self, name: str, kind: int) -> int:
+        """The first type of ``kind`` named ``name`` (a scan: for rare lookups)."""
+        wanted = name.encode() + b"\0"
+        strings = self._data[self._strings_start : self._strings_end]
+        offsets = set()
+        start = 0
+        while (found := strings.find(wanted, start)) >= 0:
+            if found == 0 or strings[found - 1] == 0:
+                offsets.add(found)
+            start = found + 1
+        if offsets:
+            unpack = self._u32x3.unpack_from
+            for type_id in range(1, len(self._type_positions)):
+                name_off, info, _ = unpack(self._data, self._type_positions[type_id])
+                if name_off in offsets and (info >> 24) & 0x1F == kind:
+                    return type_id
+        raise BtfError(f"{_KIND_NAMES[kind].lower()} {name} is not in the BTF")
+
     # -- reading types ------------------------------------------------------
 
     def _string(self, offset: int) -> str:

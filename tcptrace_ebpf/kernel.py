@@ -41,6 +41,7 @@ class Features:
     offsets: dict[str, int] = field(default_factory=dict)
     tw_timer_handler: int = 0
     hz: int = 0
+    kfree_skb_rx_sk_arg: int = -1  # position of rx_sk among kfree_skb's raw arguments
     capabilities: dict[str, Capability] = field(default_factory=dict)
 
     def has(self, name: str) -> bool:
@@ -138,6 +139,7 @@ BTF_OFFSETS = {
     "OFF_TIMER_EXPIRES": ("timer_list", "expires"),
     "OFF_SKC_NET": ("sock_common", "skc_net"),
     "OFF_NET_NS_INUM": ("net", "ns.inum"),
+    "OFF_TIMER_FUNCTION": ("timer_list", "function"),
 }
 
 
@@ -259,6 +261,32 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         f"timer expiry in jiffies (HZ={features.hz}): when an unseen FIN began TIME_WAIT"
         if "OFF_TIMER_EXPIRES" in features.offsets and features.hz > 0
         else "no timer expiry offset or HZ: an unseen FIN is dated at the socket's end",
+    )
+    # Raw tracepoints (Linux 4.17+): the program gets the tracepoint's C
+    # arguments. Cheaper, and not skipped when another BPF program runs on the
+    # CPU, which matters for the timer ones (they fire for every kernel timer).
+    raw = bool(
+        kallsyms_address("bpf_get_raw_tracepoint") or kallsyms_address("bpf_find_raw_tracepoint")
+    )
+    features.note(
+        "raw_timers",
+        raw and "OFF_TIMER_FUNCTION" in features.offsets,
+        "timer tracepoints attached raw (cheaper, never skipped for another program)"
+        if raw and "OFF_TIMER_FUNCTION" in features.offsets
+        else "timer tracepoints attached classic: the kernel may skip state changes that "
+        "interrupt them",
+    )
+    if raw and btf is not None:
+        try:
+            features.kfree_skb_rx_sk_arg = btf.raw_tracepoint_arg_index("kfree_skb", "sock")
+        except BtfError:
+            features.kfree_skb_rx_sk_arg = -1
+    features.note(
+        "raw_kfree",
+        features.kfree_skb_rx_sk_arg >= 0,
+        "skb:kfree_skb attached raw"
+        if features.kfree_skb_rx_sk_arg >= 0
+        else "skb:kfree_skb attached classic",
     )
     kfree = features.formats.get("kfree_skb")
     features.note(

@@ -25,6 +25,7 @@ from .events import (
     F_END_UNSEEN,
     F_LAST,
     F_LOST_BEFORE,
+    F_NO_TIME_WAIT,
     F_PREEXISTING,
     F_RESET_RECEIVED,
     F_RESET_SENT,
@@ -312,6 +313,8 @@ class LifecycleEngine:
         if event.flags & F_LAST or event.new_state == CLOSE:
             life.ended = True
             life.time_wait_end = TW_END_NAMES.get(event.tw_end)
+            if event.flags & F_NO_TIME_WAIT:
+                life.time_wait_end = "skipped"  # the kernel made no timewait socket
             life.close = classify_close(
                 role=life.role,
                 visited=entry.visited,

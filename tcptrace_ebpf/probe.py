@@ -130,6 +130,9 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "HAVE_TW_SUBSTATE": int(features.has("timewait") and features.has("tw_substate")),
         "HAVE_TIMER_EXPIRES": int(features.has("timewait") and features.has("timer_expires")),
         "HAVE_KFREE_RX_SK": int(features.has("timewait") and features.has("kfree_rx_sk")),
+        "USE_RAW_TIMERS": int(features.has("raw_timers")),
+        "USE_RAW_KFREE": int(features.has("raw_kfree")),
+        "KFREE_SKB_RX_SK_ARG": max(0, features.kfree_skb_rx_sk_arg),
     }
     for name, offset in features.offsets.items():
         defines[name] = offset
@@ -466,16 +469,35 @@ class Tracer:
         self.attached.append(tracepoint)
         self._attached_pairs.append((tracepoint, function))
 
+    def _attach_raw(self, tracepoint: str, function: str) -> None:
+        """Attach to a raw tracepoint (named without its category)."""
+        with _capture_stderr() as output:
+            try:
+                self.bpf.attach_raw_tracepoint(tp=tracepoint.split(":", 1)[1], fn_name=function)
+            except Exception as err:
+                raise UserError(
+                    f"could not attach to raw tracepoint {tracepoint}: "
+                    f"{_first_error(output()) if output() else err}"
+                ) from None
+        self.attached.append(tracepoint)
+        self._attached_pairs.append((tracepoint, function))
+
     def _attach_all(self) -> None:
         assert self.features is not None
         if self.features.has("timewait"):
             # Timer probes first: the set_state handler relies on seeing
             # each timewait socket's timer start just before its close.
-            self._attach("timer:timer_start", "on_timer_start")
-            self._attach("timer:timer_cancel", "on_timer_cancel")
-            self._attach("timer:timer_expire_entry", "on_timer_expire_entry")
+            raw_timers = self.features.has("raw_timers")
+            for event in ("timer_start", "timer_cancel", "timer_expire_entry"):
+                if raw_timers:
+                    self._attach_raw(f"timer:{event}", f"raw_{event}")
+                else:
+                    self._attach(f"timer:{event}", f"on_{event}")
             if self.features.has("kfree_rx_sk"):
-                self._attach("skb:kfree_skb", "on_kfree_skb")
+                if self.features.has("raw_kfree"):
+                    self._attach_raw("skb:kfree_skb", "raw_kfree_skb")
+                else:
+                    self._attach("skb:kfree_skb", "on_kfree_skb")
             self._sweep_fd = self._load_sweeper("sweep_killed")
             self._sweep_timewait_fd = self._load_sweeper("sweep_timewait")
         if self.features.has("reset_received"):

@@ -495,3 +495,40 @@ def test_time_wait_natural_expiry() -> None:
     tw = span(first, "TIME_WAIT")
     assert 60.0 <= tw["duration_s"] <= 67.5, first
     assert abs(tw["start"] + tw["duration_s"] - gone_at) < 1.0
+
+
+def test_time_wait_skipped_when_the_kernel_makes_none() -> None:
+    """With net.ipv4.tcp_max_tw_buckets at 0 the kernel gives an active close
+    no TIME_WAIT at all: the lifecycle ends in FIN_WAIT2 saying so, and the
+    exporter counts it."""
+    from test_serve import delta, scrape
+
+    port = free_port()
+    http = free_port()
+    with netns_single() as ns:
+        sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_max_tw_buckets=0")
+        with (
+            run_cli("serve", "--web.listen-address", f"127.0.0.1:{http}", "--api.socket", "",
+                    "--port", str(port)) as _serve,
+            run_cli("lifecycles", "--json", "--port", str(port)) as run,
+        ):  # fmt: skip
+            before = scrape(http)
+            with Peer(netns=ns) as server, Peer(netns=ns) as client:
+                server.cmd(f"listen 127.0.0.1 {port}")
+                cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
+                server.cmd("accept")
+                client.cmd("close")
+                time.sleep(0.1)
+                server.cmd("close")
+                server.cmd("close_listener")
+            wait_for(lambda: len(lifecycles_on(run, port)) >= 3)
+            time.sleep(1.5)  # the held close is swept within a second
+            after = scrape(http)
+    first = pick(lifecycles_on(run, port), "client", lport=cport)
+    assert path(first) == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]
+    assert first["close"] == "active"
+    assert first["time_wait_end"] == "skipped"
+    assert first["complete"] is True
+    assert delta(before, after, "tcptrace_time_wait_skipped_total") == 1
+    closed = "tcptrace_connections_closed_total"
+    assert delta(before, after, closed, role="client", close="active") == 1
