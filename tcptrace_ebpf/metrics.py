@@ -362,7 +362,7 @@ def catalog(port_label: bool = True) -> list[MetricInfo]:
                 "time_wait_duration_seconds",
                 "close_wait_duration_seconds",
             )
-        },  # fmt: skip
+        },
         counters=dict.fromkeys([*LOST_CAUSES, "events", "time_wait_skipped"], 1),
         close_wait=[CloseWaitOwner("comm", 0.0)],
         program_skips={"sock:inet_sock_set_state": 1},

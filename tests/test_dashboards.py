@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tcptrace_ebpf.metrics import LOST_CAUSES, catalog
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = REPO / "dashboards"
