@@ -179,22 +179,23 @@ def _run_event_command(
     options: Any,
     *,
     duration: float | None,
-    handle: Callable[[Any], None],
+    make_handler: Callable[[Any], Callable[[bytes], None]],
     finish: Callable[[set[int]], str],
     out: Output,
 ) -> None:
-    """Load the tracer, feed decoded events to `handle` until stopped, print a summary."""
+    """Load the tracer, hand raw events to the handler `make_handler(decoder)`
+    returns until stopped, then print a summary."""
     from .events import Decoder
     from .probe import Tracer
     from .runner import StopFlag, clock_offset_ns, run
 
     decoder = Decoder(clock_offset_ns())
-    decode = decoder.decode
+    handle = make_handler(decoder)
     delivered = [0]
 
     def on_event(raw: bytes) -> None:
         delivered[0] += 1
-        handle(decode(raw))
+        handle(raw)
 
     with StopFlag() as stop:
         tracer = Tracer(options, on_event=on_event, prepare=seed_existing)
@@ -235,23 +236,21 @@ def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
 
     options = _build_options(emit_events=True, collect_metrics=False, **filters)
     out = Output()
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
 
-    if as_json:
-
-        def handle(event: Any) -> None:
-            out.write(dumps(event.to_json()))
-
-    else:
-
-        def handle(event: Any) -> None:
-            out.write(trace_line(event))
+    def make_handler(decoder: Any) -> Callable[[bytes], None]:
+        if as_json:
+            json_line = decoder.json_line
+            return lambda raw: out.write(json_line(raw))
+        decode = decoder.decode
+        return lambda raw: out.write(trace_line(decode(raw)))
 
     def finish(_lost_socks: set[int]) -> str:
         out.flush()
         return ""
 
-    _run_event_command(options, duration=duration, handle=handle, finish=finish, out=out)
+    _run_event_command(
+        options, duration=duration, make_handler=make_handler, finish=finish, out=out
+    )
 
 
 @cli.command()
@@ -277,11 +276,17 @@ def lifecycles(
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     render = (lambda life: dumps(life.to_json())) if as_json else lifecycle_line
 
-    def handle(event: Any) -> None:
-        if events_to is not None:
-            events_to.write(dumps(event.to_json()) + "\n")
-        for life in engine.feed(event):
-            out.write(render(life))
+    def make_handler(decoder: Any) -> Callable[[bytes], None]:
+        decode = decoder.decode
+
+        def handle(raw: bytes) -> None:
+            event = decode(raw)
+            if events_to is not None:
+                events_to.write(decoder.json_line(raw) + "\n")
+            for life in engine.feed(event):
+                out.write(render(life))
+
+        return handle
 
     def finish(lost_socks: set[int]) -> str:
         still_open = engine.flush(lost_socks)
@@ -293,7 +298,9 @@ def lifecycles(
             f", {stats.evicted} evicted" if stats.evicted else ""
         )
 
-    _run_event_command(options, duration=duration, handle=handle, finish=finish, out=out)
+    _run_event_command(
+        options, duration=duration, make_handler=make_handler, finish=finish, out=out
+    )
 
 
 DEFAULT_LISTEN = ":10072"

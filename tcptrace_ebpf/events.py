@@ -8,6 +8,7 @@ Pure code: no bcc, no I/O.
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from functools import lru_cache
@@ -169,6 +170,23 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
+@lru_cache(maxsize=1024)
+def _json_string(text: str) -> str:
+    return json.dumps(text)
+
+
+_STATE_JSON = tuple(json.dumps(state_name(value)) for value in range(256))
+_FAMILY_JSON = ('"ipv4"', '"ipv6"')
+_ROLE_JSON = {value: json.dumps(name) for value, name in ROLE_NAMES.items()}
+_OWNER_JSON = {value: json.dumps(name) for value, name in OWNER_SOURCE_NAMES.items()}
+_TW_END_JSON = {value: json.dumps(name) for value, name in TW_END_NAMES.items()}
+
+
+@lru_cache(maxsize=4096)
+def _flags_json(flags: int) -> str:
+    return json.dumps([name for value, name in FLAG_NAMES.items() if flags & value])
+
+
 class Decoder:
     """Turns raw `struct tt_event` bytes into Events with unix timestamps.
 
@@ -181,6 +199,33 @@ class Decoder:
 
     def __init__(self, clock_offset_ns: int) -> None:
         self.clock_offset_ns = clock_offset_ns
+
+    def json_line(self, raw: bytes) -> str:
+        """The `trace --json` line of a raw event, straight from its bytes.
+
+        Same object as `decode(raw).to_json()` (a test checks it), built
+        without the intermediate objects: at full churn `trace --json`
+        handles hundreds of thousands of events a second in one thread.
+        """
+        (
+            ts_ns, sock_id, _skaddr, duration_ns, pid, flags, saddr, daddr,
+            sport, dport, family, seq, old, new, role, owner_source, tw_end, _pad,
+            syn_retrans, comm,
+        ) = EVENT_STRUCT.unpack_from(raw)  # fmt: skip
+        name = _comm(comm)
+        duration = round(duration_ns / 1e9, 9) if flags & F_DURATION_KNOWN else "null"
+        return (
+            f'{{"ts":{round((ts_ns + self.clock_offset_ns) / 1e9, 6)},"sock":{sock_id},'
+            f'"pid":{pid or "null"},"comm":{_json_string(name) if name else "null"},'
+            f'"family":{_FAMILY_JSON[family == AF_INET6]},'
+            f'"laddr":"{format_address(family, saddr)}","lport":{sport},'
+            f'"raddr":"{format_address(family, daddr)}","rport":{dport},'
+            f'"old_state":{_STATE_JSON[old]},"new_state":{_STATE_JSON[new]},'
+            f'"duration_s":{duration},"seq":{seq},"role":{_ROLE_JSON.get(role, _ROLE_JSON[0])},'
+            f'"owner":{_OWNER_JSON.get(owner_source, _OWNER_JSON[0])},'
+            f'"time_wait_end":{_TW_END_JSON.get(tw_end, "null")},"syn_retrans":{syn_retrans},'
+            f'"flags":{_flags_json(flags)}}}'
+        )
 
     def decode(self, raw: bytes) -> Event:
         (

@@ -8,6 +8,7 @@ outputs carry every detail.
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 from .events import AF_INET6, F_INFERRED_TIME, Event
 from .lifecycle import Lifecycle
@@ -41,8 +42,13 @@ def format_endpoint(family: int, addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if family == AF_INET6 else f"{addr}:{port}"
 
 
+@lru_cache(maxsize=4)
+def _clock_of_second(second: int) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(second))
+
+
 def format_clock(ts: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts))
+    return _clock_of_second(int(ts))
 
 
 def _shorten_host(endpoint: str, drop: int) -> str:
