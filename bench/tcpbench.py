@@ -1091,6 +1091,7 @@ class Bench:
                 f"scrape test: starting serve, then opening {connections:,} connections "
                 f"({helpers} helper process(es))"
             )
+            out["timewait_at_serve_start"] = timewait_count()
             serve.start()
             opened_at = time.monotonic()
             left, held = connections, 0
@@ -1122,6 +1123,7 @@ class Bench:
             serve.stop()
             log("  restarting serve with the sockets already open (start-up snapshot)")
             serve = Tracer(MODE_SERVE, self.procs, self.workdir, args, 0)
+            out["timewait_at_serve_restart"] = timewait_count()
             serve.start()
             time.sleep(2.0)
             out["serve_started_after"] = self._time_scrapes(serve)
@@ -1141,9 +1143,16 @@ class Bench:
         latencies: list[float] = []
         server: list[float] = []
         sizes: list[int] = []
+        slow_at: list[float] = []
         established = 0.0
+        sys0 = SystemCpu.read()
+        ours0 = cpu_seconds(serve.pid) + cpu_seconds(os.getpid(), with_children=False)
+        started = time.monotonic()
         for _ in range(self.args.scrape_count):
+            at = time.monotonic() - started
             status, body, seconds = http_get(serve.metrics_port, "/metrics", timeout=30)
+            if seconds > 0.03:
+                slow_at.append(round(at, 2))
             if status != 200:
                 raise BenchError(f"scrape returned HTTP {status}")
             samples = parse_metrics(body.decode())
@@ -1152,9 +1161,16 @@ class Bench:
             server.append(metric_sum(samples, "tcptrace_scrape_duration_seconds"))
             established = metric_sum(samples, "tcptrace_sockets", state="ESTABLISHED")
             time.sleep(self.args.scrape_test_interval)
+        sys1 = SystemCpu.read()
+        ours1 = cpu_seconds(serve.pid) + cpu_seconds(os.getpid(), with_children=False)
         return {
             "latency_s": percentiles(latencies),
             "latencies_s": [round(v, 6) for v in latencies],
+            # When (seconds into the series) scrapes took over 30 ms: a period in
+            # them points at the exporter's periodic housekeeping.
+            "slow_scrapes_at_s": slow_at,
+            "other_cpu_s": (sys1.busy - sys0.busy) - (ours1 - ours0),
+            "seconds": time.monotonic() - started,
             "server_scrape_duration_s": percentiles(server),
             "body_bytes": max(sizes, default=0),
             "sockets_established_reported": established,
@@ -1599,6 +1615,18 @@ def report(results: dict[str, Any]) -> str:
                     f"{mib(block['serve_rss_bytes'])}{extra}  "
                     + ("PASS" if block["pass"] else "FAIL")
                 )
+                slow = block.get("slow_scrapes_at_s", [])
+                lines.append(
+                    f"  {'':<26} {len(slow)} scrapes over 30 ms"
+                    + (f", at {', '.join(f'{t:.1f}' for t in slow[:12])} s" if slow else "")
+                    + f"; CPU used by other processes meanwhile "
+                    f"{block.get('other_cpu_s', math.nan):.1f} s of {block.get('seconds', 0):.0f} s"
+                )
+            lines.append(
+                f"  TIME_WAIT sockets on the host when serve started: "
+                f"{scrape.get('timewait_at_serve_start', -1):,} and "
+                f"{scrape.get('timewait_at_serve_restart', -1):,}"
+            )
     memory = results.get("memory_test")
     if memory:
         lines.append("")
@@ -1638,7 +1666,7 @@ def report(results: dict[str, Any]) -> str:
             f"{end_digest}): later runs measured different code."
         )
     lines.append(
-        f"tcptrace-ebpf {machine['tcptrace_ebpf']}, commit {machine['git_commit'][:12]}"
+        f"{machine['tcptrace_ebpf']}, commit {machine['git_commit'][:12]}"
         f" ({machine['git_dirty_files']} files modified in the checkout), sources {start_digest}"
     )
     lines.append(f"Total time: {results['elapsed_s'] / 60:.1f} min")
@@ -1747,7 +1775,7 @@ def ensure_tools(args: argparse.Namespace) -> list[str]:
     wanted = [(cmd, pkg) for cmd, pkg in TOOLS if which(cmd) is None]
     if args.tcpstates == "tcpstates-bpfcc":
         args.tcpstates = which("tcpstates-bpfcc") or args.tcpstates
-    missing = [pkg for cmd, pkg in wanted]
+    missing = [pkg for _cmd, pkg in wanted]
     if not missing:
         return []
     if args.no_install:

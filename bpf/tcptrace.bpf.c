@@ -970,18 +970,11 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 	return true;
 }
 
-int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
+/* One TCP state change of socket sk: old -> new, t its address pair now. */
+static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct tt_tuple t)
 {
-	if (args->protocol != TT_IPPROTO_TCP)
-		return 0;
 	count(TT_C_EVENTS);
-
-	u64 sk = (u64)args->skaddr;
-	u8 old = args->oldstate;
-	u8 new = args->newstate;
 	u64 now = bpf_ktime_get_ns();
-	struct tt_tuple t = {};
-	tuple_from_set_state(&t, args);
 
 	if (new == TT_LISTEN || (old == TT_LISTEN && new == TT_CLOSE))
 		track_listener(read_netns(sk), t.sport, new == TT_LISTEN);
@@ -1125,6 +1118,55 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 		socks.delete(&sk);
 	return 0;
 }
+
+
+/*
+ * Entry points. The raw tracepoint is preferred: the classic one formats a
+ * record of every change first, which costs several times our handler at
+ * full churn (and the kernel skips a classic program whenever another runs
+ * on the CPU). Raw, we read what the record would hold from the socket
+ * itself: the same fields the kernel's TP_fast_assign reads, at offsets from
+ * the running kernel's BTF (one read for sock_common's head, one for
+ * inet_sock's, two more for IPv6 addresses), in the same byte orders.
+ */
+#if USE_RAW_SET_STATE
+int raw_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 sk = ctx->args[0];
+	u16 protocol = 0;
+	bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)(sk + OFF_SK_PROTOCOL));
+	if (protocol != TT_IPPROTO_TCP)
+		return 0;
+	u8 head[SK_HEAD_LEN] = {};
+	u8 inet[INET_HEAD_LEN] = {};
+	bpf_probe_read_kernel(head, sizeof(head), (void *)(sk + SK_HEAD_START));
+	bpf_probe_read_kernel(inet, sizeof(inet), (void *)(sk + INET_HEAD_START));
+	struct tt_tuple t = {};
+	u16 sport = 0, dport = 0;
+	__builtin_memcpy(&t.family, head + (OFF_SKC_FAMILY - SK_HEAD_START), 2);
+	__builtin_memcpy(&dport, head + (OFF_SKC_DPORT - SK_HEAD_START), 2);
+	__builtin_memcpy(&sport, inet + (OFF_INET_SPORT - INET_HEAD_START), 2);
+	t.sport = ntohs(sport);
+	t.dport = ntohs(dport);
+	if (t.family == TT_AF_INET) {
+		__builtin_memcpy(t.saddr, inet + (OFF_INET_SADDR - INET_HEAD_START), 4);
+		__builtin_memcpy(t.daddr, head + (OFF_SKC_DADDR - SK_HEAD_START), 4);
+	} else {
+		bpf_probe_read_kernel(t.saddr, 16, (void *)(sk + OFF_SKC_V6_RCV_SADDR));
+		bpf_probe_read_kernel(t.daddr, 16, (void *)(sk + OFF_SKC_V6_DADDR));
+	}
+	return set_state(ctx, sk, (u8)ctx->args[1], (u8)ctx->args[2], t);
+}
+#else
+int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
+{
+	if (args->protocol != TT_IPPROTO_TCP)
+		return 0;
+	struct tt_tuple t = {};
+	tuple_from_set_state(&t, args);
+	return set_state(args, (u64)args->skaddr, args->oldstate, args->newstate, t);
+}
+#endif
 
 /*
  * Run by user space (BPF_PROG_TEST_RUN): a close held in pending_close for

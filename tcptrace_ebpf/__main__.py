@@ -1,3 +1,5 @@
 from .cli import main
 
-main()
+# Guarded: multiprocessing children (spawn) import the main module again.
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from .api import DEFAULT_PATH as DEFAULT_API_PATH
 from .api import ApiServer
 from .errors import UserError
 from .metrics import CloseWaitOwner, KernelReading, NotReady, TcpTraceCollector
-from .preexisting import Preexisting, key_of, take_snapshot
+from .preexisting import TUPLE, Preexisting, take_snapshot, timewait_keys
 from .probe import KernelCloseWait, Tracer, TracerOptions, TupleKey
 from .runner import StopFlag
 from .seed import collect_listener_seeds, own_netns_inum
@@ -34,8 +34,12 @@ from .states import TcpState
 from .webserver import MetricsServer, WebConfig
 
 
-def endpoints(key: TupleKey) -> tuple[int, str, int, str, int]:
-    """(family, laddr, lport, raddr, rport) of a kernel address pair."""
+def endpoints(key: TupleKey | bytes) -> tuple[int, str, int, str, int]:
+    """(family, laddr, lport, raddr, rport) of a kernel address pair (as a
+    tuple, or packed as struct tt_tuple)."""
+    if isinstance(key, bytes):
+        netns, family, sport, dport, _pad, saddr, daddr = TUPLE.unpack(key)
+        key = (netns, family, sport, dport, saddr, daddr)
     _netns, family, sport, dport, saddr, daddr = key
     size = 4 if family == socket.AF_INET else 16
     return (
@@ -51,7 +55,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 TIMEWAIT_RECHECK_S = 5.0
-HOLDER_REFRESH_S = 5.0  # how often CLOSE_WAIT sockets' holders are looked up in /proc
+HOLDER_REFRESH_S = 5.0  # how often new CLOSE_WAIT sockets' holders are looked up in /proc
+FULL_HOLDER_SCAN_S = 60.0  # at most this often, every process's fd table is searched
 PORT_LABEL_SLOTS = 20  # "other" plus 19 listening ports
 
 
@@ -129,6 +134,7 @@ class Exporter:
         self._ready = threading.Event()
         self._last_timewait_check = 0.0
         self._last_holder_refresh = 0.0
+        self._last_full_holder_scan = -FULL_HOLDER_SCAN_S
         # CLOSE_WAIT sockets' holders (program names), by address pair, from /proc.
         self._holder_comm: dict[tuple[int, str, int, str, int], str] = {}
         self.api = (
@@ -190,7 +196,7 @@ class Exporter:
             log.warning(
                 "no start-up snapshot (%s): sockets older than the exporter are not counted", err
             )
-            self.preexisting = Preexisting([], self.netns, time.time())
+            self.preexisting = Preexisting([], time.time())
         log.info("start-up snapshot: %d existing sockets", len(self.preexisting))
         if self.port_labels is not None:
             self._assign_port_slots(self._listening_ports())
@@ -234,32 +240,51 @@ class Exporter:
             self._refresh_holders()
 
     def _refresh_holders(self) -> None:
-        """Name CLOSE_WAIT sockets after the program holding them now (as ss -p).
+        """Name CLOSE_WAIT sockets after the program holding them (as ss -p).
 
         The kernel knows the owner it saw (the connect() caller, the
         listener's owner); the holder may differ (a worker it was passed to).
+        Finding it means reading fd tables, which on a host with many sockets
+        is costly and holds the GIL the scrapes need: so only sockets not
+        named yet are looked up, first in the fd table of the owner the
+        kernel recorded, and every process is searched at most once a minute.
         """
         from . import procfs, sockdiag
 
         tracked = self.tracer.close_wait_sockets()
         old = self.preexisting.close_wait() if self.preexisting is not None else []
-        if not tracked and not old:
-            self._holder_comm = {}
+        current = {endpoints(sock.key): sock.pid for sock in tracked}
+        current.update({endpoints(item.key): 0 for item in old})
+        names = {key: comm for key, comm in self._holder_comm.items() if key in current}
+        self._holder_comm = names
+        missing = {key: pid for key, pid in current.items() if key not in names}
+        if not missing:
             return
         try:
             listed = sockdiag.snapshot(states=[TcpState.CLOSE_WAIT])
-            holders = procfs.socket_holders({sock.inode for sock in listed if sock.inode})
         except (UserError, OSError) as err:
             log.debug("CLOSE_WAIT holders not refreshed: %s", err)
             return
-        names: dict[tuple[int, str, int, str, int], str] = {}
-        for sock in listed:
-            for pid in holders.get(sock.inode, []):
+        inode_of = {
+            (sock.family, sock.laddr, sock.lport, sock.raddr, sock.rport): sock.inode
+            for sock in listed
+            if sock.inode
+        }
+        wanted = {inode_of[key]: key for key in missing if key in inode_of}
+        if not wanted:
+            return
+        known_owners = {pid for pid in missing.values() if pid}
+        holders = procfs.socket_holders(wanted, pids=known_owners) if known_owners else {}
+        now = time.monotonic()
+        if len(holders) < len(wanted) and now - self._last_full_holder_scan >= FULL_HOLDER_SCAN_S:
+            self._last_full_holder_scan = now
+            holders = procfs.socket_holders(wanted)
+        for inode, pids in holders.items():
+            for pid in pids:
                 info = procfs.process_info(pid)
                 if info is not None:
-                    names[(sock.family, sock.laddr, sock.lport, sock.raddr, sock.rport)] = info.comm
+                    names[wanted[inode]] = info.comm
                     break
-        self._holder_comm = names
 
     def close_wait_list(self) -> list[dict[str, object]]:
         """Sockets in CLOSE_WAIT and when they entered it (the local API's answer)."""
@@ -292,16 +317,17 @@ class Exporter:
         return result
 
     def _describe(
-        self, key: TupleKey, since: float, lower_bound: bool, pid: int, comm: str
+        self, key: TupleKey | bytes, since: float, lower_bound: bool, pid: int, comm: str
     ) -> dict[str, object]:
         family, laddr, lport, raddr, rport = endpoints(key)
+        netns = TUPLE.unpack(key)[0] if isinstance(key, bytes) else key[0]
         return {
             "family": "ipv6" if family == socket.AF_INET6 else "ipv4",
             "laddr": laddr,
             "lport": lport,
             "raddr": raddr,
             "rport": rport,
-            "netns": key[0],
+            "netns": netns,
             "since": since,
             "lower_bound": lower_bound,
             "pid": pid,
@@ -312,17 +338,13 @@ class Exporter:
         return self._holder_comm.get(endpoints(sock.key), sock.comm)
 
     def _recheck_timewait(self) -> None:
-        from . import sockdiag
-
         assert self.preexisting is not None
         try:
-            present = sockdiag.snapshot(states=[TcpState.TIME_WAIT, TcpState.FIN_WAIT2])
+            present = timewait_keys(self.netns)
         except (UserError, OSError) as err:
             log.debug("timewait re-check failed: %s", err)
             return
-        self.preexisting.timewait_still_there(
-            {key_of(sock, self.netns) for sock in present if sock.is_timewait}
-        )
+        self.preexisting.timewait_still_there(present)
 
     def _listening_ports(self) -> list[int]:
         table = self.tracer.table("listeners")

@@ -42,6 +42,8 @@ class Features:
     tw_timer_handler: int = 0
     hz: int = 0
     kfree_skb_rx_sk_arg: int = -1  # position of rx_sk among kfree_skb's raw arguments
+    sk_head: tuple[int, int] = (0, 0)  # (start, length) of the one read of sock_common's head
+    inet_head: tuple[int, int] = (0, 0)  # (start, length) of the one read of inet_sock's
     capabilities: dict[str, Capability] = field(default_factory=dict)
 
     def has(self, name: str) -> bool:
@@ -140,7 +142,32 @@ BTF_OFFSETS = {
     "OFF_SKC_NET": ("sock_common", "skc_net"),
     "OFF_NET_NS_INUM": ("net", "ns.inum"),
     "OFF_TIMER_FUNCTION": ("timer_list", "function"),
+    # What the raw inet_sock_set_state program reads from the socket itself.
+    "OFF_SK_PROTOCOL": ("sock", "sk_protocol"),
+    "OFF_SKC_DADDR": ("sock_common", "skc_daddr"),
+    "OFF_SKC_DPORT": ("sock_common", "skc_dport"),
+    "OFF_SKC_FAMILY": ("sock_common", "skc_family"),
+    "OFF_INET_SADDR": ("inet_sock", "inet_saddr"),
+    "OFF_INET_SPORT": ("inet_sock", "inet_sport"),
+    "OFF_SKC_V6_DADDR": ("sock_common", "skc_v6_daddr"),
+    "OFF_SKC_V6_RCV_SADDR": ("sock_common", "skc_v6_rcv_saddr"),
 }
+# Sizes the raw set_state program assumes for those fields.
+RAW_SET_STATE_SIZES = {
+    "OFF_SK_PROTOCOL": 2,
+    "OFF_SKC_DADDR": 4,
+    "OFF_SKC_DPORT": 2,
+    "OFF_SKC_FAMILY": 2,
+    "OFF_INET_SADDR": 4,
+    "OFF_INET_SPORT": 2,
+    "OFF_SKC_V6_DADDR": 16,
+    "OFF_SKC_V6_RCV_SADDR": 16,
+}
+# The fields read in one go from the head of sock_common, and from inet_sock.
+# They are the ones the tracepoint's own TP_fast_assign reads: inet_sport and
+# inet_saddr, not skc_num (zeroed by inet_put_port() before a CLOSE is traced).
+SK_HEAD_FIELDS = ("OFF_SKC_DADDR", "OFF_SKC_DPORT", "OFF_SKC_FAMILY")
+INET_HEAD_FIELDS = ("OFF_INET_SADDR", "OFF_INET_SPORT")
 
 
 def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
@@ -208,10 +235,14 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         features.note("btf", False, f"no kernel BTF ({err}): no TIME_WAIT, no netns")
     else:
         features.note("btf", True, f"kernel BTF at {btf_path}")
+    sizes_ok = True
     if btf is not None:
         for macro, (struct, member) in BTF_OFFSETS.items():
             try:
                 features.offsets[macro] = btf.member_offset(struct, member)
+                if macro in RAW_SET_STATE_SIZES:
+                    size = btf.member_size(struct, member)
+                    sizes_ok = sizes_ok and size == RAW_SET_STATE_SIZES[macro]
             except BtfError:
                 continue
 
@@ -287,6 +318,38 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         "skb:kfree_skb attached raw"
         if features.kfree_skb_rx_sk_arg >= 0
         else "skb:kfree_skb attached classic",
+    )
+    # The state-change program raw too, reading the socket's fields itself.
+    reasons = []
+    if not raw:
+        reasons.append("no raw tracepoints")
+    missing = [macro for macro in RAW_SET_STATE_SIZES if macro not in features.offsets]
+    if missing:
+        reasons.append("BTF lacks " + ", ".join(missing))
+    elif not sizes_ok:
+        reasons.append("unexpected field sizes in BTF")
+    if not reasons:
+
+        def span(fields: tuple[str, ...]) -> tuple[int, int]:
+            start = min(features.offsets[macro] for macro in fields)
+            end = max(features.offsets[macro] + RAW_SET_STATE_SIZES[macro] for macro in fields)
+            return start, (end - start + 7) // 8 * 8
+
+        features.sk_head = span(SK_HEAD_FIELDS)
+        features.inet_head = span(INET_HEAD_FIELDS)
+        if features.sk_head[1] > 64 or features.inet_head[1] > 64:
+            reasons.append("the socket fields are not compact")
+        try:
+            if btf is None or btf.raw_tracepoint_arg_index("inet_sock_set_state", "sock") != 0:
+                reasons.append("inet_sock_set_state's raw arguments are not (sk, old, new)")
+        except BtfError as err:
+            reasons.append(str(err))
+    features.note(
+        "raw_set_state",
+        not reasons,
+        "sock:inet_sock_set_state attached raw (several times cheaper per change)"
+        if not reasons
+        else "sock:inet_sock_set_state attached classic (" + "; ".join(reasons) + ")",
     )
     kfree = features.formats.get("kfree_skb")
     features.note(

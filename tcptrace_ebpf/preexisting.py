@@ -6,20 +6,34 @@ were already there are counted from a sock_diag snapshot taken at start-up
 snapshot saw, until the program reports seeing it (the `adopted` map), or,
 for timewait sockets (whose life no tracepoint shows), until sock_diag no
 longer lists them.
+
+On a busy host the snapshot has hundreds of thousands of sockets, and
+reading them through pyroute2 costs far more memory than keeping them: it
+runs in a short-lived child process that hands back compact records, so the
+daemon's memory does not keep the high-water mark. Each address pair is
+kept packed exactly as the kernel's `struct tt_tuple`, so the keys the
+kernel reports match byte for byte.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
+import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .probe import DestKey, TupleKey
 from .sockdiag import DiagSocket
 from .states import TcpState
+
+# struct tt_tuple (bpf/tcptrace.h): netns, family, sport, dport, pad, saddr, daddr.
+TUPLE = struct.Struct("<IHHHH16s16s")
+# A destination, from a tuple: netns + family (bytes 0-6), dport (8-10), daddr (28-44).
+PackedKey = bytes
 
 # States a snapshot socket is counted in. SYN_RECV from sock_diag is a request
 # socket (it never changes state on the tracepoint and lives milliseconds),
@@ -39,75 +53,88 @@ def packed(family: int, address: str) -> bytes:
     return raw.ljust(16, b"\0")
 
 
-def key_of(sock: DiagSocket, netns: int) -> TupleKey:
-    return (
+def key_of(sock: DiagSocket, netns: int) -> PackedKey:
+    return TUPLE.pack(
         netns,
         sock.family,
         sock.lport,
         sock.rport,
+        0,
         packed(sock.family, sock.laddr),
         packed(sock.family, sock.raddr),
     )
+
+
+def dest_of(key: PackedKey) -> tuple[int, int, int, bytes]:
+    """(netns, family, dport, daddr) of a packed tuple, as the kernel's dest_ports keys."""
+    netns, family, _sport, dport, _pad, _saddr, daddr = TUPLE.unpack(key)
+    return (netns, family, dport, daddr)
 
 
 @dataclass(frozen=True, slots=True)
 class OldCloseWait:
     """A socket already in CLOSE_WAIT at start-up: its age is only known to be at least this."""
 
-    key: TupleKey
+    key: PackedKey
     inode: int
     since: float  # unix time the exporter started: a lower bound of when it entered CLOSE_WAIT
     comm: str  # the program holding it at start-up ("" if none could be found)
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the daemon keeps of one snapshot socket."""
+
+    key: PackedKey
+    state: int
+    timewait: bool
+    client: bool  # made by connect(): holds an ephemeral port towards its destination
+
+
 class Preexisting:
     def __init__(
         self,
+        records: Iterable[Record],
+        started: float,
+        close_wait: Sequence[OldCloseWait] = (),
+    ) -> None:
+        self.started = started
+        self._lock = threading.Lock()
+        self._state: dict[PackedKey, int] = {}
+        self._timewait: dict[PackedKey, int] = {}
+        self._clients: set[PackedKey] = set()
+        self._dests: Counter[tuple[int, int, int, bytes]] = Counter()
+        for record in records:
+            (self._timewait if record.timewait else self._state)[record.key] = record.state
+            if record.client:
+                self._clients.add(record.key)
+                self._dests[dest_of(record.key)] += 1
+        self._close_wait = {item.key: item for item in close_wait}
+
+    @classmethod
+    def from_sockets(
+        cls,
         sockets: Iterable[DiagSocket],
         netns: int,
         started: float,
         comm_of_inode: Callable[[int], str] = lambda inode: "",
-    ) -> None:
-        self.started = started
-        self._lock = threading.Lock()
-        self._state: dict[TupleKey, int] = {}
-        self._timewait: dict[TupleKey, int] = {}
-        self._close_wait: dict[TupleKey, OldCloseWait] = {}
-        self._dests: Counter[DestKey] = Counter()
-        self._dest_of: dict[TupleKey, DestKey] = {}
-        sockets = list(sockets)
-        listening = {sock.lport for sock in sockets if sock.state == TcpState.LISTEN}
-        for sock in sockets:
-            if sock.state not in COUNTED:
-                continue
-            key = key_of(sock, netns)
-            if sock.is_timewait:
-                self._timewait[key] = sock.state
-            else:
-                self._state[key] = sock.state
-            if sock.state == TcpState.CLOSE_WAIT and not sock.is_timewait:
-                self._close_wait[key] = OldCloseWait(
-                    key, sock.inode, started, comm_of_inode(sock.inode)
-                )
-            # A connection whose local port is not listening was made by connect():
-            # it holds an ephemeral port towards its destination.
-            if sock.state != TcpState.LISTEN and sock.lport not in listening:
-                dest = (netns, sock.family, sock.rport, key[5])
-                self._dests[dest] += 1
-                self._dest_of[key] = dest
+    ) -> Preexisting:
+        records, close_wait = compact(list(sockets), netns, started, comm_of_inode)
+        return cls(records, started, close_wait)
 
-    def adopt(self, keys: Iterable[TupleKey]) -> None:
+    def adopt(self, keys: Iterable[PackedKey]) -> None:
         """The kernel program now follows these sockets: stop counting them here."""
         with self._lock:
             for key in keys:
                 self._forget(key)
 
-    def _forget(self, key: TupleKey) -> None:
+    def _forget(self, key: PackedKey) -> None:
         self._state.pop(key, None)
         self._timewait.pop(key, None)
         self._close_wait.pop(key, None)
-        dest = self._dest_of.pop(key, None)
-        if dest is not None:
+        if key in self._clients:
+            self._clients.discard(key)
+            dest = dest_of(key)
             self._dests[dest] -= 1
             if self._dests[dest] <= 0:
                 del self._dests[dest]
@@ -116,7 +143,7 @@ class Preexisting:
     def has_timewait(self) -> bool:
         return bool(self._timewait)
 
-    def timewait_still_there(self, present: set[TupleKey]) -> None:
+    def timewait_still_there(self, present: set[PackedKey]) -> None:
         """Forget timewait sockets a fresh sock_diag listing no longer shows."""
         with self._lock:
             for key in [key for key in self._timewait if key not in present]:
@@ -132,13 +159,35 @@ class Preexisting:
         with self._lock:
             return list(self._close_wait.values())
 
-    def dests(self) -> Counter[DestKey]:
+    def dests(self) -> Counter[tuple[int, int, int, bytes]]:
         with self._lock:
             return Counter(self._dests)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._state) + len(self._timewait)
+
+
+def compact(
+    sockets: list[DiagSocket],
+    netns: int,
+    started: float,
+    comm_of_inode: Callable[[int], str],
+) -> tuple[list[Record], list[OldCloseWait]]:
+    """Records to keep, and the sockets already in CLOSE_WAIT (pure)."""
+    listening = {sock.lport for sock in sockets if sock.state == TcpState.LISTEN}
+    records = []
+    close_wait = []
+    for sock in sockets:
+        if sock.state not in COUNTED:
+            continue
+        key = key_of(sock, netns)
+        # A connection whose local port is not listening was made by connect().
+        client = sock.state != TcpState.LISTEN and sock.lport not in listening
+        records.append(Record(key, int(sock.state), sock.is_timewait, client))
+        if sock.state == TcpState.CLOSE_WAIT and not sock.is_timewait:
+            close_wait.append(OldCloseWait(key, sock.inode, started, comm_of_inode(sock.inode)))
+    return records, close_wait
 
 
 def wanted(
@@ -156,14 +205,10 @@ def wanted(
     return pid is None or pid in holders.get(sock.inode, ())
 
 
-def take_snapshot(
-    netns: int,
-    ports: frozenset[int] = frozenset(),
-    family: int | None = None,
-    pid: int | None = None,
-) -> Preexisting:
-    """sock_diag snapshot of this namespace's TCP sockets the filters want, now,
-    with the programs holding the ones already in CLOSE_WAIT."""
+def _snapshot_in_child(
+    netns: int, ports: frozenset[int], family: int | None, pid: int | None
+) -> tuple[list[Record], list[OldCloseWait], float]:
+    """Run in a child process: list the sockets, keep what the daemon needs."""
     from . import procfs, sockdiag
 
     sockets = sockdiag.snapshot()
@@ -183,4 +228,40 @@ def take_snapshot(
                 return info.comm
         return ""
 
-    return Preexisting(sockets, netns, started, comm_of_inode)
+    records, close_wait = compact(sockets, netns, started, comm_of_inode)
+    return records, close_wait, started
+
+
+def _timewait_keys_in_child(netns: int) -> set[PackedKey]:
+    from . import sockdiag
+
+    present = sockdiag.snapshot(states=[TcpState.TIME_WAIT, TcpState.FIN_WAIT2])
+    return {key_of(sock, netns) for sock in present if sock.is_timewait}
+
+
+def in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """Run `function(*args)` in a fresh child interpreter and return its result.
+
+    Its memory (every intermediate object of a big netlink dump) goes away
+    with it. Errors come back as exceptions of their own type."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def take_snapshot(
+    netns: int,
+    ports: frozenset[int] = frozenset(),
+    family: int | None = None,
+    pid: int | None = None,
+) -> Preexisting:
+    """sock_diag snapshot of this namespace's TCP sockets the filters want, now,
+    with the programs holding the ones already in CLOSE_WAIT."""
+    records, close_wait, started = in_child(_snapshot_in_child, netns, ports, family, pid)
+    return Preexisting(records, started, close_wait)
+
+
+def timewait_keys(netns: int) -> set[PackedKey]:
+    """Timewait sockets of this namespace, now (listed in a child process)."""
+    keys: set[PackedKey] = in_child(_timewait_keys_in_child, netns)
+    return keys

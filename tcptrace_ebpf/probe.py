@@ -131,6 +131,11 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "HAVE_TIMER_EXPIRES": int(features.has("timewait") and features.has("timer_expires")),
         "HAVE_KFREE_RX_SK": int(features.has("timewait") and features.has("kfree_rx_sk")),
         "USE_RAW_TIMERS": int(features.has("raw_timers")),
+        "USE_RAW_SET_STATE": int(features.has("raw_set_state")),
+        "SK_HEAD_START": features.sk_head[0],
+        "SK_HEAD_LEN": max(8, features.sk_head[1]),
+        "INET_HEAD_START": features.inet_head[0],
+        "INET_HEAD_LEN": max(8, features.inet_head[1]),
         "USE_RAW_KFREE": int(features.has("raw_kfree")),
         "KFREE_SKB_RX_SK_ARG": max(0, features.kfree_skb_rx_sk_arg),
     }
@@ -509,7 +514,10 @@ class Tracer:
         self._sweep_close_fd = self._load_sweeper("sweep_pending_close")
         if self.options.emit_events:
             self._open_event_buffer()
-        self._attach("sock:inet_sock_set_state", "on_inet_sock_set_state")
+        if self.features.has("raw_set_state"):
+            self._attach_raw("sock:inet_sock_set_state", "raw_inet_sock_set_state")
+        else:
+            self._attach("sock:inet_sock_set_state", "on_inet_sock_set_state")
 
     def _load_sweeper(self, name: str) -> int:
         """Load a program that user space runs on demand (BPF_PROG_TEST_RUN)."""
@@ -692,14 +700,15 @@ class Tracer:
             )
         return result
 
-    def drain_adopted(self) -> list[TupleKey]:
-        """Pre-existing sockets the program has seen since the last call (and forgets)."""
+    def drain_adopted(self) -> list[bytes]:
+        """Pre-existing sockets the program has seen since the last call (and
+        forgets), as packed struct tt_tuple bytes."""
         table = self.bpf["adopted"]
         keys = [key for key, _value in table.items()]
         for key in keys:
             with contextlib.suppress(KeyError):
                 del table[key]
-        return [tuple_key(key) for key in keys]
+        return [bytes(key) for key in keys]
 
     def percpu_array(self, name: str) -> list[int]:
         """A per-CPU array map, summed over CPUs (signed values stay signed)."""

@@ -61,7 +61,9 @@ class ProcessInfo:
 
 
 def socket_holders(
-    inodes: Collection[int] | None = None, proc: str = "/proc"
+    inodes: Collection[int] | None = None,
+    proc: str = "/proc",
+    pids: Collection[int] | None = None,
 ) -> dict[int, list[int]]:
     """Map socket inode -> sorted PIDs of the processes holding an fd to it.
 
@@ -69,12 +71,14 @@ def socket_holders(
     absent from the result); with None every socket found is reported. A
     socket shared by several processes (inherited across fork, passed over a
     unix socket) lists each of them. PIDs are process (thread-group) ids.
+    With ``pids`` only those processes are searched (a cheap first look where
+    the holder is probably known).
     """
     wanted = None if inodes is None else frozenset(inodes)
     if wanted is not None and not wanted:
         return {}
     holders: dict[int, set[int]] = {}
-    for pid in _pids(proc):
+    for pid in _pids(proc) if pids is None else sorted(set(pids)):
         # Every fd link has to be read anyway: nothing cheaper says whether a
         # process has sockets, and a socket may have holders anywhere, so
         # there is no early exit either.

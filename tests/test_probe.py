@@ -72,7 +72,8 @@ def test_event_layout_matches_bcc() -> None:
 
 
 DEGRADED = [
-    ("raw_timers", "raw_kfree"),  # classic tracepoints (kernels before 4.17)
+    ("raw_set_state", "raw_timers", "raw_kfree"),  # classic tracepoints (before 4.17)
+    ("raw_set_state",),  # BTF lacking a socket field the raw program reads
     ("timewait",),
     ("kfree_rx_sk",),
     ("tw_substate", "timer_expires"),
@@ -324,3 +325,59 @@ def test_stale_timewait_is_swept() -> None:
     assert client_life.close is None
     assert client_life.lost is True
     assert counters["missed_ends"] == 1
+
+
+@requires_root
+def test_raw_and_classic_tracepoints_see_the_same() -> None:
+    """The raw program reads the socket itself; the classic one gets the
+    kernel's formatted record. Side by side, they must report the same events."""
+    classic_features = without("raw_set_state", "raw_timers", "raw_kfree")
+    raw_features = detect_features()
+    assert raw_features.has("raw_set_state")
+    ports = {free_port(), free_port("::1")}
+    streams: dict[str, list] = {"raw": [], "classic": []}
+    tracers = []
+    for name, features in (("raw", raw_features), ("classic", classic_features)):
+        decoder = Decoder(clock_offset_ns())
+        sink = streams[name]
+        tracer = Tracer(
+            TracerOptions(emit_events=True, ports=frozenset(ports)),
+            features,
+            on_event=lambda raw, d=decoder, s=sink: s.append(d.decode(raw)),
+        )
+        tracer.start()
+        tracers.append(tracer)
+    try:
+        v4, v6 = sorted(ports)
+        for host, port in (("127.0.0.1", v4), ("::1", v6)):
+            with Peer() as server, Peer() as client:
+                server.cmd(f"listen {host} {port}")
+                cport = int(client.cmd(f"connect {host} {port} {free_port(host)}"))
+                server.cmd("accept")
+                client.cmd("close")
+                server.cmd("close")
+                client.cmd(f"connect {host} {port} {cport}")  # reuses the pair
+                server.cmd("accept")
+                server.cmd("close")  # the server closes first this time
+                time.sleep(0.05)
+                client.cmd("linger0")
+                client.cmd("close")
+                server.cmd("close_listener")
+                client.try_cmd(f"connect {host} {port}")  # refused
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for tracer in tracers:
+                tracer.poll(50)
+                tracer.sweep()
+    finally:
+        for tracer in tracers:
+            tracer.close()
+
+    def seen(events: list) -> list:
+        return sorted(
+            (e.family, e.laddr, e.lport, e.raddr, e.rport, e.old_state, e.new_state, e.tw_end)
+            for e in events
+        )
+
+    assert len(streams["raw"]) >= 20
+    assert seen(streams["raw"]) == seen(streams["classic"])
