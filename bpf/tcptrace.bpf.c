@@ -131,8 +131,17 @@ BPF_F_TABLE("hash", u64, struct tt_close_wait, close_wait, MAX_CLOSE_WAIT, BPF_F
  * (EADDRNOTAVAIL) once its count reaches the ephemeral port range.
  */
 BPF_F_TABLE("hash", struct tt_dest, s64, dest_ports, MAX_DESTS, BPF_F_NO_PREALLOC);
-/* Pre-existing sockets seen for the first time; drained by user space. */
+/*
+ * Pre-existing sockets seen for the first time (value: the state they left),
+ * and news of pre-existing timewait sockets (TT_ADOPT_OLD_TIMEWAIT | state:
+ * CLOSE once gone, or the state it is still in after its timer was re-armed).
+ * Drained by user space, which counts those sockets from its snapshot.
+ */
 BPF_F_TABLE("hash", struct tt_tuple, u8, adopted, MAX_ADOPTED, BPF_F_NO_PREALLOC);
+#if WATCH_OLD_TIMEWAIT
+/* Non-zero while user space still counts timewait sockets from its snapshot. */
+BPF_ARRAY(watch_old_timewait, u32, 1);
+#endif
 #if PORT_SLOTS > 1
 /* Local listening port -> row of the `port` label; missing: row 0 ("other"). */
 BPF_HASH(port_slots, u16, u8, PORT_SLOTS);
@@ -629,6 +638,71 @@ static __always_inline void tw_match_reuse(void *ctx, struct tt_tuple *t)
 	tw_killed.delete(t);
 }
 
+#if USE_RAW_TIMERS || WATCH_OLD_TIMEWAIT
+static __always_inline u64 timer_function(u64 timer)
+{
+	u64 function = 0;
+	bpf_probe_read_kernel(&function, sizeof(function), (void *)(timer + OFF_TIMER_FUNCTION));
+	return function;
+}
+#endif
+
+/* The address pair of a timewait socket, from its sock_common (as for a full socket). */
+static __always_inline void tw_tuple(u64 tw, struct tt_tuple *t)
+{
+#if HAVE_TW_TUPLE
+	u16 dport = 0;
+	bpf_probe_read_kernel(&t->family, 2, (void *)(tw + OFF_SKC_FAMILY));
+	bpf_probe_read_kernel(&t->sport, 2, (void *)(tw + OFF_SKC_NUM)); /* host order */
+	bpf_probe_read_kernel(&dport, 2, (void *)(tw + OFF_SKC_DPORT));
+	t->dport = ntohs(dport);
+	if (t->family == TT_AF_INET) {
+		bpf_probe_read_kernel(t->saddr, 4, (void *)(tw + OFF_SKC_RCV_SADDR));
+		bpf_probe_read_kernel(t->daddr, 4, (void *)(tw + OFF_SKC_DADDR));
+	} else {
+		bpf_probe_read_kernel(t->saddr, 16, (void *)(tw + OFF_SKC_V6_RCV_SADDR));
+		bpf_probe_read_kernel(t->daddr, 16, (void *)(tw + OFF_SKC_V6_DADDR));
+	}
+	t->netns = read_netns(tw);
+#endif
+}
+
+/* Whether a timewait socket still has this address pair (always, if we cannot read it). */
+static __always_inline bool tw_has_tuple(u64 tw, struct tt_tuple *t, const struct tt_tuple *pair)
+{
+#if HAVE_TW_TUPLE
+	tw_tuple(tw, t);
+	const u32 *a = (const u32 *)t, *b = (const u32 *)pair;
+#pragma unroll
+	for (int i = 0; i < sizeof(*t) / 4; i++)
+		if (a[i] != b[i])
+			return false;
+#endif
+	return true;
+}
+
+#if WATCH_OLD_TIMEWAIT
+/*
+ * Timewait sockets older than tracing are counted by user space from its
+ * snapshot; we never followed them, but their timer shows when they go. Only
+ * while user space still counts some: otherwise every cancelled timer in the
+ * system would cost a read here.
+ */
+static __always_inline bool watching_old_timewait(void)
+{
+	u32 zero = 0;
+	u32 *watch = watch_old_timewait.lookup(&zero);
+	return watch && *watch;
+}
+
+static __always_inline void old_timewait_news(const struct tt_tuple *t, u8 state)
+{
+	u8 value = TT_ADOPT_OLD_TIMEWAIT | state;
+	if (adopted.update(t, &value) != 0)
+		count(TT_C_LOST_ADOPTED_MAP);
+}
+#endif
+
 static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 {
 	if (function != TW_TIMER_HANDLER)
@@ -655,20 +729,34 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 	}
 	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
 	if (cs && cs->tw == tw && now - cs->ts_ns < 100000) {
-		/* Not a death: mod_timer moved the timer to another bucket. */
-		struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
-		if (k && k->killed_ns == cs->ts_ns) {
-			struct tt_timewait alive = *k;
-			alive.killed_ns = 0;
-			tw_killed.delete(&cs->tuple);
-			if (timewait.update(&tw, &alive) == 0) {
-				e = timewait.lookup(&tw);
-				if (e)
-					tw_check_fin(ctx, tw, e, now);
-			}
-		}
 		cs->tw = 0;
-		return 0;
+		struct tt_tuple t = {};
+		/*
+		 * Not a death if the same pair is there: mod_timer moved the timer
+		 * to another bucket. (A different pair is a new timewait socket in
+		 * the memory of the one just freed.)
+		 */
+		if (tw_has_tuple(tw, &t, &cs->tuple)) {
+			struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
+			if (k && k->killed_ns == cs->ts_ns) {
+				struct tt_timewait alive = *k;
+				alive.killed_ns = 0;
+				tw_killed.delete(&cs->tuple);
+				if (timewait.update(&tw, &alive) == 0) {
+					e = timewait.lookup(&tw);
+					if (e)
+						tw_check_fin(ctx, tw, e, now);
+				}
+			}
+#if WATCH_OLD_TIMEWAIT
+			else if (!k && watching_old_timewait()) {
+				/* An old timewait socket lives on (the peer's FIN re-armed it). */
+				u8 substate = tw_read_substate(tw);
+				old_timewait_news(&t, substate ? substate : TT_TIME_WAIT);
+			}
+#endif
+			return 0;
+		}
 	}
 	/* A new timewait socket: its full socket goes to CLOSE right after. */
 	if (slot) {
@@ -683,8 +771,22 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer)
 {
 	u64 tw = timer - OFF_TW_TIMER;
 	struct tt_timewait *e = timewait.lookup(&tw);
-	if (!e)
+	if (!e) {
+#if WATCH_OLD_TIMEWAIT
+		if (watching_old_timewait() && timer_function(timer) == TW_TIMER_HANDLER) {
+			/* One older than tracing goes (or moves: see timer_started). */
+			u32 zero = 0;
+			struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+			if (cs) {
+				cs->tw = tw;
+				cs->ts_ns = bpf_ktime_get_ns();
+				tw_tuple(tw, &cs->tuple);
+				old_timewait_news(&cs->tuple, TT_CLOSE);
+			}
+		}
+#endif
 		return 0;
+	}
 	/*
 	 * Removed early (reused, RST, ss -K, netns exit) or being re-armed in
 	 * another bucket (see cancel_slot). Either way the memory may be freed
@@ -771,13 +873,6 @@ static __always_inline int skb_freed(void *ctx, u64 rx_sk)
  * arriving in one of them made the kernel skip our state-change program.
  */
 #if USE_RAW_TIMERS
-static __always_inline u64 timer_function(u64 timer)
-{
-	u64 function = 0;
-	bpf_probe_read_kernel(&function, sizeof(function), (void *)(timer + OFF_TIMER_FUNCTION));
-	return function;
-}
-
 int raw_timer_start(struct bpf_raw_tracepoint_args *ctx)
 {
 	u64 timer = ctx->args[0];

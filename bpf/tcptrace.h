@@ -213,6 +213,9 @@ struct tt_close_wait {
 	char comm[TT_COMM_LEN];
 };
 
+/* In the `adopted` map's value: news of a timewait socket older than tracing. */
+#define TT_ADOPT_OLD_TIMEWAIT 0x80
+
 /* Indexes of the `counters` map: self-metrics and lost events by cause. */
 enum tt_counter {
 	TT_C_EVENTS = 0,		/* TCP state changes seen */

@@ -26,7 +26,7 @@ from .api import DEFAULT_PATH as DEFAULT_API_PATH
 from .api import ApiServer
 from .errors import UserError
 from .metrics import CloseWaitOwner, KernelReading, NotReady, TcpTraceCollector
-from .preexisting import TUPLE, Preexisting, take_snapshot, timewait_keys
+from .preexisting import TUPLE, Preexisting, take_snapshot
 from .probe import KernelCloseWait, Tracer, TracerOptions, TupleKey
 from .runner import StopFlag
 from .seed import collect_listener_seeds, own_netns_inum
@@ -54,7 +54,6 @@ def endpoints(key: TupleKey | bytes) -> tuple[int, str, int, str, int]:
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
-TIMEWAIT_RECHECK_S = 5.0
 HOLDER_REFRESH_S = 5.0  # how often new CLOSE_WAIT sockets' holders are looked up in /proc
 FULL_HOLDER_SCAN_S = 60.0  # at most this often, every process's fd table is searched
 PORT_LABEL_SLOTS = 20  # "other" plus 19 listening ports
@@ -132,7 +131,7 @@ class Exporter:
         self.tracer = Tracer(tracer_options, prepare=self._prepare)
         self.preexisting: Preexisting | None = None
         self._ready = threading.Event()
-        self._last_timewait_check = 0.0
+        self._watching_old_timewait = False
         self._last_holder_refresh = 0.0
         self._last_full_holder_scan = -FULL_HOLDER_SCAN_S
         # CLOSE_WAIT sockets' holders (program names), by address pair, from /proc.
@@ -198,6 +197,8 @@ class Exporter:
             )
             self.preexisting = Preexisting([], time.time())
         log.info("start-up snapshot: %d existing sockets", len(self.preexisting))
+        if self.preexisting.has_timewait:
+            self._watching_old_timewait = tracer.watch_old_timewait(True)
         if self.port_labels is not None:
             self._assign_port_slots(self._listening_ports())
 
@@ -227,12 +228,11 @@ class Exporter:
         self.tracer.sweep()
         if self.preexisting is not None:
             self.preexisting.adopt(self.tracer.drain_adopted())
-            if (
-                self.preexisting.has_timewait
-                and time.monotonic() - self._last_timewait_check >= TIMEWAIT_RECHECK_S
-            ):
-                self._last_timewait_check = time.monotonic()
-                self._recheck_timewait()
+            self.preexisting.expire_timewait()
+            if self._watching_old_timewait and not self.preexisting.has_timewait:
+                # All gone: spare every timer cancel in the system the check.
+                self.tracer.watch_old_timewait(False)
+                self._watching_old_timewait = False
         if self.port_labels is not None:
             self._assign_port_slots(self._listening_ports())
         if time.monotonic() - self._last_holder_refresh >= HOLDER_REFRESH_S:
@@ -336,15 +336,6 @@ class Exporter:
 
     def _comm_of(self, sock: KernelCloseWait) -> str:
         return self._holder_comm.get(endpoints(sock.key), sock.comm)
-
-    def _recheck_timewait(self) -> None:
-        assert self.preexisting is not None
-        try:
-            present = timewait_keys(self.netns)
-        except (UserError, OSError) as err:
-            log.debug("timewait re-check failed: %s", err)
-            return
-        self.preexisting.timewait_still_there(present)
 
     def _listening_ports(self) -> list[int]:
         table = self.tracer.table("listeners")

@@ -151,7 +151,15 @@ BTF_OFFSETS = {
     "OFF_INET_SPORT": ("inet_sock", "inet_sport"),
     "OFF_SKC_V6_DADDR": ("sock_common", "skc_v6_daddr"),
     "OFF_SKC_V6_RCV_SADDR": ("sock_common", "skc_v6_rcv_saddr"),
+    # And what a timewait socket's address pair is read from (its sock_common).
+    "OFF_SKC_NUM": ("sock_common", "skc_num"),
+    "OFF_SKC_RCV_SADDR": ("sock_common", "skc_rcv_saddr"),
 }
+# The sock_common fields a timewait socket's address pair is read from.
+TW_TUPLE_FIELDS = (
+    "OFF_SKC_FAMILY", "OFF_SKC_NUM", "OFF_SKC_DPORT", "OFF_SKC_RCV_SADDR", "OFF_SKC_DADDR",
+    "OFF_SKC_V6_RCV_SADDR", "OFF_SKC_V6_DADDR",
+)  # fmt: skip
 # Sizes the raw set_state program assumes for those fields.
 RAW_SET_STATE_SIZES = {
     "OFF_SK_PROTOCOL": 2,
@@ -350,6 +358,15 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         "sock:inet_sock_set_state attached raw (several times cheaper per change)"
         if not reasons
         else "sock:inet_sock_set_state attached classic (" + "; ".join(reasons) + ")",
+    )
+    tw_tuple = features.has("timewait") and all(f in features.offsets for f in TW_TUPLE_FIELDS)
+    features.note(
+        "tw_tuple",
+        tw_tuple,
+        "timewait sockets' address pairs: those older than tracing are seen to go"
+        if tw_tuple
+        else "no sock_common offsets in BTF: timewait sockets older than tracing are "
+        "counted until their timer's due time",
     )
     kfree = features.formats.get("kfree_skb")
     features.note(

@@ -3,9 +3,13 @@
 The BPF program counts a socket once it sees it change state. Sockets that
 were already there are counted from a sock_diag snapshot taken at start-up
 (before the probes attach): each stays counted here, in the state the
-snapshot saw, until the program reports seeing it (the `adopted` map), or,
-for timewait sockets (whose life no tracepoint shows), until sock_diag no
-longer lists them.
+snapshot saw, until the program reports seeing it (the `adopted` map).
+Timewait sockets never change state on the tracepoint: the program watches
+their timers instead and reports when one goes (early, by reuse of its
+address pair or a RST, or at its timer). Each is also forgotten once its
+timer, as the snapshot gave it, is well past due: the last word where the
+kernel cannot tell (see `tw_tuple` in `doctor`), and for one that went
+between the snapshot and the attach.
 
 On a busy host the snapshot has hundreds of thousands of sockets, and
 reading them through pyroute2 costs far more memory than keeping them: it
@@ -30,6 +34,13 @@ from typing import Any
 from .sockdiag import DiagSocket
 from .states import TcpState
 
+# In an `adopted` value: news of a timewait socket (TT_ADOPT_OLD_TIMEWAIT, bpf/tcptrace.h).
+ADOPT_OLD_TIMEWAIT = 0x80
+# A timewait socket's timer runs at most TCP_TIMEWAIT_LEN; past its due time
+# by this much, it is gone even if the kernel's word was lost.
+TIMEWAIT_LEN_S = 60.0
+TIMEWAIT_GRACE_S = 2.0
+
 # struct tt_tuple (bpf/tcptrace.h): netns, family, sport, dport, pad, saddr, daddr.
 TUPLE = struct.Struct("<IHHHH16s16s")
 # A destination, from a tuple: netns + family (bytes 0-6), dport (8-10), daddr (28-44).
@@ -53,15 +64,16 @@ def packed(family: int, address: str) -> bytes:
     return raw.ljust(16, b"\0")
 
 
+def key_of_pair(
+    netns: int, family: int, *, laddr: str, lport: int, raddr: str, rport: int
+) -> PackedKey:
+    """struct tt_tuple, packed, of one address pair."""
+    return TUPLE.pack(netns, family, lport, rport, 0, packed(family, laddr), packed(family, raddr))
+
+
 def key_of(sock: DiagSocket, netns: int) -> PackedKey:
-    return TUPLE.pack(
-        netns,
-        sock.family,
-        sock.lport,
-        sock.rport,
-        0,
-        packed(sock.family, sock.laddr),
-        packed(sock.family, sock.raddr),
+    return key_of_pair(
+        netns, sock.family, laddr=sock.laddr, lport=sock.lport, raddr=sock.raddr, rport=sock.rport
     )
 
 
@@ -89,6 +101,7 @@ class Record:
     state: int
     timewait: bool
     client: bool  # made by connect(): holds an ephemeral port towards its destination
+    expires_ms: int = 0  # a timewait socket's timer: milliseconds left at the snapshot
 
 
 class Preexisting:
@@ -102,10 +115,20 @@ class Preexisting:
         self._lock = threading.Lock()
         self._state: dict[PackedKey, int] = {}
         self._timewait: dict[PackedKey, int] = {}
+        # When each timewait socket is surely gone (time.monotonic()).
+        self._timewait_due: dict[PackedKey, float] = {}
         self._clients: set[PackedKey] = set()
         self._dests: Counter[tuple[int, int, int, bytes]] = Counter()
+        # The snapshot's time on the monotonic clock.
+        taken = time.monotonic() - max(0.0, time.time() - started)
         for record in records:
-            (self._timewait if record.timewait else self._state)[record.key] = record.state
+            if record.timewait:
+                self._timewait[record.key] = record.state
+                self._timewait_due[record.key] = (
+                    taken + min(record.expires_ms / 1000, TIMEWAIT_LEN_S) + TIMEWAIT_GRACE_S
+                )
+            else:
+                self._state[record.key] = record.state
             if record.client:
                 self._clients.add(record.key)
                 self._dests[dest_of(record.key)] += 1
@@ -122,15 +145,33 @@ class Preexisting:
         records, close_wait = compact(list(sockets), netns, started, comm_of_inode)
         return cls(records, started, close_wait)
 
-    def adopt(self, keys: Iterable[PackedKey]) -> None:
-        """The kernel program now follows these sockets: stop counting them here."""
+    def adopt(self, news: Iterable[tuple[PackedKey, int]], now: float | None = None) -> None:
+        """What the kernel program reported (see Tracer.drain_adopted): sockets
+        it now follows, and timewait sockets that went or live on."""
+        now = time.monotonic() if now is None else now
         with self._lock:
-            for key in keys:
+            for key, value in news:
+                if not value & ADOPT_OLD_TIMEWAIT:
+                    self._forget(key)  # followed by the kernel from now on
+                elif value & ~ADOPT_OLD_TIMEWAIT == TcpState.CLOSE:
+                    if key in self._timewait:
+                        self._forget(key)
+                elif key in self._timewait:
+                    # Re-armed (the peer's FIN): a full TIME_WAIT from now.
+                    self._timewait[key] = value & ~ADOPT_OLD_TIMEWAIT
+                    self._timewait_due[key] = now + TIMEWAIT_LEN_S + TIMEWAIT_GRACE_S
+
+    def expire_timewait(self, now: float | None = None) -> None:
+        """Forget timewait sockets whose timer is well past due."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for key in [key for key, due in self._timewait_due.items() if due <= now]:
                 self._forget(key)
 
     def _forget(self, key: PackedKey) -> None:
         self._state.pop(key, None)
         self._timewait.pop(key, None)
+        self._timewait_due.pop(key, None)
         self._close_wait.pop(key, None)
         if key in self._clients:
             self._clients.discard(key)
@@ -142,12 +183,6 @@ class Preexisting:
     @property
     def has_timewait(self) -> bool:
         return bool(self._timewait)
-
-    def timewait_still_there(self, present: set[PackedKey]) -> None:
-        """Forget timewait sockets a fresh sock_diag listing no longer shows."""
-        with self._lock:
-            for key in [key for key in self._timewait if key not in present]:
-                self._forget(key)
 
     def counts(self) -> dict[int, int]:
         with self._lock:
@@ -184,7 +219,8 @@ def compact(
         key = key_of(sock, netns)
         # A connection whose local port is not listening was made by connect().
         client = sock.state != TcpState.LISTEN and sock.lport not in listening
-        records.append(Record(key, int(sock.state), sock.is_timewait, client))
+        expires_ms = sock.expires_ms if sock.is_timewait else 0
+        records.append(Record(key, int(sock.state), sock.is_timewait, client, expires_ms))
         if sock.state == TcpState.CLOSE_WAIT and not sock.is_timewait:
             close_wait.append(OldCloseWait(key, sock.inode, started, comm_of_inode(sock.inode)))
     return records, close_wait
@@ -232,13 +268,6 @@ def _snapshot_in_child(
     return records, close_wait, started
 
 
-def _timewait_keys_in_child(netns: int) -> set[PackedKey]:
-    from . import sockdiag
-
-    present = sockdiag.snapshot(states=[TcpState.TIME_WAIT, TcpState.FIN_WAIT2])
-    return {key_of(sock, netns) for sock in present if sock.is_timewait}
-
-
 def in_child(function: Callable[..., Any], *args: Any) -> Any:
     """Run `function(*args)` in a fresh child interpreter and return its result.
 
@@ -259,9 +288,3 @@ def take_snapshot(
     with the programs holding the ones already in CLOSE_WAIT."""
     records, close_wait, started = in_child(_snapshot_in_child, netns, ports, family, pid)
     return Preexisting(records, started, close_wait)
-
-
-def timewait_keys(netns: int) -> set[PackedKey]:
-    """Timewait sockets of this namespace, now (listed in a child process)."""
-    keys: set[PackedKey] = in_child(_timewait_keys_in_child, netns)
-    return keys

@@ -137,6 +137,12 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "INET_HEAD_START": features.inet_head[0],
         "INET_HEAD_LEN": max(8, features.inet_head[1]),
         "USE_RAW_KFREE": int(features.has("raw_kfree")),
+        "HAVE_TW_TUPLE": int(features.has("tw_tuple")),
+        "WATCH_OLD_TIMEWAIT": int(
+            options.collect_metrics
+            and features.has("tw_tuple")
+            and "OFF_TIMER_FUNCTION" in features.offsets
+        ),
         "KFREE_SKB_RX_SK_ARG": max(0, features.kfree_skb_rx_sk_arg),
     }
     for name, offset in features.offsets.items():
@@ -700,15 +706,30 @@ class Tracer:
             )
         return result
 
-    def drain_adopted(self) -> list[bytes]:
-        """Pre-existing sockets the program has seen since the last call (and
-        forgets), as packed struct tt_tuple bytes."""
+    def drain_adopted(self) -> list[tuple[bytes, int]]:
+        """News of pre-existing sockets since the last call (then forgotten):
+        (packed struct tt_tuple, value), the value being the state a socket
+        was first seen leaving, or TT_ADOPT_OLD_TIMEWAIT | the state of a
+        timewait socket (CLOSE once it is gone)."""
         table = self.bpf["adopted"]
-        keys = [key for key, _value in table.items()]
-        for key in keys:
+        items = [(key, int(value.value)) for key, value in table.items()]
+        for key, _value in items:
             with contextlib.suppress(KeyError):
                 del table[key]
-        return [bytes(key) for key in keys]
+        return [(bytes(key), value) for key, value in items]
+
+    def watch_old_timewait(self, on: bool) -> bool:
+        """Have the program report when timewait sockets older than tracing
+        go (only while user space counts some: it costs a read per timer
+        cancelled). False if this kernel cannot."""
+        if self.bpf is None or self.features is None or not self.features.has("tw_tuple"):
+            return False
+        try:
+            table = self.bpf["watch_old_timewait"]
+        except KeyError:
+            return False
+        table[ctypes.c_int(0)] = ctypes.c_uint32(int(on))
+        return True
 
     def percpu_array(self, name: str) -> list[int]:
         """A per-CPU array map, summed over CPUs (signed values stay signed)."""

@@ -271,6 +271,27 @@ def test_socket_gauge_matches_ss() -> None:
 
 
 @requires_root
+def test_timewait_older_than_the_exporter_leaves_the_gauge_when_it_ends() -> None:
+    """TIME_WAIT sockets made before the exporter started are counted from
+    its snapshot. Ended early (a new connection reuses the address pair), the
+    kernel program reports it and the gauge drops at once, not when their
+    60 s timers would have run out."""
+    k = 20
+    port = free_port()
+    client_ports = churn(port, k)
+    made = time.monotonic()
+    with serving("--port", str(port)) as (_run, http_port):
+        assert value(scrape(http_port), "tcptrace_sockets", state="TIME_WAIT") == k
+        # The kernel reuses a loopback pair once its TIME_WAIT is 1 s old.
+        time.sleep(max(0.0, made + 1.2 - time.monotonic()))
+        reuse_and_reset(port, client_ports)
+        assert ss_counts(port)["TIME_WAIT"] == 0
+        ended = time.monotonic()
+        wait_for(lambda: value(scrape(http_port), "tcptrace_sockets", state="TIME_WAIT") == 0)
+        assert time.monotonic() - ended < 5
+
+
+@requires_root
 def test_kernel_and_engine_agree_on_how_connections_closed() -> None:
     """serve (kernel classification) and lifecycles (Python engine), side by
     side over a mix of endings, count the same closes by role."""

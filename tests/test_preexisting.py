@@ -1,0 +1,94 @@
+"""Sockets older than the exporter, counted from its snapshot until the
+kernel program reports them (pure logic, no root)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from tcptrace_ebpf.preexisting import (
+    ADOPT_OLD_TIMEWAIT,
+    TIMEWAIT_GRACE_S,
+    TIMEWAIT_LEN_S,
+    Preexisting,
+    Record,
+    key_of_pair,
+)
+from tcptrace_ebpf.states import TcpState
+
+NETNS = 4026531840
+
+
+def key(lport: int, rport: int = 80) -> bytes:
+    return key_of_pair(
+        NETNS, socket.AF_INET, laddr="127.0.0.1", lport=lport, raddr="127.0.0.2", rport=rport
+    )
+
+
+def snapshot(*records: Record) -> Preexisting:
+    return Preexisting(records, time.time())
+
+
+def test_followed_sockets_are_no_longer_counted_here() -> None:
+    old = snapshot(
+        Record(key(1000), TcpState.ESTABLISHED, timewait=False, client=True),
+        Record(key(1001), TcpState.ESTABLISHED, timewait=False, client=True),
+    )
+    assert old.counts() == {TcpState.ESTABLISHED: 2}
+    assert sum(old.dests().values()) == 2
+    old.adopt([(key(1000), TcpState.ESTABLISHED)])
+    assert old.counts() == {TcpState.ESTABLISHED: 1}
+    assert sum(old.dests().values()) == 1
+
+
+def test_timewait_news_from_the_kernel() -> None:
+    gone, rearmed, other = key(2000), key(2001), key(2002)
+    old = snapshot(
+        *(
+            Record(k, TcpState.TIME_WAIT, timewait=True, client=True, expires_ms=30_000)
+            for k in (gone, rearmed)
+        )
+    )
+    now = time.monotonic()
+    old.adopt(
+        [
+            (gone, ADOPT_OLD_TIMEWAIT | TcpState.CLOSE),
+            (rearmed, ADOPT_OLD_TIMEWAIT | TcpState.TIME_WAIT),
+            # Not one of ours (made between the snapshot and the attach): ignored.
+            (other, ADOPT_OLD_TIMEWAIT | TcpState.TIME_WAIT),
+        ],
+        now=now,
+    )
+    assert old.counts() == {TcpState.TIME_WAIT: 1}
+    assert old.has_timewait
+    # Re-armed: it runs a whole TIME_WAIT from now, past the snapshot's due time.
+    old.expire_timewait(now + 30 + TIMEWAIT_GRACE_S + 1)
+    assert old.counts() == {TcpState.TIME_WAIT: 1}
+    old.expire_timewait(now + TIMEWAIT_LEN_S + TIMEWAIT_GRACE_S + 0.1)
+    assert old.counts() == {}
+    assert not old.has_timewait
+    assert sum(old.dests().values()) == 0
+
+
+def test_a_closing_news_does_not_touch_a_full_socket() -> None:
+    """A CLOSE news is about a timewait socket: a full socket with the same
+    pair (FIN_WAIT2, about to become one) stays counted until adopted."""
+    pair = key(3000)
+    old = snapshot(Record(pair, TcpState.FIN_WAIT2, timewait=False, client=True))
+    old.adopt([(pair, ADOPT_OLD_TIMEWAIT | TcpState.CLOSE)])
+    assert old.counts() == {TcpState.FIN_WAIT2: 1}
+
+
+def test_timewait_goes_when_its_timer_is_past_due() -> None:
+    soon, late = key(4000), key(4001)
+    old = snapshot(
+        Record(soon, TcpState.TIME_WAIT, timewait=True, client=False, expires_ms=1_000),
+        Record(late, TcpState.TIME_WAIT, timewait=True, client=False, expires_ms=50_000),
+    )
+    now = time.monotonic()
+    old.expire_timewait(now + 1 + TIMEWAIT_GRACE_S / 2)
+    assert old.counts() == {TcpState.TIME_WAIT: 2}
+    old.expire_timewait(now + 1 + TIMEWAIT_GRACE_S + 0.5)
+    assert old.counts() == {TcpState.TIME_WAIT: 1}
+    old.expire_timewait(now + 50 + TIMEWAIT_GRACE_S + 0.5)
+    assert old.counts() == {}
