@@ -10,7 +10,9 @@
  *     running kernel's tracefs format files (never from headers, which may
  *     describe another kernel);
  *   - OFF_* struct offsets read from the running kernel's BTF, used only with
- *     bpf_probe_read_kernel();
+ *     bpf_probe_read_kernel(), or as plain loads from the BTF-typed pointers
+ *     of tp_btf programs (BTF_LOAD), which the verifier checks against that
+ *     same BTF;
  *   - map sizes, the mode (EMIT_EVENTS, COLLECT_METRICS), filters, and the
  *     bucket_*() functions of the histograms.
  *
@@ -166,6 +168,16 @@ static __always_inline u64 new_sock_id(void)
 	return __sync_fetch_and_add(next, 1) + 1;
 }
 
+#if USE_TP_BTF
+/*
+ * A field of a kernel object whose pointer came typed from BTF (a tp_btf
+ * program's argument): a plain load, which the verifier checks against the
+ * running kernel's BTF when loading and guards against faults, instead of a
+ * bpf_probe_read_kernel() call. Offsets still come from that BTF.
+ */
+#define BTF_LOAD(type, base, off) (*(const volatile type *)((const char *)(base) + (off)))
+#endif
+
 static __always_inline u32 read_netns(u64 sk)
 {
 #if HAVE_NETNS
@@ -178,6 +190,18 @@ static __always_inline u32 read_netns(u64 sk)
 #else
 	return 0;
 #endif
+}
+
+/* sk's network namespace; `typed`: sk is a BTF-typed pointer (tp_btf programs). */
+static __always_inline u32 read_netns_of(u64 sk, bool typed)
+{
+#if HAVE_NETNS && USE_TP_BTF
+	if (typed) {
+		u64 net = BTF_LOAD(u64, sk, OFF_SKC_NET);
+		return net ? BTF_LOAD(u32, net, OFF_NET_NS_INUM) : 0;
+	}
+#endif
+	return read_netns(sk);
 }
 
 static __always_inline bool wanted(const struct tt_tuple *t, u32 pid)
@@ -767,13 +791,15 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 	return 0;
 }
 
-static __always_inline int timer_cancelled(void *ctx, u64 timer)
+/* `function`: the timer's, if the caller read it already (0: not read). */
+static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 {
 	u64 tw = timer - OFF_TW_TIMER;
 	struct tt_timewait *e = timewait.lookup(&tw);
 	if (!e) {
 #if WATCH_OLD_TIMEWAIT
-		if (watching_old_timewait() && timer_function(timer) == TW_TIMER_HANDLER) {
+		if (watching_old_timewait() &&
+		    (function ? function : timer_function(timer)) == TW_TIMER_HANDLER) {
 			/* One older than tracing goes (or moves: see timer_started). */
 			u32 zero = 0;
 			struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
@@ -866,11 +892,12 @@ static __always_inline int skb_freed(void *ctx, u64 rx_sk)
 }
 
 /*
- * Entry points. Raw tracepoints are preferred: cheaper, and the kernel only
- * refuses to nest a raw tracepoint program in itself, while it skips a
- * classic tracepoint program whenever any other one runs on the CPU. These
- * fire for every timer in the system, so with classic ones an interrupt
- * arriving in one of them made the kernel skip our state-change program.
+ * Entry points. Raw tracepoints (BTF-typed best) are preferred: cheaper, and
+ * the kernel only refuses to nest a raw tracepoint program in itself, while
+ * it skips a classic tracepoint program whenever any other one runs on the
+ * CPU. These fire for every timer in the system, so with classic ones an
+ * interrupt arriving in one of them made the kernel skip our state-change
+ * program.
  */
 #if USE_RAW_TIMERS
 int raw_timer_start(struct bpf_raw_tracepoint_args *ctx)
@@ -881,7 +908,7 @@ int raw_timer_start(struct bpf_raw_tracepoint_args *ctx)
 
 int raw_timer_cancel(struct bpf_raw_tracepoint_args *ctx)
 {
-	return timer_cancelled(ctx, ctx->args[0]);
+	return timer_cancelled(ctx, ctx->args[0], 0);
 }
 
 int raw_timer_expire_entry(struct bpf_raw_tracepoint_args *ctx)
@@ -897,12 +924,36 @@ int on_timer_start(struct tp_timer_start *args)
 
 int on_timer_cancel(struct tp_timer_cancel *args)
 {
-	return timer_cancelled(args, (u64)args->timer);
+	return timer_cancelled(args, (u64)args->timer, 0);
 }
 
 int on_timer_expire_entry(struct tp_timer_expire_entry *args)
 {
 	return timer_expiring(args, (u64)args->timer, (u64)args->function);
+}
+#endif
+#if USE_TP_BTF
+/* The same, BTF-typed (see BTF_LOAD): the timer's function is a plain load. */
+int btf_timer_start(u64 *ctx)
+{
+	u64 timer = ctx[0];
+	return timer_started(ctx, timer, BTF_LOAD(u64, timer, OFF_TIMER_FUNCTION));
+}
+
+int btf_timer_cancel(u64 *ctx)
+{
+	u64 timer = ctx[0];
+	u64 function = BTF_LOAD(u64, timer, OFF_TIMER_FUNCTION);
+	/* Only timewait timers concern us; the load is cheaper than a lookup. */
+	if (function != TW_TIMER_HANDLER)
+		return 0;
+	return timer_cancelled(ctx, timer, function);
+}
+
+int btf_timer_expire_entry(u64 *ctx)
+{
+	u64 timer = ctx[0];
+	return timer_expiring(ctx, timer, BTF_LOAD(u64, timer, OFF_TIMER_FUNCTION));
 }
 #endif
 
@@ -916,6 +967,12 @@ int raw_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 int on_kfree_skb(struct tp_kfree_skb *args)
 {
 	return skb_freed(args, (u64)args->rx_sk);
+}
+#endif
+#if USE_TP_BTF
+int btf_kfree_skb(u64 *ctx)
+{
+	return skb_freed(ctx, ctx[KFREE_SKB_RX_SK_ARG]);
 }
 #endif
 #endif
@@ -1065,14 +1122,18 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 	return true;
 }
 
-/* One TCP state change of socket sk: old -> new, t its address pair now. */
-static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct tt_tuple t)
+/*
+ * One TCP state change of socket sk: old -> new, t its address pair now.
+ * `typed`: sk is a BTF-typed pointer (a constant: the branches on it go).
+ */
+static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct tt_tuple t,
+				     bool typed)
 {
 	count(TT_C_EVENTS);
 	u64 now = bpf_ktime_get_ns();
 
 	if (new == TT_LISTEN || (old == TT_LISTEN && new == TT_CLOSE))
-		track_listener(read_netns(sk), t.sport, new == TT_LISTEN);
+		track_listener(read_netns_of(sk, typed), t.sport, new == TT_LISTEN);
 
 	/* Take the timewait socket the kernel made for this one just now, if any. */
 	u64 tw = 0;
@@ -1107,7 +1168,7 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 			pending_close.delete(&sk);
 		}
 		struct tt_sock fresh = {};
-		fresh.tuple.netns = read_netns(sk);
+		fresh.tuple.netns = read_netns_of(sk, typed);
 		if (!first_sight(&fresh, &t, old, new, now))
 			return 0;
 		fresh.tuple = t;
@@ -1216,13 +1277,15 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 
 
 /*
- * Entry points. The raw tracepoint is preferred: the classic one formats a
- * record of every change first, which costs several times our handler at
- * full churn (and the kernel skips a classic program whenever another runs
- * on the CPU). Raw, we read what the record would hold from the socket
- * itself: the same fields the kernel's TP_fast_assign reads, at offsets from
- * the running kernel's BTF (one read for sock_common's head, one for
- * inet_sock's, two more for IPv6 addresses), in the same byte orders.
+ * Entry points, best first: BTF-typed raw tracepoint (tp_btf), raw, classic.
+ * The classic tracepoint formats a record of every change first, which
+ * costs several times our handler at full churn (and the kernel skips a
+ * classic program whenever another runs on the CPU). Raw, we read what the
+ * record would hold from the socket itself: the same fields the kernel's
+ * TP_fast_assign reads, at offsets from the running kernel's BTF, in the
+ * same byte orders; tp_btf reads them as plain loads (see BTF_LOAD), raw
+ * with bpf_probe_read_kernel() (one read for sock_common's head, one for
+ * inet_sock's, two more for IPv6 addresses).
  */
 #if USE_RAW_SET_STATE
 int raw_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
@@ -1250,16 +1313,43 @@ int raw_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 		bpf_probe_read_kernel(t.saddr, 16, (void *)(sk + OFF_SKC_V6_RCV_SADDR));
 		bpf_probe_read_kernel(t.daddr, 16, (void *)(sk + OFF_SKC_V6_DADDR));
 	}
-	return set_state(ctx, sk, (u8)ctx->args[1], (u8)ctx->args[2], t);
+	return set_state(ctx, sk, (u8)ctx->args[1], (u8)ctx->args[2], t, false);
 }
-#else
+#endif
+#if USE_TP_BTF
+/* The same, BTF-typed (see BTF_LOAD): every field a plain load. */
+int btf_inet_sock_set_state(u64 *ctx)
+{
+	/* sk itself if a full TCP socket (typed tcp_sock: inet_sock's fields are in it). */
+	u64 sk = (u64)bpf_skc_to_tcp_sock((void *)ctx[0]);
+	if (!sk)
+		return 0;
+	struct tt_tuple t = {};
+	t.family = BTF_LOAD(u16, sk, OFF_SKC_FAMILY);
+	t.sport = ntohs(BTF_LOAD(u16, sk, OFF_INET_SPORT));
+	t.dport = ntohs(BTF_LOAD(u16, sk, OFF_SKC_DPORT));
+	u32 *saddr = (u32 *)t.saddr, *daddr = (u32 *)t.daddr;
+	if (t.family == TT_AF_INET) {
+		saddr[0] = BTF_LOAD(u32, sk, OFF_INET_SADDR);
+		daddr[0] = BTF_LOAD(u32, sk, OFF_SKC_DADDR);
+	} else {
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			saddr[i] = BTF_LOAD(u32, sk, OFF_SKC_V6_RCV_SADDR + 4 * i);
+			daddr[i] = BTF_LOAD(u32, sk, OFF_SKC_V6_DADDR + 4 * i);
+		}
+	}
+	return set_state(ctx, sk, (u8)ctx[1], (u8)ctx[2], t, true);
+}
+#endif
+#if !USE_RAW_SET_STATE
 int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 {
 	if (args->protocol != TT_IPPROTO_TCP)
 		return 0;
 	struct tt_tuple t = {};
 	tuple_from_set_state(&t, args);
-	return set_state(args, (u64)args->skaddr, args->oldstate, args->newstate, t);
+	return set_state(args, (u64)args->skaddr, args->oldstate, args->newstate, t, false);
 }
 #endif
 

@@ -16,6 +16,7 @@ decoded only for the structs that are asked about.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from struct import Struct, calcsize, unpack_from
 from typing import Final
@@ -335,6 +336,31 @@ class Btf:
                 f"raw tracepoint {tracepoint} has {len(found)} struct {struct} * arguments, not one"
             )
         return found[0]
+
+    def typedef_ids(self, names: Iterable[str]) -> dict[str, int]:
+        """Type ids of the typedefs of these names that the BTF has (one scan).
+
+        A tp_btf program is loaded against ``typedef btf_trace_<tracepoint>``."""
+        wanted = set(names)
+        strings = self._data[self._strings_start : self._strings_end]
+        offsets: dict[int, str] = {}
+        for name in wanted:
+            needle = name.encode() + b"\0"
+            start = 0
+            while (found := strings.find(needle, start)) >= 0:
+                if found == 0 or strings[found - 1] == 0:
+                    offsets[found] = name
+                start = found + 1
+        result: dict[str, int] = {}
+        unpack = self._u32x3.unpack_from
+        for type_id in range(1, len(self._type_positions)):
+            if len(result) == len(wanted):
+                break
+            name_off, info, _ = unpack(self._data, self._type_positions[type_id])
+            found_name = offsets.get(name_off)
+            if found_name is not None and (info >> 24) & 0x1F == _KIND_TYPEDEF:
+                result.setdefault(found_name, type_id)
+        return result
 
     def _type_name(self, type_id: int) -> str:
         name_off = self._record(type_id)[0]

@@ -42,6 +42,8 @@ class Features:
     tw_timer_handler: int = 0
     hz: int = 0
     kfree_skb_rx_sk_arg: int = -1  # position of rx_sk among kfree_skb's raw arguments
+    # BTF type id of typedef btf_trace_<tracepoint>, for tp_btf programs.
+    btf_trace_ids: dict[str, int] = field(default_factory=dict)
     sk_head: tuple[int, int] = (0, 0)  # (start, length) of the one read of sock_common's head
     inet_head: tuple[int, int] = (0, 0)  # (start, length) of the one read of inet_sock's
     capabilities: dict[str, Capability] = field(default_factory=dict)
@@ -155,6 +157,10 @@ BTF_OFFSETS = {
     "OFF_SKC_NUM": ("sock_common", "skc_num"),
     "OFF_SKC_RCV_SADDR": ("sock_common", "skc_rcv_saddr"),
 }
+# Raw tracepoints whose programs can be BTF-typed (tp_btf).
+TP_BTF_TRACEPOINTS = (
+    "inet_sock_set_state", "timer_start", "timer_cancel", "timer_expire_entry", "kfree_skb",
+)  # fmt: skip
 # The sock_common fields a timewait socket's address pair is read from.
 TW_TUPLE_FIELDS = (
     "OFF_SKC_FAMILY", "OFF_SKC_NUM", "OFF_SKC_DPORT", "OFF_SKC_RCV_SADDR", "OFF_SKC_DADDR",
@@ -367,6 +373,31 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         if tw_tuple
         else "no sock_common offsets in BTF: timewait sockets older than tracing are "
         "counted until their timer's due time",
+    )
+    # BTF-typed raw tracepoints (tp_btf, Linux 5.5+): the verifier knows the
+    # arguments' kernel types, so fields are plain loads instead of helper
+    # calls. The set_state program also needs bpf_skc_to_tcp_sock() (5.9+)
+    # to reach inet_sock's fields from its struct sock argument.
+    if btf is not None and raw:
+        found = btf.typedef_ids(f"btf_trace_{name}" for name in TP_BTF_TRACEPOINTS)
+        features.btf_trace_ids = {
+            name: found[f"btf_trace_{name}"]
+            for name in TP_BTF_TRACEPOINTS
+            if f"btf_trace_{name}" in found
+        }
+    reasons = []
+    if not features.has("raw_set_state"):
+        reasons.append("the raw state-change program is not usable")
+    if "inet_sock_set_state" not in features.btf_trace_ids:
+        reasons.append("no btf_trace_inet_sock_set_state in BTF")
+    if not kallsyms_address("bpf_skc_to_tcp_sock"):
+        reasons.append("no bpf_skc_to_tcp_sock helper (Linux < 5.9)")
+    features.note(
+        "tp_btf",
+        not reasons,
+        "BTF-typed raw tracepoints: socket and timer fields read as plain loads"
+        if not reasons
+        else "no BTF-typed raw tracepoints (" + "; ".join(reasons) + ")",
     )
     kfree = features.formats.get("kfree_skb")
     features.note(

@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -22,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import buckets
+from . import bpfsys, buckets
 from .errors import UserError
 from .kernel import ADDR_FIELDS, SET_STATE_FIELDS, TIMEWAIT_LEN_S, Features, detect_features
 from .kernel import headers_dir as find_headers_dir
@@ -132,6 +131,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "HAVE_KFREE_RX_SK": int(features.has("timewait") and features.has("kfree_rx_sk")),
         "USE_RAW_TIMERS": int(features.has("raw_timers")),
         "USE_RAW_SET_STATE": int(features.has("raw_set_state")),
+        "USE_TP_BTF": int(features.has("tp_btf")),
         "SK_HEAD_START": features.sk_head[0],
         "SK_HEAD_LEN": max(8, features.sk_head[1]),
         "INET_HEAD_START": features.inet_head[0],
@@ -204,6 +204,15 @@ def _capture_stderr() -> Iterator[Callable[[], str]]:
                 log.debug("BCC output:\n%s", text)
 
 
+def _verifier_reason(verifier_log: str) -> str:
+    """The verifier's complaint: the last line of its log that says something."""
+    lines = [line.strip() for line in verifier_log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("processed ", "verification time", "stack depth")):
+            return line
+    return "no verifier log"
+
+
 def _first_error(output: str) -> str:
     for line in output.splitlines():
         if "error:" in line or line.startswith(("Unable to", "chdir(")):
@@ -227,47 +236,6 @@ def import_bcc() -> Any:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise UserError("tcptrace-ebpf must run as root to load its BPF program: run it with sudo")
-
-
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
-_BPF_PROG_TEST_RUN = 10
-
-
-class _TestRunAttr(ctypes.Structure):
-    # union bpf_attr, the BPF_PROG_TEST_RUN member (include/uapi/linux/bpf.h)
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64),
-        ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32),
-        ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64),
-        ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    ]
-
-
-def _bpf_prog_test_run(prog_fd: int) -> None:
-    """Run a loaded raw_tracepoint program once, now (BPF_PROG_TEST_RUN)."""
-    number = _NR_BPF.get(platform.machine())
-    if number is None:
-        raise OSError(f"bpf() syscall number unknown for {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    ctx = (ctypes.c_uint64 * 1)()
-    attr = _TestRunAttr(prog_fd=prog_fd)
-    attr.ctx_in = ctypes.addressof(ctx)
-    attr.ctx_size_in = ctypes.sizeof(ctx)
-    if libc.syscall(number, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
 
 
 # An address pair as a hashable key: (netns, family, sport, dport, saddr, daddr),
@@ -312,74 +280,6 @@ class KernelCloseWait:
     owner_source: int
 
 
-_BPF_OBJ_GET_INFO_BY_FD = 15
-
-
-class _ProgInfo(ctypes.Structure):
-    # struct bpf_prog_info (include/uapi/linux/bpf.h), up to recursion_misses.
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", ctypes.c_uint32),
-        ("xlated_prog_len", ctypes.c_uint32),
-        ("jited_prog_insns", ctypes.c_uint64),
-        ("xlated_prog_insns", ctypes.c_uint64),
-        ("load_time", ctypes.c_uint64),
-        ("created_by_uid", ctypes.c_uint32),
-        ("nr_map_ids", ctypes.c_uint32),
-        ("map_ids", ctypes.c_uint64),
-        ("name", ctypes.c_char * 16),
-        ("ifindex", ctypes.c_uint32),
-        ("gpl_compatible", ctypes.c_uint32),
-        ("netns_dev", ctypes.c_uint64),
-        ("netns_ino", ctypes.c_uint64),
-        ("nr_jited_ksyms", ctypes.c_uint32),
-        ("nr_jited_func_lens", ctypes.c_uint32),
-        ("jited_ksyms", ctypes.c_uint64),
-        ("jited_func_lens", ctypes.c_uint64),
-        ("btf_id", ctypes.c_uint32),
-        ("func_info_rec_size", ctypes.c_uint32),
-        ("func_info", ctypes.c_uint64),
-        ("nr_func_info", ctypes.c_uint32),
-        ("nr_line_info", ctypes.c_uint32),
-        ("line_info", ctypes.c_uint64),
-        ("jited_line_info", ctypes.c_uint64),
-        ("nr_jited_line_info", ctypes.c_uint32),
-        ("line_info_rec_size", ctypes.c_uint32),
-        ("jited_line_info_rec_size", ctypes.c_uint32),
-        ("nr_prog_tags", ctypes.c_uint32),
-        ("prog_tags", ctypes.c_uint64),
-        ("run_time_ns", ctypes.c_uint64),
-        ("run_cnt", ctypes.c_uint64),
-        ("recursion_misses", ctypes.c_uint64),
-    ]
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [
-        ("bpf_fd", ctypes.c_uint32),
-        ("info_len", ctypes.c_uint32),
-        ("info", ctypes.c_uint64),
-    ]
-
-
-def _recursion_misses(prog_fd: int) -> int:
-    """The kernel's count of skipped runs of a program (0 where not reported)."""
-    number = _NR_BPF.get(platform.machine())
-    if number is None:
-        return 0
-    info = _ProgInfo()
-    attr = _InfoAttr(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(number, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        return 0
-    # Older kernels fill less of the struct: then the field is not there.
-    if attr.info_len < _ProgInfo.recursion_misses.offset + 8:
-        return 0
-    return int(info.recursion_misses)
-
-
 @dataclass
 class KilledTimewait:
     """A cancelled timewait socket awaiting classification (for tests and debugging)."""
@@ -400,12 +300,16 @@ class Tracer:
     prepare: Callable[[Tracer], None] | None = None
     bpf: Any = field(default=None, init=False)
     attached: list[str] = field(default_factory=list, init=False)
+    # How each tracepoint is attached: "btf" (tp_btf), "raw" or "classic".
+    attach_kinds: dict[str, str] = field(default_factory=dict, init=False)
     tracefs_mounted: bool = field(default=False, init=False)
     _sweep_fd: int = field(default=-1, init=False)
     _sweep_close_fd: int = field(default=-1, init=False)
     _sweep_timewait_fd: int = field(default=-1, init=False)
     _next_stale_check_ns: int = field(default=0, init=False)
     _attached_pairs: list[tuple[str, str]] = field(default_factory=list, init=False)
+    # tp_btf programs, loaded and attached here (not by BCC): tracepoint -> (program, link) fds.
+    _btf_programs: dict[str, tuple[int, int]] = field(default_factory=dict, init=False)
     _ring: bool = field(default=True, init=False)
 
     def start(self) -> None:
@@ -478,6 +382,7 @@ class Tracer:
                     f"{_first_error(output()) if output() else err}"
                 ) from None
         self.attached.append(tracepoint)
+        self.attach_kinds[tracepoint] = "classic"
         self._attached_pairs.append((tracepoint, function))
 
     def _attach_raw(self, tracepoint: str, function: str) -> None:
@@ -491,7 +396,48 @@ class Tracer:
                     f"{_first_error(output()) if output() else err}"
                 ) from None
         self.attached.append(tracepoint)
+        self.attach_kinds[tracepoint] = "raw"
         self._attached_pairs.append((tracepoint, function))
+
+    def _attach_btf(self, tracepoint: str, function: str) -> bool:
+        """Load `function` as a BTF-typed raw tracepoint (tp_btf) program and
+        attach it. False, with a warning, if the kernel will not have it: the
+        caller attaches the raw variant instead."""
+        assert self.features is not None
+        btf_id = self.features.btf_trace_ids.get(tracepoint.split(":", 1)[1])
+        if btf_id is None or not self.features.has("tp_btf"):
+            return False
+        try:
+            # The license of bpf/tcptrace.bpf.c (GPL helpers need it).
+            prog_fd = bpfsys.load_tp_btf(self.bpf.dump_func(function), function, "GPL", btf_id)
+        except bpfsys.BpfError as err:
+            log.warning(
+                "%s: BTF-typed program refused (%s), using a raw tracepoint: %s",
+                tracepoint,
+                err.strerror,
+                _verifier_reason(err.log),
+            )
+            return False
+        try:
+            link_fd = bpfsys.raw_tracepoint_open(prog_fd)
+        except bpfsys.BpfError as err:
+            os.close(prog_fd)
+            log.warning("%s: BTF-typed program not attached (%s)", tracepoint, err.strerror)
+            return False
+        self._btf_programs[tracepoint] = (prog_fd, link_fd)
+        self.attached.append(tracepoint)
+        self.attach_kinds[tracepoint] = "btf"
+        return True
+
+    def _attach_fastest(self, tracepoint: str, name: str, raw: bool) -> None:
+        """tp_btf program btf_<name> if it loads, else raw_<name> (if `raw`),
+        else the classic on_<name>."""
+        if raw and self._attach_btf(tracepoint, f"btf_{name}"):
+            return
+        if raw:
+            self._attach_raw(tracepoint, f"raw_{name}")
+        else:
+            self._attach(tracepoint, f"on_{name}")
 
     def _attach_all(self) -> None:
         assert self.features is not None
@@ -500,15 +446,9 @@ class Tracer:
             # each timewait socket's timer start just before its close.
             raw_timers = self.features.has("raw_timers")
             for event in ("timer_start", "timer_cancel", "timer_expire_entry"):
-                if raw_timers:
-                    self._attach_raw(f"timer:{event}", f"raw_{event}")
-                else:
-                    self._attach(f"timer:{event}", f"on_{event}")
+                self._attach_fastest(f"timer:{event}", event, raw_timers)
             if self.features.has("kfree_rx_sk"):
-                if self.features.has("raw_kfree"):
-                    self._attach_raw("skb:kfree_skb", "raw_kfree_skb")
-                else:
-                    self._attach("skb:kfree_skb", "on_kfree_skb")
+                self._attach_fastest("skb:kfree_skb", "kfree_skb", self.features.has("raw_kfree"))
             self._sweep_fd = self._load_sweeper("sweep_killed")
             self._sweep_timewait_fd = self._load_sweeper("sweep_timewait")
         if self.features.has("reset_received"):
@@ -520,10 +460,9 @@ class Tracer:
         self._sweep_close_fd = self._load_sweeper("sweep_pending_close")
         if self.options.emit_events:
             self._open_event_buffer()
-        if self.features.has("raw_set_state"):
-            self._attach_raw("sock:inet_sock_set_state", "raw_inet_sock_set_state")
-        else:
-            self._attach("sock:inet_sock_set_state", "on_inet_sock_set_state")
+        self._attach_fastest(
+            "sock:inet_sock_set_state", "inet_sock_set_state", self.features.has("raw_set_state")
+        )
 
     def _load_sweeper(self, name: str) -> int:
         """Load a program that user space runs on demand (BPF_PROG_TEST_RUN)."""
@@ -581,7 +520,7 @@ class Tracer:
             request_sk = self.bpf["sweep_request_sk"]
             for skaddr in held:
                 request_sk[ctypes.c_int(0)] = ctypes.c_uint64(skaddr)
-                _bpf_prog_test_run(self._sweep_close_fd)
+                bpfsys.prog_test_run(self._sweep_close_fd)
             done += len(held)
         if self._sweep_timewait_fd >= 0 and now_ns >= self._next_stale_check_ns:
             self._next_stale_check_ns = now_ns + self.options.stale_check_interval_ns
@@ -597,7 +536,7 @@ class Tracer:
         request = self.bpf["sweep_request"]
         for key in due:
             request[ctypes.c_int(0)] = key
-            _bpf_prog_test_run(self._sweep_fd)
+            bpfsys.prog_test_run(self._sweep_fd)
         return done + len(due)
 
     def _sweep_stale_timewait(self, now_ns: int) -> int:
@@ -614,7 +553,7 @@ class Tracer:
         request_sk = self.bpf["sweep_request_sk"]
         for address in stale:
             request_sk[ctypes.c_int(0)] = ctypes.c_uint64(address)
-            _bpf_prog_test_run(self._sweep_timewait_fd)
+            bpfsys.prog_test_run(self._sweep_timewait_fd)
         return len(stale)
 
     def program_skips(self) -> dict[str, int]:
@@ -626,7 +565,9 @@ class Tracer:
         for tracepoint, name in self._attached_pairs:
             function = self.bpf.funcs.get(name.encode()) or self.bpf.funcs.get(name)
             if function is not None:
-                skips[tracepoint] = _recursion_misses(function.fd)
+                skips[tracepoint] = bpfsys.recursion_misses(function.fd)
+        for tracepoint, (prog_fd, _link_fd) in self._btf_programs.items():
+            skips[tracepoint] = bpfsys.recursion_misses(prog_fd)
         return skips
 
     def pending_killed(self) -> list[KilledTimewait]:
@@ -744,6 +685,11 @@ class Tracer:
 
     def close(self) -> None:
         """Detach every probe and free the program; safe to call twice."""
+        for prog_fd, link_fd in self._btf_programs.values():
+            for fd in (link_fd, prog_fd):  # the link first: that detaches
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._btf_programs.clear()
         if self.bpf is not None:
             with _capture_stderr():
                 try:
@@ -752,6 +698,7 @@ class Tracer:
                     log.debug("cleanup: %s", err)
             self.bpf = None
             self.attached.clear()
+            self.attach_kinds.clear()
             self._attached_pairs.clear()
 
     def __enter__(self) -> Tracer:

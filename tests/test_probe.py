@@ -15,6 +15,7 @@ import time
 import pytest
 from support import Peer, free_port, requires_root
 
+from tcptrace_ebpf import bpfsys
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.events import EVENT_SIZE, EVENT_STRUCT, F_END_UNSEEN, Decoder
 from tcptrace_ebpf.kernel import Capability, detect_features
@@ -72,14 +73,15 @@ def test_event_layout_matches_bcc() -> None:
 
 
 DEGRADED = [
-    ("raw_set_state", "raw_timers", "raw_kfree"),  # classic tracepoints (before 4.17)
-    ("raw_set_state",),  # BTF lacking a socket field the raw program reads
+    ("tp_btf",),  # raw tracepoints, fields read with bpf_probe_read_kernel()
+    ("tp_btf", "raw_set_state", "raw_timers", "raw_kfree"),  # classic tracepoints (before 4.17)
+    ("tp_btf", "raw_set_state"),  # BTF lacking a socket field the raw program reads
     ("timewait",),
     ("kfree_rx_sk",),
     ("tw_substate", "timer_expires"),
     ("netns",),
     ("reset_received", "reset_sent", "syn_retrans"),
-    ("timewait", "netns", "reset_received", "reset_sent", "syn_retrans", "btf"),
+    ("timewait", "netns", "reset_received", "reset_sent", "syn_retrans", "btf", "tp_btf"),
 ]
 
 
@@ -328,25 +330,31 @@ def test_stale_timewait_is_swept() -> None:
 
 
 @requires_root
-def test_raw_and_classic_tracepoints_see_the_same() -> None:
-    """The raw program reads the socket itself; the classic one gets the
-    kernel's formatted record. Side by side, they must report the same events."""
-    classic_features = without("raw_set_state", "raw_timers", "raw_kfree")
-    raw_features = detect_features()
+def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
+    """The BTF-typed program reads the socket with plain loads, the raw one
+    with bpf_probe_read_kernel(); the classic one gets the kernel's formatted
+    record. Side by side, they must report the same events."""
+    btf_features = detect_features()
+    assert btf_features.has("tp_btf")
+    raw_features = without("tp_btf")
     assert raw_features.has("raw_set_state")
+    classic_features = without("tp_btf", "raw_set_state", "raw_timers", "raw_kfree")
     ports = {free_port(), free_port("::1")}
-    streams: dict[str, list] = {"raw": [], "classic": []}
+    streams: dict[str, list] = {"btf": [], "raw": [], "classic": []}
     tracers = []
-    for name, features in (("raw", raw_features), ("classic", classic_features)):
+    variants = (("btf", btf_features), ("raw", raw_features), ("classic", classic_features))
+    for name, features in variants:
         decoder = Decoder(clock_offset_ns())
         sink = streams[name]
         tracer = Tracer(
-            TracerOptions(emit_events=True, ports=frozenset(ports)),
+            # Cancelled timewait sockets are classified 1 s after (not 5 s).
+            TracerOptions(emit_events=True, ports=frozenset(ports), kill_grace_ns=10**9),
             features,
             on_event=lambda raw, d=decoder, s=sink: s.append(d.decode(raw)),
         )
         tracer.start()
         tracers.append(tracer)
+    attach_kinds = [dict(tracer.attach_kinds) for tracer in tracers]
     try:
         v4, v6 = sorted(ports)
         for host, port in (("127.0.0.1", v4), ("::1", v6)):
@@ -364,11 +372,14 @@ def test_raw_and_classic_tracepoints_see_the_same() -> None:
                 client.cmd("close")
                 server.cmd("close_listener")
                 client.try_cmd(f"connect {host} {port}")  # refused
-        deadline = time.monotonic() + 5
+        # Until the RST-killed timewait sockets are classified in all three.
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for tracer in tracers:
                 tracer.poll(50)
                 tracer.sweep()
+            if all(sum(e.tw_end == 3 for e in stream) == 2 for stream in streams.values()):
+                break
     finally:
         for tracer in tracers:
             tracer.close()
@@ -379,5 +390,51 @@ def test_raw_and_classic_tracepoints_see_the_same() -> None:
             for e in events
         )
 
-    assert len(streams["raw"]) >= 20
-    assert seen(streams["raw"]) == seen(streams["classic"])
+    assert [kinds["sock:inet_sock_set_state"] for kinds in attach_kinds] == [
+        "btf", "raw", "classic",
+    ]  # fmt: skip
+    assert {attach_kinds[0][f"timer:{t}"] for t in ("timer_start", "timer_cancel")} == {"btf"}
+    assert len(streams["btf"]) >= 20
+    assert seen(streams["btf"]) == seen(streams["raw"]) == seen(streams["classic"])
+
+
+@requires_root
+def test_a_refused_btf_program_falls_back_to_raw(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the verifier will not have a BTF-typed program (another kernel's
+    BTF, say), the raw one is attached instead, with a warning saying why."""
+
+    def refuse(*_args: object) -> int:
+        raise bpfsys.BpfError(13, "Permission denied", "0: R1 invalid mem access 'scalar'\n")
+
+    monkeypatch.setattr(bpfsys, "load_tp_btf", refuse)
+    port = free_port()
+    kinds: dict[str, str] = {}
+
+    def body(tracer: Tracer) -> None:
+        kinds.update(tracer.attach_kinds)
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen 127.0.0.1 {port}")
+            cport = int(client.cmd(f"connect 127.0.0.1 {port} {free_port()}"))
+            server.cmd("accept")
+            client.cmd("close")
+            server.cmd("close")
+            client.cmd(f"connect 127.0.0.1 {port} {cport}")  # reuses the pair: ends TIME_WAIT
+            server.cmd("accept")
+            client.cmd("linger0")
+            client.cmd("close")
+            server.cmd("close")
+            server.cmd("close_listener")
+
+    _events, lives, _counters = _run_with_events(
+        TracerOptions(emit_events=True, ports=frozenset({port})),
+        body,
+        until=lambda lives: len(lives) >= 5,
+    )
+    assert "R1 invalid mem access 'scalar'" in caplog.text
+    assert set(kinds.values()) == {"raw", "classic"}  # classic: the reset tracepoints
+    assert kinds["sock:inet_sock_set_state"] == "raw"
+    first_client = next(life for life in lives if life.role == "client")
+    assert [span.state for span in first_client.states][-1] == 6  # TIME_WAIT, seen to end
+    assert first_client.time_wait_end == "reused"
