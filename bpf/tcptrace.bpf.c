@@ -54,8 +54,13 @@ struct tt_pending_close {
 BPF_F_TABLE("hash", u64, struct tt_pending_close, pending_close, MAX_PENDING_CLOSE,
 	    BPF_F_NO_PREALLOC);
 
-/* Lifecycle ids: one global counter, so ids are unique and increasing. */
-BPF_ARRAY(next_sock_id, u64, 1);
+/*
+ * Lifecycle ids: a counter per CPU, with the CPU in the low bits, so ids are
+ * unique without a global atomic (one shared cache line for every socket
+ * born on the host would bounce between CPUs at high churn).
+ */
+#define TT_ID_CPU_BITS 12
+BPF_PERCPU_ARRAY(next_sock_id, u64, 1);
 
 /*
  * A timewait socket is created (and its timer started) just before the full
@@ -165,7 +170,8 @@ static __always_inline u64 new_sock_id(void)
 	u64 *next = next_sock_id.lookup(&zero);
 	if (!next)
 		return 0;
-	return __sync_fetch_and_add(next, 1) + 1;
+	*next += 1;
+	return (*next << TT_ID_CPU_BITS) | (bpf_get_smp_processor_id() & ((1 << TT_ID_CPU_BITS) - 1));
 }
 
 #if USE_TP_BTF

@@ -19,7 +19,7 @@ from tcptrace_ebpf import bpfsys
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.events import EVENT_SIZE, EVENT_STRUCT, F_END_UNSEEN, Decoder
 from tcptrace_ebpf.kernel import Capability, detect_features
-from tcptrace_ebpf.lifecycle import LifecycleEngine
+from tcptrace_ebpf.lifecycle import Lifecycle, LifecycleEngine
 from tcptrace_ebpf.probe import Tracer, TracerOptions, build_source
 from tcptrace_ebpf.runner import clock_offset_ns
 
@@ -136,8 +136,12 @@ def test_degraded_kernels_still_trace(missing: tuple[str, ...]) -> None:
     finally:
         tracer.close()
     lives.extend(engine.flush())
-    first = min((life for life in lives if life.role == "client"), key=lambda life: life.sock)
-    child = min((life for life in lives if life.role == "server"), key=lambda life: life.sock)
+
+    def born(life: Lifecycle) -> float:  # ids are unique, not ordered
+        return life.states[0].start or 0.0 if life.states else 0.0
+
+    first = min((life for life in lives if life.role == "client"), key=born)
+    child = min((life for life in lives if life.role == "server"), key=born)
     states = [span.state for span in first.states]
     closing = first.states[2].duration_s + first.states[3].duration_s  # FIN_WAIT1 + FIN_WAIT2
     assert first.close == "active", first

@@ -64,9 +64,10 @@ def assert_sane(life: dict[str, Any]) -> None:
 
 
 def lifecycles_on(run: Any, port: int) -> list[dict[str, Any]]:
+    """Lifecycles touching `port`, oldest first (ids are unique, not ordered)."""
     return sorted(
         (life for life in run.json_lines() if port in (life["lport"], life["rport"])),
-        key=lambda life: life["sock"],
+        key=lambda life: ((life["states"] or [{}])[0].get("start") or 0.0, life["sock"]),
     )
 
 
