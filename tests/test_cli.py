@@ -66,9 +66,19 @@ def test_help() -> None:
 
 @requires_root
 def test_not_root() -> None:
+    # As nobody, but allowed to read the checkout and its virtual environment,
+    # which may sit under a directory only root can enter (a 0700 /tmp).
     result = run(
         "trace",
-        prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"),
+        prefix=(
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            "--",
+        ),
     )
     assert_one_line_error(result, "root", "sudo")
 
