@@ -164,6 +164,14 @@ static __always_inline void count(u32 index)
 		*value += 1;
 }
 
+/* The socket a sweep program is run for (user space wrote it); 0 if none. */
+static __always_inline u64 sweep_requested_sk(void)
+{
+	u32 zero = 0;
+	u64 *request = sweep_request_sk.lookup(&zero);
+	return request ? *request : 0;
+}
+
 static __always_inline u64 new_sock_id(void)
 {
 	u32 zero = 0;
@@ -1011,11 +1019,7 @@ int sweep_killed(struct bpf_raw_tracepoint_args *ctx)
  */
 int sweep_timewait(struct bpf_raw_tracepoint_args *ctx)
 {
-	u32 zero = 0;
-	u64 *request = sweep_request_sk.lookup(&zero);
-	if (!request)
-		return 0;
-	u64 tw = *request;
+	u64 tw = sweep_requested_sk();
 	struct tt_timewait *e = timewait.lookup(&tw);
 	if (!e)
 		return 0;
@@ -1365,11 +1369,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
  */
 int sweep_pending_close(struct bpf_raw_tracepoint_args *ctx)
 {
-	u32 zero = 0;
-	u64 *request = sweep_request_sk.lookup(&zero);
-	if (!request)
-		return 0;
-	u64 sk = *request;
+	u64 sk = sweep_requested_sk();
 	struct tt_pending_close *held = pending_close.lookup(&sk);
 	if (!held)
 		return 0;

@@ -67,6 +67,19 @@ LOST_CAUSES = {
     "kernel_skipped": "kernel_skipped",
 }
 TOP_COMMS = 10  # CLOSE_WAIT gauges per program: the biggest ten, the rest as "other"
+# The per-CPU arrays of the BPF program a scrape reads, each named after its
+# metric (tcptrace_<name>).
+METRIC_ARRAYS = (
+    "state_transitions_total",
+    "sockets",
+    "state_duration_seconds",
+    "handshake_duration_seconds",
+    "connection_duration_seconds",
+    "connections_opened_total",
+    "connections_closed_total",
+    "time_wait_duration_seconds",
+    "close_wait_duration_seconds",
+)
 
 
 class NotReady(Exception):
@@ -349,20 +362,7 @@ def catalog(port_label: bool = True) -> list[MetricInfo]:
     what dashboards and alerts may use. Built by the same code as a scrape,
     from a reading where everything is non-zero."""
     reading = KernelReading(
-        arrays={
-            name: [1] * 4096
-            for name in (
-                "state_transitions_total",
-                "sockets",
-                "state_duration_seconds",
-                "handshake_duration_seconds",
-                "connection_duration_seconds",
-                "connections_opened_total",
-                "connections_closed_total",
-                "time_wait_duration_seconds",
-                "close_wait_duration_seconds",
-            )
-        },
+        arrays={name: [1] * 4096 for name in METRIC_ARRAYS},
         counters=dict.fromkeys([*LOST_CAUSES, "events", "time_wait_skipped"], 1),
         close_wait=[CloseWaitOwner("comm", 0.0)],
         program_skips={"sock:inet_sock_set_state": 1},

@@ -25,6 +25,7 @@ from . import bpfsys, buckets
 from .errors import UserError
 from .kernel import ADDR_FIELDS, SET_STATE_FIELDS, TIMEWAIT_LEN_S, Features, detect_features
 from .kernel import headers_dir as find_headers_dir
+from .metrics import METRIC_ARRAYS
 from .seed import ListenerSeed
 from .tracefs import c_struct, ensure_tracefs
 
@@ -244,18 +245,6 @@ TupleKey = tuple[int, int, int, int, bytes, bytes]
 # A destination: (netns, family, dport, daddr), as struct tt_dest.
 DestKey = tuple[int, int, int, bytes]
 
-METRIC_ARRAYS = (
-    "state_transitions_total",
-    "sockets",
-    "state_duration_seconds",
-    "handshake_duration_seconds",
-    "connection_duration_seconds",
-    "connections_opened_total",
-    "connections_closed_total",
-    "time_wait_duration_seconds",
-    "close_wait_duration_seconds",
-)
-
 
 def tuple_key(value: Any) -> TupleKey:
     return (
@@ -372,31 +361,23 @@ class Tracer:
             count += 1
         return count
 
-    def _attach(self, tracepoint: str, function: str) -> None:
+    def _attach(self, tracepoint: str, function: str, raw: bool = False) -> None:
+        """Attach to a classic tracepoint, or to the raw one (named without
+        its category)."""
         with _capture_stderr() as output:
             try:
-                self.bpf.attach_tracepoint(tp=tracepoint, fn_name=function)
+                if raw:
+                    self.bpf.attach_raw_tracepoint(tp=tracepoint.split(":", 1)[1], fn_name=function)
+                else:
+                    self.bpf.attach_tracepoint(tp=tracepoint, fn_name=function)
             except Exception as err:
+                what = "raw tracepoint" if raw else "tracepoint"
                 raise UserError(
-                    f"could not attach to tracepoint {tracepoint}: "
+                    f"could not attach to {what} {tracepoint}: "
                     f"{_first_error(output()) if output() else err}"
                 ) from None
         self.attached.append(tracepoint)
-        self.attach_kinds[tracepoint] = "classic"
-        self._attached_pairs.append((tracepoint, function))
-
-    def _attach_raw(self, tracepoint: str, function: str) -> None:
-        """Attach to a raw tracepoint (named without its category)."""
-        with _capture_stderr() as output:
-            try:
-                self.bpf.attach_raw_tracepoint(tp=tracepoint.split(":", 1)[1], fn_name=function)
-            except Exception as err:
-                raise UserError(
-                    f"could not attach to raw tracepoint {tracepoint}: "
-                    f"{_first_error(output()) if output() else err}"
-                ) from None
-        self.attached.append(tracepoint)
-        self.attach_kinds[tracepoint] = "raw"
+        self.attach_kinds[tracepoint] = "raw" if raw else "classic"
         self._attached_pairs.append((tracepoint, function))
 
     def _attach_btf(self, tracepoint: str, function: str) -> bool:
@@ -434,10 +415,7 @@ class Tracer:
         else the classic on_<name>."""
         if raw and self._attach_btf(tracepoint, f"btf_{name}"):
             return
-        if raw:
-            self._attach_raw(tracepoint, f"raw_{name}")
-        else:
-            self._attach(tracepoint, f"on_{name}")
+        self._attach(tracepoint, f"{'raw' if raw else 'on'}_{name}", raw)
 
     def _attach_all(self) -> None:
         assert self.features is not None

@@ -28,6 +28,21 @@ def run(
     )
 
 
+def run_in_private_mounts(
+    script: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a shell script in a private mount namespace: what it mounts or
+    unmounts there, the host does not see."""
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -96,14 +111,7 @@ def test_no_bcc(tmp_path: Path) -> None:
 def test_no_kernel_headers() -> None:
     """In a private mount namespace /lib/modules is hidden: no headers for BCC."""
     script = f"mount -t tmpfs none /lib/modules && exec {' '.join(cli_argv('trace'))}"
-    result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "BCC_KERNEL_SOURCE": ""},
-    )
+    result = run_in_private_mounts(script, env={"BCC_KERNEL_SOURCE": ""})
     assert_one_line_error(result, "kernel headers", "doctor --fix")
 
 
@@ -115,13 +123,7 @@ def test_mounts_tracefs_itself() -> None:
         "umount /sys/kernel/debug 2>/dev/null; "
         f"exec {' '.join(cli_argv('trace', '--duration', '1', '--port', '9'))}"
     )
-    result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_in_private_mounts(script)
     assert result.returncode == 0, result.stderr
     assert "mounted it at /sys/kernel/tracing" in result.stderr
     assert "tracing started" in result.stderr

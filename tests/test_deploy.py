@@ -85,17 +85,21 @@ def _verifiable_unit(tmp_path: Path) -> Path:
     return unit
 
 
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
+def _systemd_analyze_verify(unit: Path) -> subprocess.CompletedProcess[str]:
     systemd_analyze = require_tool("systemd-analyze", "systemd")
-    unit = _verifiable_unit(tmp_path)
     # --man=no: the unit has no Documentation= man pages to look for.
-    result = subprocess.run(
+    return subprocess.run(
         [systemd_analyze, "verify", "--man=no", str(unit)],
         check=False,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit = _verifiable_unit(tmp_path)
+    result = _systemd_analyze_verify(unit)
     # verify exits 0 on unknown or misspelled settings and only warns, so
     # any output at all is a failure.
     assert result.returncode == 0, result.stderr
@@ -104,19 +108,12 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 
 def test_systemd_analyze_verify_catches_mistakes(tmp_path: Path) -> None:
     """The check above is not vacuous: a misspelled setting makes output."""
-    systemd_analyze = require_tool("systemd-analyze", "systemd")
     unit = _verifiable_unit(tmp_path)
     unit.write_text(
         unit.read_text(encoding="utf-8").replace("ProtectHome=yes", "ProtectHomes=yes"),
         encoding="utf-8",
     )
-    result = subprocess.run(
-        [systemd_analyze, "verify", "--man=no", str(unit)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _systemd_analyze_verify(unit)
     assert "ProtectHomes" in result.stdout + result.stderr
 
 

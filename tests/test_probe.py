@@ -85,6 +85,27 @@ DEGRADED = [
 ]
 
 
+def _close_then_reuse_the_pair(port: int) -> None:
+    """A client connects to `port` and closes first, the server 50 ms later;
+    then the client connects again from the same port (ending the first
+    connection's TIME_WAIT by reuse) and resets that second connection."""
+    with Peer() as server, Peer() as client:
+        server.cmd(f"listen 127.0.0.1 {port}")
+        # A port outside the ephemeral range: other traffic cannot hold it.
+        cport = int(client.cmd(f"connect 127.0.0.1 {port} {free_port()}"))
+        server.cmd("accept")
+        client.cmd("close")
+        time.sleep(0.05)
+        server.cmd("close")
+        time.sleep(0.05)
+        client.cmd(f"connect 127.0.0.1 {port} {cport}")  # reuses the pair: ends TIME_WAIT
+        server.cmd("accept")
+        client.cmd("linger0")
+        client.cmd("close")
+        server.cmd("close")
+        server.cmd("close_listener")
+
+
 @requires_root
 @pytest.mark.parametrize("missing", DEGRADED, ids=["-".join(m) for m in DEGRADED])
 def test_degraded_kernels_still_trace(missing: tuple[str, ...]) -> None:
@@ -106,21 +127,7 @@ def test_degraded_kernels_still_trace(missing: tuple[str, ...]) -> None:
     tracer = Tracer(options, features, on_event=on_event)
     tracer.start()
     try:
-        with Peer() as server, Peer() as client:
-            server.cmd(f"listen 127.0.0.1 {port}")
-            # A port outside the ephemeral range: other traffic cannot hold it.
-            cport = int(client.cmd(f"connect 127.0.0.1 {port} {free_port()}"))
-            server.cmd("accept")
-            client.cmd("close")
-            time.sleep(0.05)
-            server.cmd("close")
-            time.sleep(0.05)
-            client.cmd(f"connect 127.0.0.1 {port} {cport}")  # reuses the pair: ends TIME_WAIT
-            server.cmd("accept")
-            client.cmd("linger0")
-            client.cmd("close")
-            server.cmd("close")
-            server.cmd("close_listener")
+        _close_then_reuse_the_pair(port)
 
         # Poll and sweep as the runner does, until the first connection's two
         # ends (the first client and the first child of the listener) are in.
@@ -418,18 +425,7 @@ def test_a_refused_btf_program_falls_back_to_raw(
 
     def body(tracer: Tracer) -> None:
         kinds.update(tracer.attach_kinds)
-        with Peer() as server, Peer() as client:
-            server.cmd(f"listen 127.0.0.1 {port}")
-            cport = int(client.cmd(f"connect 127.0.0.1 {port} {free_port()}"))
-            server.cmd("accept")
-            client.cmd("close")
-            server.cmd("close")
-            client.cmd(f"connect 127.0.0.1 {port} {cport}")  # reuses the pair: ends TIME_WAIT
-            server.cmd("accept")
-            client.cmd("linger0")
-            client.cmd("close")
-            server.cmd("close")
-            server.cmd("close_listener")
+        _close_then_reuse_the_pair(port)
 
     _events, lives, _counters = _run_with_events(
         TracerOptions(emit_events=True, ports=frozenset({port})),
