@@ -1298,6 +1298,28 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
  * inet_sock's, two more for IPv6 addresses).
  */
 #if USE_RAW_SET_STATE
+/* The address pair of full socket sk, as the tracepoints' records hold it. */
+static __always_inline void tuple_from_sk(u64 sk, struct tt_tuple *t)
+{
+	u8 head[SK_HEAD_LEN] = {};
+	u8 inet[INET_HEAD_LEN] = {};
+	bpf_probe_read_kernel(head, sizeof(head), (void *)(sk + SK_HEAD_START));
+	bpf_probe_read_kernel(inet, sizeof(inet), (void *)(sk + INET_HEAD_START));
+	u16 sport = 0, dport = 0;
+	__builtin_memcpy(&t->family, head + (OFF_SKC_FAMILY - SK_HEAD_START), 2);
+	__builtin_memcpy(&dport, head + (OFF_SKC_DPORT - SK_HEAD_START), 2);
+	__builtin_memcpy(&sport, inet + (OFF_INET_SPORT - INET_HEAD_START), 2);
+	t->sport = ntohs(sport);
+	t->dport = ntohs(dport);
+	if (t->family == TT_AF_INET) {
+		__builtin_memcpy(t->saddr, inet + (OFF_INET_SADDR - INET_HEAD_START), 4);
+		__builtin_memcpy(t->daddr, head + (OFF_SKC_DADDR - SK_HEAD_START), 4);
+	} else {
+		bpf_probe_read_kernel(t->saddr, 16, (void *)(sk + OFF_SKC_V6_RCV_SADDR));
+		bpf_probe_read_kernel(t->daddr, 16, (void *)(sk + OFF_SKC_V6_DADDR));
+	}
+}
+
 int raw_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
 	u64 sk = ctx->args[0];
@@ -1305,24 +1327,8 @@ int raw_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 	bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)(sk + OFF_SK_PROTOCOL));
 	if (protocol != TT_IPPROTO_TCP)
 		return 0;
-	u8 head[SK_HEAD_LEN] = {};
-	u8 inet[INET_HEAD_LEN] = {};
-	bpf_probe_read_kernel(head, sizeof(head), (void *)(sk + SK_HEAD_START));
-	bpf_probe_read_kernel(inet, sizeof(inet), (void *)(sk + INET_HEAD_START));
 	struct tt_tuple t = {};
-	u16 sport = 0, dport = 0;
-	__builtin_memcpy(&t.family, head + (OFF_SKC_FAMILY - SK_HEAD_START), 2);
-	__builtin_memcpy(&dport, head + (OFF_SKC_DPORT - SK_HEAD_START), 2);
-	__builtin_memcpy(&sport, inet + (OFF_INET_SPORT - INET_HEAD_START), 2);
-	t.sport = ntohs(sport);
-	t.dport = ntohs(dport);
-	if (t.family == TT_AF_INET) {
-		__builtin_memcpy(t.saddr, inet + (OFF_INET_SADDR - INET_HEAD_START), 4);
-		__builtin_memcpy(t.daddr, head + (OFF_SKC_DADDR - SK_HEAD_START), 4);
-	} else {
-		bpf_probe_read_kernel(t.saddr, 16, (void *)(sk + OFF_SKC_V6_RCV_SADDR));
-		bpf_probe_read_kernel(t.daddr, 16, (void *)(sk + OFF_SKC_V6_DADDR));
-	}
+	tuple_from_sk(sk, &t);
 	return set_state(ctx, sk, (u8)ctx->args[1], (u8)ctx->args[2], t, false);
 }
 #endif
@@ -1380,39 +1386,94 @@ int sweep_pending_close(struct bpf_raw_tracepoint_args *ctx)
 
 /* --------------------------------------------------- resets and retries -- */
 
+/*
+ * Raw where the kernel allows (USE_RAW_TCP_EVENTS): the kernel skips a
+ * classic tracepoint program on a CPU where any other tracing program runs
+ * (another BPF tool's, say) or a BPF map syscall is under way (as when user
+ * space reads our maps); a skipped RST or SYN retransmission would give a
+ * wrong close kind or count. A raw program is only skipped when it recurs
+ * on its own CPU.
+ */
+
 #if HAVE_RESET_RECEIVED
-int on_tcp_receive_reset(struct tp_tcp_receive_reset *args)
+static __always_inline void reset_received(u64 sk)
 {
-	u64 sk = (u64)args->skaddr;
 	struct tt_sock *s = socks.lookup(&sk);
 	if (s)
 		s->id.last_reset = TT_RESET_RECEIVED;
+}
+#if USE_RAW_TCP_EVENTS
+int raw_tcp_receive_reset(struct bpf_raw_tracepoint_args *ctx)
+{
+	reset_received(ctx->args[0]);
+	return 0;
+}
+#else
+int on_tcp_receive_reset(struct tp_tcp_receive_reset *args)
+{
+	reset_received((u64)args->skaddr);
 	return 0;
 }
 #endif
+#endif
 
 #if HAVE_RESET_SENT
-int on_tcp_send_reset(struct tp_tcp_send_reset *args)
+static __always_inline void reset_sent(void *ctx, u64 sk)
 {
-	u64 sk = (u64)args->skaddr;
 	if (!sk)
-		return 0;
+		return;
 	struct tt_pending_close *held = pending_close.lookup(&sk);
 	if (held) {
 		/* The RST of an abortive close, just after its CLOSE. */
 		held->s.id.last_reset = TT_RESET_SENT;
-		finish_pending_close(args, sk, held);
+		finish_pending_close(ctx, sk, held);
 		pending_close.delete(&sk);
-		return 0;
+		return;
 	}
 	struct tt_sock *s = socks.lookup(&sk);
 	if (s)
 		s->id.last_reset = TT_RESET_SENT;
+}
+#if USE_RAW_TCP_EVENTS
+int raw_tcp_send_reset(struct bpf_raw_tracepoint_args *ctx)
+{
+	reset_sent(ctx, ctx->args[0]);
+	return 0;
+}
+#else
+int on_tcp_send_reset(struct tp_tcp_send_reset *args)
+{
+	reset_sent(args, (u64)args->skaddr);
 	return 0;
 }
 #endif
+#endif
 
 #if HAVE_SYN_RETRANS
+/* Connecting socket s (address pair t) sent its SYN again. */
+static __always_inline void syn_retransmitted(void *ctx, struct tt_sock *s, struct tt_tuple *t)
+{
+	s->id.syn_retrans += 1;
+#if HAVE_TIMEWAIT
+	/* The pair is known now even if the connect never completes. */
+	t->netns = s->tuple.netns;
+	tw_match_reuse(ctx, t);
+#endif
+}
+#if USE_RAW_TCP_EVENTS
+int raw_tcp_retransmit_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 sk = ctx->args[0];
+	struct tt_sock *s = socks.lookup(&sk);
+	/* Our state is the kernel's: SYN_SENT lasts until a change we see. */
+	if (!s || s->id.state != TT_SYN_SENT)
+		return 0;
+	struct tt_tuple t = {};
+	tuple_from_sk(sk, &t);
+	syn_retransmitted(ctx, s, &t);
+	return 0;
+}
+#else
 int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
 {
 	if (args->state != TT_SYN_SENT)
@@ -1421,11 +1482,7 @@ int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
 	struct tt_sock *s = socks.lookup(&sk);
 	if (!s)
 		return 0;
-	s->id.syn_retrans += 1;
-#if HAVE_TIMEWAIT
-	/* The pair is known now even if the connect never completes. */
 	struct tt_tuple t = {};
-	t.netns = s->tuple.netns;
 	t.family = args->family;
 	t.sport = args->sport;
 	t.dport = args->dport;
@@ -1436,8 +1493,8 @@ int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
 		__builtin_memcpy(t.saddr, args->saddr_v6, 16);
 		__builtin_memcpy(t.daddr, args->daddr_v6, 16);
 	}
-	tw_match_reuse(args, &t);
-#endif
+	syn_retransmitted(args, s, &t);
 	return 0;
 }
+#endif
 #endif

@@ -161,6 +161,13 @@ BTF_OFFSETS = {
 TP_BTF_TRACEPOINTS = (
     "inet_sock_set_state", "timer_start", "timer_cancel", "timer_expire_entry", "kfree_skb",
 )  # fmt: skip
+# Tracepoints whose programs can be raw besides set_state's and the timers',
+# with the feature that says the tracepoint is there.
+RAW_TCP_EVENTS = {
+    "tcp_receive_reset": "reset_received",
+    "tcp_send_reset": "reset_sent",
+    "tcp_retransmit_skb": "syn_retrans",
+}
 # The sock_common fields a timewait socket's address pair is read from.
 TW_TUPLE_FIELDS = (
     "OFF_SKC_FAMILY", "OFF_SKC_NUM", "OFF_SKC_DPORT", "OFF_SKC_RCV_SADDR", "OFF_SKC_DADDR",
@@ -182,6 +189,17 @@ RAW_SET_STATE_SIZES = {
 # inet_saddr, not skc_num (zeroed by inet_put_port() before a CLOSE is traced).
 SK_HEAD_FIELDS = ("OFF_SKC_DADDR", "OFF_SKC_DPORT", "OFF_SKC_FAMILY")
 INET_HEAD_FIELDS = ("OFF_INET_SADDR", "OFF_INET_SPORT")
+
+
+def _raw_sock_arg_problem(btf: Btf | None, tracepoint: str, otherwise: str) -> str | None:
+    """None if raw tracepoint `tracepoint`'s first argument is its socket
+    (struct sock *), as our raw program takes it; else why not."""
+    try:
+        if btf is not None and btf.raw_tracepoint_arg_index(tracepoint, "sock") == 0:
+            return None
+    except BtfError as err:
+        return str(err)
+    return otherwise
 
 
 def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
@@ -353,17 +371,37 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         features.inet_head = span(INET_HEAD_FIELDS)
         if features.sk_head[1] > 64 or features.inet_head[1] > 64:
             reasons.append("the socket fields are not compact")
-        try:
-            if btf is None or btf.raw_tracepoint_arg_index("inet_sock_set_state", "sock") != 0:
-                reasons.append("inet_sock_set_state's raw arguments are not (sk, old, new)")
-        except BtfError as err:
-            reasons.append(str(err))
+        problem = _raw_sock_arg_problem(
+            btf, "inet_sock_set_state", "inet_sock_set_state's raw arguments are not (sk, old, new)"
+        )
+        if problem:
+            reasons.append(problem)
     features.note(
         "raw_set_state",
         not reasons,
         "sock:inet_sock_set_state attached raw (several times cheaper per change)"
         if not reasons
         else "sock:inet_sock_set_state attached classic (" + "; ".join(reasons) + ")",
+    )
+    # The reset and retransmit programs raw too: the kernel skips a classic
+    # program on a CPU where another tracing program runs or a BPF map
+    # syscall is under way. The retransmit one reads the address pair as the
+    # raw set_state one does.
+    reasons = []
+    if not features.has("raw_set_state"):
+        reasons.append("the raw state-change program is not usable")
+    for name, feature in RAW_TCP_EVENTS.items():
+        if not features.has(feature):
+            continue
+        problem = _raw_sock_arg_problem(btf, name, f"{name}'s first raw argument is not the socket")
+        if problem:
+            reasons.append(problem)
+    features.note(
+        "raw_tcp_events",
+        not reasons,
+        "tcp resets and retransmits attached raw (never skipped for another program)"
+        if not reasons
+        else "tcp reset and retransmit tracepoints attached classic (" + "; ".join(reasons) + ")",
     )
     tw_tuple = features.has("timewait") and all(f in features.offsets for f in TW_TUPLE_FIELDS)
     features.note(

@@ -23,7 +23,14 @@ from typing import Any
 
 from . import bpfsys, buckets
 from .errors import UserError
-from .kernel import ADDR_FIELDS, SET_STATE_FIELDS, TIMEWAIT_LEN_S, Features, detect_features
+from .kernel import (
+    ADDR_FIELDS,
+    RAW_TCP_EVENTS,
+    SET_STATE_FIELDS,
+    TIMEWAIT_LEN_S,
+    Features,
+    detect_features,
+)
 from .kernel import headers_dir as find_headers_dir
 from .metrics import METRIC_ARRAYS
 from .seed import ListenerSeed
@@ -97,6 +104,12 @@ def _pow2_pages(nbytes: int) -> int:
     return 1 << (pages - 1).bit_length()
 
 
+def _raw_tcp_events(features: Features) -> bool:
+    """Whether the reset and retransmit programs are raw: they read the
+    address pair as the raw set_state program does."""
+    return features.has("raw_set_state") and features.has("raw_tcp_events")
+
+
 def build_source(features: Features, options: TracerOptions) -> tuple[str, list[str]]:
     """The program text (generated preamble + tcptrace.bpf.c) and cflags."""
     if not features.has("set_state"):
@@ -132,6 +145,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "HAVE_KFREE_RX_SK": int(features.has("timewait") and features.has("kfree_rx_sk")),
         "USE_RAW_TIMERS": int(features.has("raw_timers")),
         "USE_RAW_SET_STATE": int(features.has("raw_set_state")),
+        "USE_RAW_TCP_EVENTS": int(_raw_tcp_events(features)),
         "USE_TP_BTF": int(features.has("tp_btf")),
         "SK_HEAD_START": features.sk_head[0],
         "SK_HEAD_LEN": max(8, features.sk_head[1]),
@@ -429,12 +443,10 @@ class Tracer:
                 self._attach_fastest("skb:kfree_skb", "kfree_skb", self.features.has("raw_kfree"))
             self._sweep_fd = self._load_sweeper("sweep_killed")
             self._sweep_timewait_fd = self._load_sweeper("sweep_timewait")
-        if self.features.has("reset_received"):
-            self._attach("tcp:tcp_receive_reset", "on_tcp_receive_reset")
-        if self.features.has("reset_sent"):
-            self._attach("tcp:tcp_send_reset", "on_tcp_send_reset")
-        if self.features.has("syn_retrans"):
-            self._attach("tcp:tcp_retransmit_skb", "on_tcp_retransmit_skb")
+        raw_tcp = _raw_tcp_events(self.features)
+        for name, feature in RAW_TCP_EVENTS.items():
+            if self.features.has(feature):
+                self._attach(f"tcp:{name}", f"{'raw' if raw_tcp else 'on'}_{name}", raw_tcp)
         self._sweep_close_fd = self._load_sweeper("sweep_pending_close")
         if self.options.emit_events:
             self._open_event_buffer()

@@ -17,7 +17,14 @@ from support import Peer, free_port, requires_root
 
 from tcptrace_ebpf import bpfsys
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.events import EVENT_SIZE, EVENT_STRUCT, F_END_UNSEEN, Decoder
+from tcptrace_ebpf.events import (
+    EVENT_SIZE,
+    EVENT_STRUCT,
+    F_END_UNSEEN,
+    F_RESET_RECEIVED,
+    F_RESET_SENT,
+    Decoder,
+)
 from tcptrace_ebpf.kernel import Capability, detect_features
 from tcptrace_ebpf.lifecycle import Lifecycle, LifecycleEngine
 from tcptrace_ebpf.probe import Tracer, TracerOptions, build_source
@@ -74,7 +81,9 @@ def test_event_layout_matches_bcc() -> None:
 
 DEGRADED = [
     ("tp_btf",),  # raw tracepoints, fields read with bpf_probe_read_kernel()
-    ("tp_btf", "raw_set_state", "raw_timers", "raw_kfree"),  # classic tracepoints (before 4.17)
+    # classic tracepoints (before 4.17)
+    ("tp_btf", "raw_set_state", "raw_timers", "raw_kfree", "raw_tcp_events"),
+    ("raw_tcp_events",),  # resets and retransmissions classic, the rest raw
     ("tp_btf", "raw_set_state"),  # BTF lacking a socket field the raw program reads
     ("timewait",),
     ("kfree_rx_sk",),
@@ -349,7 +358,9 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
     assert btf_features.has("tp_btf")
     raw_features = without("tp_btf")
     assert raw_features.has("raw_set_state")
-    classic_features = without("tp_btf", "raw_set_state", "raw_timers", "raw_kfree")
+    classic_features = without(
+        "tp_btf", "raw_set_state", "raw_timers", "raw_kfree", "raw_tcp_events"
+    )
     ports = {free_port(), free_port("::1")}
     streams: dict[str, list] = {"btf": [], "raw": [], "classic": []}
     tracers = []
@@ -397,15 +408,23 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
 
     def seen(events: list) -> list:
         return sorted(
-            (e.family, e.laddr, e.lport, e.raddr, e.rport, e.old_state, e.new_state, e.tw_end)
+            (e.family, e.laddr, e.lport, e.raddr, e.rport, e.old_state, e.new_state, e.tw_end,
+             e.flags & (F_RESET_SENT | F_RESET_RECEIVED))
             for e in events
-        )
+        )  # fmt: skip
 
     assert [kinds["sock:inet_sock_set_state"] for kinds in attach_kinds] == [
         "btf", "raw", "classic",
     ]  # fmt: skip
     assert {attach_kinds[0][f"timer:{t}"] for t in ("timer_start", "timer_cancel")} == {"btf"}
+    resets = ("tcp:tcp_receive_reset", "tcp:tcp_send_reset", "tcp:tcp_retransmit_skb")
+    assert [{kinds[tp] for tp in resets} for kinds in attach_kinds] == [
+        {"raw"}, {"raw"}, {"classic"},
+    ]  # fmt: skip
     assert len(streams["btf"]) >= 20
+    # The refused connects were told by tcp_receive_reset, the linger-0 closes by tcp_send_reset.
+    assert any(e.has(F_RESET_RECEIVED) for e in streams["btf"])
+    assert any(e.has(F_RESET_SENT) for e in streams["btf"])
     assert seen(streams["btf"]) == seen(streams["raw"]) == seen(streams["classic"])
 
 
@@ -433,7 +452,7 @@ def test_a_refused_btf_program_falls_back_to_raw(
         until=lambda lives: len(lives) >= 5,
     )
     assert "R1 invalid mem access 'scalar'" in caplog.text
-    assert set(kinds.values()) == {"raw", "classic"}  # classic: the reset tracepoints
+    assert set(kinds.values()) == {"raw"}
     assert kinds["sock:inet_sock_set_state"] == "raw"
     first_client = next(life for life in lives if life.role == "client")
     assert [span.state for span in first_client.states][-1] == 6  # TIME_WAIT, seen to end
