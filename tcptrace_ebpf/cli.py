@@ -167,6 +167,17 @@ def _lost_summary(counters: dict[str, int]) -> str:
     return f"{total} lost" + (f" ({detail})" if detail else "")
 
 
+def _skipped_tcp_runs(program_skips: dict[str, int]) -> str:
+    """The reset and retransmission programs' runs the kernel skipped, if any:
+    a skipped one leaves a close kind or a SYN retransmission count short.
+    (Timer programs' skips are left out: nearly all concern other timers.)"""
+    skipped = {tp: n for tp, n in sorted(program_skips.items()) if tp.startswith("tcp:") and n}
+    if not skipped:
+        return ""
+    detail = ", ".join(f"{tp}: {n}" for tp, n in skipped.items())
+    return f"; runs skipped by the kernel ({detail})"
+
+
 def seed_existing(tracer: Any) -> None:
     """Give the kernel program the owners of listeners that predate it."""
     from .seed import collect_listener_seeds
@@ -204,13 +215,14 @@ def _run_event_command(
             notice(_describe_start(tracer))
             run(tracer, decoder, duration, stop=stop, after_poll=out.flush)
             counters = tracer.counters()
+            skipped = _skipped_tcp_runs(tracer.program_skips())
             lost_socks = tracer.lost_sock_ids()
         finally:
             tracer.close()
     extra = finish(lost_socks)
     notice(
         f"stopped: {delivered[0]} events reported ({counters['events']} TCP state changes "
-        f"seen on the host), {_lost_summary(counters)}{extra}"
+        f"seen on the host), {_lost_summary(counters)}{skipped}{extra}"
     )
 
 
@@ -392,9 +404,12 @@ def serve(
             )
             exporter.serve_forever(stop)
             counters = exporter.tracer.counters()
+            skipped = _skipped_tcp_runs(exporter.tracer.program_skips())
         finally:
             exporter.close()
-    notice(f"stopped: {counters['events']} TCP state changes seen, {_lost_summary(counters)}")
+    notice(
+        f"stopped: {counters['events']} TCP state changes seen, {_lost_summary(counters)}{skipped}"
+    )
 
 
 class DurationParam(click.ParamType):  # type: ignore[type-arg]

@@ -230,12 +230,21 @@ class Traffic:
     def close(self) -> None:
         self.listener.close()
 
+    def fresh_port(self) -> int:
+        """A free client port that is in none of our TIME_WAIT pairs: a
+        server-side TIME_WAIT does not hold its client's port, and a SYN from
+        that port would end it by reuse unannounced."""
+        in_time_wait = {cport for cport, _since in self.time_waits}
+        while (port := free_port()) in in_time_wait:
+            pass
+        return port
+
     def connect(self, cport: int | None = None) -> tuple[socket.socket, socket.socket]:
         deadline = time.monotonic() + 5
         while True:
             client = tcp_socket()
             try:
-                client.bind(("127.0.0.1", cport or free_port()))
+                client.bind(("127.0.0.1", cport or self.fresh_port()))
                 client.connect(("127.0.0.1", self.port))
                 break
             except OSError as err:

@@ -10,6 +10,7 @@ traffic ends it: a new connection reusing the address pair.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,12 @@ def test_connect_timeout() -> None:
     assert path(life) == ["SYN_SENT"]
     assert life["close"] == "timeout"
     assert life["complete"] is True
-    assert life["syn_retrans"] == syn_retrans >= 1, run.stderr
+    # Exact, unless the kernel skipped runs of the retransmission program (it
+    # does when a run would nest in another): the stop summary says how many.
+    skipped = re.search(r"tcp:tcp_retransmit_skb: (\d+)", "\n".join(run.stderr))
+    short = int(skipped.group(1)) if skipped else 0
+    assert syn_retrans >= 1
+    assert syn_retrans - short <= life["syn_retrans"] <= syn_retrans, run.stderr
     assert life["pid"] == client_pid
     assert 2.5 <= life["states"][0]["duration_s"] <= elapsed + 0.1
 
