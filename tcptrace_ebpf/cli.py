@@ -319,6 +319,17 @@ DEFAULT_LISTEN = ":10072"
 DEFAULT_API_SOCKET = Path("/run/tcptrace-ebpf/api.sock")
 
 
+def api_socket_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--api.socket`: where serve answers (and closewait/timewait ask)."""
+    return click.option(
+        "--api.socket",
+        "api_socket",
+        default=str(DEFAULT_API_SOCKET),
+        show_default=True,
+        help=help_text,
+    )
+
+
 @cli.command()
 @click.option(
     "--web.listen-address",
@@ -348,13 +359,7 @@ DEFAULT_API_SOCKET = Path("/run/tcptrace-ebpf/api.sock")
     is_flag=True,
     help='Add a `port` label (local listening port, 19 at most, then "other") to per-role metrics.',
 )
-@click.option(
-    "--api.socket",
-    "api_socket",
-    default=str(DEFAULT_API_SOCKET),
-    show_default=True,
-    help="Root-only unix socket where `closewait` gets CLOSE_WAIT ages ('' to disable).",
-)
+@api_socket_option("Root-only unix socket where `closewait` gets CLOSE_WAIT ages ('' to disable).")
 @click.option(
     "--log.level",
     "log_level",
@@ -461,13 +466,7 @@ class DurationParam(click.ParamType):  # type: ignore[type-arg]
     show_default=True,
     help="Seconds between refreshes with --watch.",
 )
-@click.option(
-    "--api.socket",
-    "api_socket",
-    default=str(DEFAULT_API_SOCKET),
-    show_default=True,
-    help="Where the running `serve` answers with CLOSE_WAIT ages.",
-)
+@api_socket_option("Where the running `serve` answers with CLOSE_WAIT ages.")
 def closewait(
     *,
     min_age: float,
@@ -632,13 +631,7 @@ def _show_close_wait(
 @cli.command()
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-@click.option(
-    "--api.socket",
-    "api_socket",
-    default=str(DEFAULT_API_SOCKET),
-    show_default=True,
-    help="Where the running `serve` answers with the programs behind TIME_WAIT.",
-)
+@api_socket_option("Where the running `serve` answers with the programs behind TIME_WAIT.")
 def timewait(top: int, as_json: bool, api_socket: str) -> None:
     """TIME_WAIT pressure: ports in use per destination against the ephemeral range,
     TIME_WAIT per local service port and per program."""

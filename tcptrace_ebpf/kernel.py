@@ -55,6 +55,11 @@ class Features:
     def note(self, name: str, available: bool, detail: str) -> None:
         self.capabilities[name] = Capability(name, available, detail)
 
+    def note_unless(self, name: str, reasons: list[str], good: str, bad: str) -> None:
+        """Available when nothing stands in the way; else `bad` with the
+        reasons, "; "-joined, in place of its "{}"."""
+        self.note(name, not reasons, bad.format("; ".join(reasons)) if reasons else good)
+
 
 def kernel_release() -> str:
     return os.uname().release
@@ -303,12 +308,11 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         reasons.append("symbol tw_timer_handler not in /proc/kallsyms")
     if "OFF_TW_TIMER" not in features.offsets:
         reasons.append("no inet_timewait_sock.tw_timer in BTF")
-    features.note(
+    features.note_unless(
         "timewait",
-        not reasons,
-        "TIME_WAIT followed through the timewait socket's timer"
-        if not reasons
-        else "TIME_WAIT not measured: " + "; ".join(reasons),
+        reasons,
+        "TIME_WAIT followed through the timewait socket's timer",
+        "TIME_WAIT not measured: {}",
     )
     features.note(
         "tw_substate",
@@ -376,12 +380,11 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         )
         if problem:
             reasons.append(problem)
-    features.note(
+    features.note_unless(
         "raw_set_state",
-        not reasons,
-        "sock:inet_sock_set_state attached raw (several times cheaper per change)"
-        if not reasons
-        else "sock:inet_sock_set_state attached classic (" + "; ".join(reasons) + ")",
+        reasons,
+        "sock:inet_sock_set_state attached raw (several times cheaper per change)",
+        "sock:inet_sock_set_state attached classic ({})",
     )
     # The reset and retransmit programs raw too: the kernel skips a classic
     # program on a CPU where another tracing program runs or a BPF map
@@ -396,12 +399,11 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         problem = _raw_sock_arg_problem(btf, name, f"{name}'s first raw argument is not the socket")
         if problem:
             reasons.append(problem)
-    features.note(
+    features.note_unless(
         "raw_tcp_events",
-        not reasons,
-        "tcp resets and retransmits attached raw (never skipped for another program)"
-        if not reasons
-        else "tcp reset and retransmit tracepoints attached classic (" + "; ".join(reasons) + ")",
+        reasons,
+        "tcp resets and retransmits attached raw (never skipped for another program)",
+        "tcp reset and retransmit tracepoints attached classic ({})",
     )
     tw_tuple = features.has("timewait") and all(f in features.offsets for f in TW_TUPLE_FIELDS)
     features.note(
@@ -430,12 +432,11 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         reasons.append("no btf_trace_inet_sock_set_state in BTF")
     if not kallsyms_address("bpf_skc_to_tcp_sock"):
         reasons.append("no bpf_skc_to_tcp_sock helper (Linux < 5.9)")
-    features.note(
+    features.note_unless(
         "tp_btf",
-        not reasons,
-        "BTF-typed raw tracepoints: socket and timer fields read as plain loads"
-        if not reasons
-        else "no BTF-typed raw tracepoints (" + "; ".join(reasons) + ")",
+        reasons,
+        "BTF-typed raw tracepoints: socket and timer fields read as plain loads",
+        "no BTF-typed raw tracepoints ({})",
     )
     kfree = features.formats.get("kfree_skb")
     features.note(

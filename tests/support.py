@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,14 +190,23 @@ def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> 
             )
 
 
-def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any:
+def wait_for(
+    predicate: Any,
+    timeout: float = 10,
+    interval: float = 0.05,
+    what: str | Callable[[], str] | None = None,
+) -> Any:
+    """Poll `predicate` until it returns something truthy, and return that;
+    fail saying `what` (a string, or a function making one at the time of
+    failure; by default the predicate itself) otherwise."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+            message = what() if callable(what) else what or predicate
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
 
 

@@ -37,7 +37,7 @@ import bcrypt
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support import cli_argv, free_port, requires_root, run_cli
+from support import cli_argv, free_port, requires_root, run_cli, wait_for
 from test_dashboards import EXPORTED_METRICS, dashboard_queries, require_tool, substitute
 from test_serve import Samples, scrape, value
 
@@ -96,22 +96,6 @@ class Prometheus:
                 return bool(response.status == 200)
         except OSError:
             return False
-
-
-def eventually(
-    check: Callable[[], Any], what: str | Callable[[], str], timeout: float = 20.0
-) -> Any:
-    """Poll `check` until it returns something truthy; fail saying `what` (a
-    string, or a function making one at the time of failure) otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            message = what if isinstance(what, str) else what()
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
-        time.sleep(0.25)
 
 
 @pytest.fixture
@@ -181,10 +165,11 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
 
 
 def wait_up(prometheus: Prometheus, job: str, expected: float = 1.0) -> None:
-    eventually(
+    wait_for(
         lambda: prometheus.scalar(f'max(up{{job="{job}"}})') == expected,
-        lambda: f'up{{job="{job}"}} == {expected}; Prometheus log:\n{prometheus.log_tail()}',
+        what=lambda: f'up{{job="{job}"}} == {expected}; Prometheus log:\n{prometheus.log_tail()}',
         timeout=30,
+        interval=0.25,
     )
 
 
@@ -481,7 +466,12 @@ def test_every_dashboard_query_returns_data(
         reused_expr = f'sum(tcptrace_time_wait_duration_seconds_count{{{sel}, end="reused"}})'
         leak_expr = f'sum(tcptrace_close_wait_sockets{{{sel}, comm="{LEAKER_COMM}"}})'
         refused_before = _numbers(
-            eventually(lambda: prometheus.query(refused_expr), "a first sample of refused closes")
+            wait_for(
+                lambda: prometheus.query(refused_expr),
+                what="a first sample of refused closes",
+                timeout=20,
+                interval=0.25,
+            )
         )[0]
         reused_before = prometheus.scalar(reused_expr) or 0.0
         lost_before = losses(scrape(http_port))
@@ -517,7 +507,7 @@ def test_every_dashboard_query_returns_data(
                 )
 
             with contextlib.suppress(AssertionError):  # may never settle when events were lost
-                eventually(settled, "Prometheus to have the final counts", timeout=10)
+                wait_for(settled, what="Prometheus to have the final counts", interval=0.25)
             samples = scrape(http_port)
             lost, timer_skips = (a - b for a, b in zip(losses(samples), lost_before, strict=True))
             assert_count(
@@ -621,7 +611,7 @@ def check_metrics_and_rules(prometheus: Prometheus, sel: str) -> None:
         found = [rule for group in answer["data"]["groups"] for rule in group["rules"]]
         return found if found and all(rule["health"] != "unknown" for rule in found) else []
 
-    evaluated = eventually(rules, "every rule evaluated once")
+    evaluated = wait_for(rules, what="every rule evaluated once", timeout=20, interval=0.25)
     bad = [(rule["name"], rule["health"], rule.get("lastError")) for rule in evaluated]
     bad = [entry for entry in bad if entry[1] != "ok"]
     assert not bad, bad
