@@ -881,6 +881,9 @@ class Bench:
                 tracer = Tracer(mode, self.procs, self.workdir, args, nginx.port)
                 tracer.start()
                 result.tracer_startup_s = tracer.startup_s
+            if args.settle > 0:
+                # Every mode alike, so that each measures the same host state.
+                self.load(args.settle)
             nginx.wait_idle()
             time.sleep(args.pause)
             result.timewait_before = timewait_count()
@@ -1032,6 +1035,17 @@ class Bench:
             "other_host_connections": other,
         }
 
+    def load(self, seconds: float) -> None:
+        """Unmeasured wrk load on nginx for `seconds`."""
+        assert self.nginx is not None
+        subprocess.run(
+            wrk_command(self.args, self.nginx.port, seconds),
+            capture_output=True,
+            timeout=seconds + 60,
+            check=False,
+            start_new_session=True,
+        )
+
     def throughput(self) -> list[RunResult]:
         args = self.args
         nginx = self.nginx
@@ -1039,13 +1053,7 @@ class Bench:
         modes = [m for m in ALL_MODES if m in args.modes]
         if args.warmup > 0:
             log(f"warm-up: wrk for {args.warmup:.0f} s (not measured)")
-            subprocess.run(
-                wrk_command(args, nginx.port, args.warmup),
-                capture_output=True,
-                timeout=args.warmup + 60,
-                check=False,
-                start_new_session=True,
-            )
+            self.load(args.warmup)
         runs: list[RunResult] = []
         for round_no in range(1, args.rounds + 1):
             shift = (round_no - 1) % len(modes)
@@ -1461,6 +1469,12 @@ def report(results: dict[str, Any]) -> str:
         f" runs, {config['rounds']} rounds in rotating order; medians shown",
         "",
     ]
+    if config.get("settle"):
+        lines.insert(
+            -1,
+            f"each run measured after {config['settle']:.0f} s of unmeasured load with its tracer"
+            " running (--settle)",
+        )
     header = (
         f"{'mode':<22}{'conn/s':>9}{'min-max':>16}{'ratio':>8}  {'per round':<16}"
         f"{'tracer CPU':>10}{'% core':>8}  {'lost':<22}exact"
@@ -1833,6 +1847,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warmup", type=float, default=5.0, help="seconds of unmeasured load first"
     )
     parser.add_argument("--pause", type=float, default=2.0, help="seconds of rest before a run")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds of unmeasured load at the start of every run, tracer running:"
+        " measures a tracer past its first seconds (start-up work, adopting the"
+        " sockets that were there before it)",
+    )
     parser.add_argument(
         "--scrape-interval", type=float, default=1.0, help="scrape period during runs"
     )
