@@ -375,9 +375,10 @@ class Tracer:
             count += 1
         return count
 
-    def _attach(self, tracepoint: str, function: str, raw: bool = False) -> None:
-        """Attach to a classic tracepoint, or to the raw one (named without
-        its category)."""
+    def _attach(self, tracepoint: str, name: str, raw: bool) -> None:
+        """Attach program on_<name> to a classic tracepoint, or raw_<name> to
+        the raw one (named without its category)."""
+        function = f"{'raw' if raw else 'on'}_{name}"
         with _capture_stderr() as output:
             try:
                 if raw:
@@ -429,7 +430,7 @@ class Tracer:
         else the classic on_<name>."""
         if raw and self._attach_btf(tracepoint, f"btf_{name}"):
             return
-        self._attach(tracepoint, f"{'raw' if raw else 'on'}_{name}", raw)
+        self._attach(tracepoint, name, raw)
 
     def _attach_all(self) -> None:
         assert self.features is not None
@@ -446,7 +447,7 @@ class Tracer:
         raw_tcp = _raw_tcp_events(self.features)
         for name, feature in RAW_TCP_EVENTS.items():
             if self.features.has(feature):
-                self._attach(f"tcp:{name}", f"{'raw' if raw_tcp else 'on'}_{name}", raw_tcp)
+                self._attach(f"tcp:{name}", name, raw_tcp)
         self._sweep_close_fd = self._load_sweeper("sweep_pending_close")
         if self.options.emit_events:
             self._open_event_buffer()
