@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,10 +51,35 @@ def endpoints(key: TupleKey | bytes) -> tuple[int, str, int, str, int]:
     )
 
 
+Endpoints = tuple[int, str, int, str, int]
+
+
+def holders_due(
+    tracked: Sequence[KernelCloseWait],
+    old: Iterable[Endpoints],
+    named: Container[Endpoints],
+    now_ns: int,
+    min_age_ns: int,
+) -> dict[Endpoints, int]:
+    """The CLOSE_WAIT sockets whose holder to look up now, with the pid the
+    kernel recorded (0: none): those not named yet and at least `min_age_ns`
+    in CLOSE_WAIT (`now_ns` and their start on CLOCK_MONOTONIC).
+
+    Most CLOSE_WAIT sockets last a moment: the program closes right after
+    reading the peer's FIN. Looking those up would read fd tables at every
+    refresh on a busy host, for sockets gone before anyone asks. Sockets
+    older than tracing (`old`) are always old enough.
+    """
+    due = {endpoints(s.key): s.pid for s in tracked if now_ns - s.since_ns >= min_age_ns}
+    due.update(dict.fromkeys(old, 0))
+    return {key: pid for key, pid in due.items() if key not in named}
+
+
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 HOLDER_REFRESH_S = 5.0  # how often new CLOSE_WAIT sockets' holders are looked up in /proc
+HOLDER_MIN_AGE_S = 1.0  # younger CLOSE_WAIT sockets are left to the owner the kernel saw
 FULL_HOLDER_SCAN_S = 60.0  # at most this often, every process's fd table is searched
 PORT_LABEL_SLOTS = 20  # "other" plus 19 listening ports
 
@@ -135,7 +160,7 @@ class Exporter:
         self._last_holder_refresh = 0.0
         self._last_full_holder_scan = -FULL_HOLDER_SCAN_S
         # CLOSE_WAIT sockets' holders (program names), by address pair, from /proc.
-        self._holder_comm: dict[tuple[int, str, int, str, int], str] = {}
+        self._holder_comm: dict[Endpoints, str] = {}
         self.api = (
             ApiServer(
                 options.api_path,
@@ -246,18 +271,21 @@ class Exporter:
         listener's owner); the holder may differ (a worker it was passed to).
         Finding it means reading fd tables, which on a host with many sockets
         is costly and holds the GIL the scrapes need: so only sockets not
-        named yet are looked up, first in the fd table of the owner the
-        kernel recorded, and every process is searched at most once a minute.
+        named yet and no longer new are looked up (see holders_due), first
+        in the fd table of the owner the kernel recorded, and every process
+        is searched at most once a minute.
         """
         from . import procfs, sockdiag
 
         tracked = self.tracer.close_wait_sockets()
         old = self.preexisting.close_wait() if self.preexisting is not None else []
-        current = {endpoints(sock.key): sock.pid for sock in tracked}
-        current.update({endpoints(item.key): 0 for item in old})
+        old_keys = [endpoints(item.key) for item in old]
+        current = {endpoints(sock.key) for sock in tracked}.union(old_keys)
         names = {key: comm for key, comm in self._holder_comm.items() if key in current}
         self._holder_comm = names
-        missing = {key: pid for key, pid in current.items() if key not in names}
+        missing = holders_due(
+            tracked, old_keys, names, time.monotonic_ns(), int(HOLDER_MIN_AGE_S * 1e9)
+        )
         if not missing:
             return
         try:
