@@ -1133,6 +1133,38 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 }
 
 /*
+ * An accepted socket is born in SYN_RECV when the client's last ACK comes
+ * (until then the kernel keeps a request sock, which no tracepoint shows),
+ * so its SYN_RECV began a round trip before we saw it: when the SYN came and
+ * the SYN-ACK left. Just before making it ESTABLISHED the kernel takes that
+ * round trip (SYN-ACK out to ACK in) as the socket's first RTT sample,
+ * srtt_us = rtt << 3. The SYN-ACK left in SYN_RECV: date SYN_RECV, and the
+ * connection's birth, back to then. A Fast Open child, made at the SYN
+ * itself, is older than that already and keeps its dates.
+ */
+static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool typed, u64 now)
+{
+#if HAVE_SYNACK_RTT
+	u32 srtt_us = 0;
+#if USE_TP_BTF
+	if (typed)
+		srtt_us = BTF_LOAD(u32, sk, OFF_TCP_SRTT_US);
+#endif
+	if (!typed)
+		bpf_probe_read_kernel(&srtt_us, sizeof(srtt_us), (void *)(sk + OFF_TCP_SRTT_US));
+	u64 rtt_ns = (u64)(srtt_us >> 3) * 1000;
+	if (!rtt_ns || rtt_ns >= now || !id->state_ns)
+		return;
+	u64 synack_sent_ns = now - rtt_ns;
+	if (synack_sent_ns >= id->state_ns)
+		return;
+	if (id->birth_ns == id->state_ns)
+		id->birth_ns = synack_sent_ns;
+	id->state_ns = synack_sent_ns;
+#endif
+}
+
+/*
  * One TCP state change of socket sk: old -> new, t its address pair now.
  * `typed`: sk is a BTF-typed pointer (a constant: the branches on it go).
  */
@@ -1228,6 +1260,8 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		if (id->role != TT_ROLE_CLIENT && id->owner_source != TT_OWNER_CLOSER)
 			set_owner_current(id, TT_OWNER_CLOSER);
 	}
+	if (old == TT_SYN_RECV && new == TT_ESTABLISHED && id->role == TT_ROLE_SERVER)
+		date_back_syn_recv(id, sk, typed, now);
 
 #if HAVE_TIMEWAIT
 	/* A new connection on an address pair whose timewait socket was just cancelled? */

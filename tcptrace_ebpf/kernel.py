@@ -161,6 +161,8 @@ BTF_OFFSETS = {
     # And what a timewait socket's address pair is read from (its sock_common).
     "OFF_SKC_NUM": ("sock_common", "skc_num"),
     "OFF_SKC_RCV_SADDR": ("sock_common", "skc_rcv_saddr"),
+    # A server's SYN-ACK round trip, when its accepted socket becomes ESTABLISHED.
+    "OFF_TCP_SRTT_US": ("tcp_sock", "srtt_us"),
 }
 # Raw tracepoints whose programs can be BTF-typed (tp_btf).
 TP_BTF_TRACEPOINTS = (
@@ -289,6 +291,21 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         "network namespace of each socket (listener owners per namespace)"
         if "OFF_SKC_NET" in features.offsets and "OFF_NET_NS_INUM" in features.offsets
         else "no netns offsets in BTF: listener owners are matched by port only",
+    )
+
+    srtt_size = 0
+    if btf is not None and "OFF_TCP_SRTT_US" in features.offsets:
+        try:
+            srtt_size = btf.member_size("tcp_sock", "srtt_us")
+        except BtfError:
+            srtt_size = 0
+    features.note(
+        "synack_rtt",
+        srtt_size == 4,
+        "server handshakes from the SYN: the SYN-ACK round trip read from tcp_sock.srtt_us"
+        if srtt_size == 4
+        else "no 4-byte tcp_sock.srtt_us in BTF: server handshakes start at the client's "
+        "last ACK (the accepted socket's birth)",
     )
 
     features.tw_timer_handler = kallsyms_address("tw_timer_handler")

@@ -290,6 +290,18 @@ class LifecycleEngine:
                     if event.duration_s is not None
                     else (max(0.0, event.ts - current.start) if current.start is not None else None)
                 )
+                if (
+                    current.state == SYN_RECV
+                    and event.duration_s is not None
+                    and current.start is not None
+                ):
+                    # The kernel dates a server's SYN_RECV back to when the
+                    # SYN-ACK left, a round trip before the accepted socket
+                    # (and its first event) existed. (Otherwise the two agree
+                    # but for float rounding, which must not move the start.)
+                    began = event.ts - event.duration_s
+                    if began < current.start - 1e-6:
+                        current.start = began
         if event.new_state != CLOSE:
             states.append(StateSpan(event.new_state, event.ts))
             entry.visited.append(event.new_state)

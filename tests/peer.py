@@ -7,6 +7,7 @@ needs, and gives the test a real process (pid, comm) owning its sockets.
 Commands:
   pid                           -> ok <pid>
   listen <host> <port>          -> ok <port>      (IPv6 if host contains ':')
+  defer_accept <seconds>        -> ok             (TCP_DEFER_ACCEPT on the listener)
   accept                        -> ok <remote port>
   connect <host> <port> [bind]  -> ok <local port> | err <errno name>
   send <n> / recv               -> ok <bytes>
@@ -55,6 +56,10 @@ def main() -> None:
                 listener.bind((host, port))
                 listener.listen(16)
                 reply(f"ok {listener.getsockname()[1]}")
+            elif command == "defer_accept":
+                assert listener is not None
+                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, int(args[0]))
+                reply("ok")
             elif command == "accept":
                 assert listener is not None
                 listener.settimeout(TIMEOUT_S)

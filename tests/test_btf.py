@@ -558,6 +558,7 @@ def test_kernel_sock_common_addresses(kernel_btf: Btf) -> None:
         ("timer_list", "function"),
         ("sock_common", "skc_state"),
         ("sock_common", "skc_net"),
+        ("tcp_sock", "srtt_us"),
     ],
 )
 def test_kernel_offsets_match_bpftool(

@@ -89,6 +89,7 @@ DEGRADED = [
     ("kfree_rx_sk",),
     ("tw_substate", "timer_expires"),
     ("netns",),
+    ("synack_rtt",),  # server handshakes from the accepted socket's birth
     ("reset_received", "reset_sent", "syn_retrans"),
     ("timewait", "netns", "reset_received", "reset_sent", "syn_retrans", "btf", "tp_btf"),
 ]

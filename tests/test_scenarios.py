@@ -208,6 +208,42 @@ def test_server_closes_first() -> None:
     assert 0.09 <= span(first, "CLOSE_WAIT")["duration_s"] < 1.0
 
 
+def test_server_handshake_from_the_syn() -> None:
+    """A listener with TCP_DEFER_ACCEPT keeps the connection in SYN_RECV
+    until data comes, 0.3 s after the client's handshake: the server's
+    SYN_RECV lasts from the SYN, though the kernel makes the socket we trace
+    only at the end of it."""
+    host = "127.0.0.1"
+    port = free_port(host)
+    with run_cli("lifecycles", "--json", "--port", str(port)) as run:
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen {host} {port}")
+            server.cmd("defer_accept 5")
+            cport = int(client.cmd(f"connect {host} {port} {free_port(host)}"))
+            time.sleep(0.3)
+            client.cmd("send 10")
+            server.cmd("accept")
+            server.cmd("recv")
+            client.cmd("linger0")
+            client.cmd("close")
+            server.cmd("close")
+            server.cmd("close_listener")
+            wait_for(lambda: len(lifecycles_on(run, port)) >= 3)
+    assert run.returncode == 0, run.stderr
+    lives = lifecycles_on(run, port)
+
+    first = pick(lives, "client", lport=cport)
+    child = pick(lives, "server", rport=cport)
+    assert path(first) == ["SYN_SENT", "ESTABLISHED"]
+    assert path(child) == ["SYN_RECV", "ESTABLISHED"]
+    assert_sane(child)
+    # The client was established by the SYN-ACK, at once.
+    assert span(first, "SYN_SENT")["duration_s"] < 0.05
+    # The server's SYN_RECV began with the client's SYN and ended with the data.
+    assert 0.29 <= span(child, "SYN_RECV")["duration_s"] < 1.0
+    assert abs(span(child, "SYN_RECV")["start"] - span(first, "SYN_SENT")["start"]) < 0.05
+
+
 def test_connection_refused() -> None:
     """Scenario 3: nothing listens; the SYN is answered by RST."""
     port = free_port()

@@ -199,6 +199,42 @@ def test_counters_move_by_exactly_what_connections_did() -> None:
     )
 
 
+@requires_root
+def test_server_handshake_counts_from_the_syn() -> None:
+    """A listener with TCP_DEFER_ACCEPT holds the connection in SYN_RECV
+    until data comes, 0.3 s after the client's handshake. The server's
+    handshake and lifetime count from the SYN, though the socket we trace is
+    made only when the data comes."""
+    port = free_port()
+    handshake = "tcptrace_handshake_duration_seconds"
+    lifetime = "tcptrace_connection_duration_seconds"
+    with serving("--port", str(port)) as (run, http_port):
+        before = scrape(http_port)
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(8)
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                time.sleep(0.3)
+                client.sendall(b"ping")
+                child, _ = listener.accept()
+                with child:
+                    assert child.recv(4) == b"ping"
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_for(lambda: delta(before, scrape(http_port), f"{lifetime}_count", role="server") == 1)
+        after = scrape(http_port)
+    assert run.returncode == 0, run.stderr
+    for role in ("client", "server"):
+        assert delta(before, after, f"{handshake}_count", role=role) == 1
+    assert delta(before, after, f"{handshake}_sum", role="client") < 0.05
+    assert 0.29 <= delta(before, after, f"{handshake}_sum", role="server") < 1.0
+    assert 0.29 <= delta(before, after, f"{lifetime}_sum", role="server") < 1.0
+    # In the buckets too: none of it under 0.25 s.
+    assert (f"{handshake}_bucket", (("le", "0.25"), ("role", "server"))) in after
+    assert delta(before, after, f"{handshake}_bucket", role="server", le="0.25") == 0
+
+
 def ss_counts(port: int) -> collections.Counter[str]:
     """Sockets per state on `port` (local or remote) as ss shows them."""
     out = sh("ss", "-tanH", f"( sport = :{port} or dport = :{port} )").stdout
