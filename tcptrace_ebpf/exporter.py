@@ -33,8 +33,10 @@ from .seed import collect_listener_seeds, own_netns_inum
 from .states import TcpState
 from .webserver import MetricsServer, WebConfig
 
+Endpoints = tuple[int, str, int, str, int]  # family, laddr, lport, raddr, rport
 
-def endpoints(key: TupleKey | bytes) -> tuple[int, str, int, str, int]:
+
+def endpoints(key: TupleKey | bytes) -> Endpoints:
     """(family, laddr, lport, raddr, rport) of a kernel address pair (as a
     tuple, or packed as struct tt_tuple)."""
     if isinstance(key, bytes):
@@ -49,9 +51,6 @@ def endpoints(key: TupleKey | bytes) -> tuple[int, str, int, str, int]:
         socket.inet_ntop(family, daddr[:size]),
         dport,
     )
-
-
-Endpoints = tuple[int, str, int, str, int]
 
 
 def holders_due(
