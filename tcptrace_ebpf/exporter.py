@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def endpoints(key: TupleKey | bytes) -> Endpoints:
 
 
 def holders_due(
-    tracked: Sequence[KernelCloseWait],
+    tracked: Mapping[Endpoints, KernelCloseWait],
     old: Iterable[Endpoints],
     named: Container[Endpoints],
     now_ns: int,
@@ -69,7 +69,7 @@ def holders_due(
     refresh on a busy host, for sockets gone before anyone asks. Sockets
     older than tracing (`old`) are always old enough.
     """
-    due = {endpoints(s.key): s.pid for s in tracked if now_ns - s.since_ns >= min_age_ns}
+    due = {key: s.pid for key, s in tracked.items() if now_ns - s.since_ns >= min_age_ns}
     due.update(dict.fromkeys(old, 0))
     return {key: pid for key, pid in due.items() if key not in named}
 
@@ -276,10 +276,10 @@ class Exporter:
         """
         from . import procfs, sockdiag
 
-        tracked = self.tracer.close_wait_sockets()
+        tracked = {endpoints(sock.key): sock for sock in self.tracer.close_wait_sockets()}
         old = self.preexisting.close_wait() if self.preexisting is not None else []
         old_keys = [endpoints(item.key) for item in old]
-        current = {endpoints(sock.key) for sock in tracked}.union(old_keys)
+        current = set(tracked).union(old_keys)
         names = {key: comm for key, comm in self._holder_comm.items() if key in current}
         self._holder_comm = names
         missing = holders_due(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from tcptrace_ebpf.exporter import endpoints, holders_due
+from tcptrace_ebpf.exporter import Endpoints, endpoints, holders_due
 from tcptrace_ebpf.probe import KernelCloseWait
 
 SECOND_NS = 1_000_000_000
@@ -17,15 +17,19 @@ def close_wait(rport: int, since_ns: int, pid: int) -> KernelCloseWait:
     return KernelCloseWait(key, since_ns, sock_id=rport, pid=pid, comm="srv", owner_source=0)
 
 
+def keyed(*socks: KernelCloseWait) -> dict[Endpoints, KernelCloseWait]:
+    return {endpoints(sock.key): sock for sock in socks}
+
+
 def test_only_sockets_past_the_minimum_age_are_looked_up() -> None:
     now = 100 * SECOND_NS
     young = close_wait(1001, now - SECOND_NS // 10, pid=7)
     exactly = close_wait(1002, now - SECOND_NS, pid=7)
     old = close_wait(1003, now - 30 * SECOND_NS, pid=8)
-    due = holders_due([young, exactly, old], [], {}, now, SECOND_NS)
+    due = holders_due(keyed(young, exactly, old), [], {}, now, SECOND_NS)
     assert due == {endpoints(exactly.key): 7, endpoints(old.key): 8}
     # The young one is due once it has aged.
-    later = holders_due([young], [], {}, now + SECOND_NS, SECOND_NS)
+    later = holders_due(keyed(young), [], {}, now + SECOND_NS, SECOND_NS)
     assert later == {endpoints(young.key): 7}
 
 
@@ -33,7 +37,7 @@ def test_named_sockets_are_not_looked_up_again_and_old_ones_always_are() -> None
     now = 100 * SECOND_NS
     named = close_wait(1001, 0, pid=7)
     older_than_tracing = (socket.AF_INET, "127.0.0.1", 80, "127.0.0.2", 2000)
-    due = holders_due([named], [older_than_tracing], {endpoints(named.key): "srv"}, now,
+    due = holders_due(keyed(named), [older_than_tracing], {endpoints(named.key): "srv"}, now,
                       SECOND_NS)  # fmt: skip
     # No kernel-recorded owner for a socket older than tracing: pid 0.
     assert due == {older_than_tracing: 0}
