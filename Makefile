@@ -3,12 +3,15 @@
 #   make test    install, then run the whole test suite
 #   make lint    ruff and mypy
 #   make bench   install, then run the benchmark (several minutes)
+#   make test-kernels   install, then run the test suite inside Debian's 6.1 and 6.12
+#                kernels in qemu (KERNELS=6.1 for one series; tests/kernels/README.md)
 
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+KERNELS ?= 6.1 6.12
 
-.PHONY: setup setup-test serve test lint bench clean
+.PHONY: setup setup-test serve test test-kernels lint bench clean
 
 setup:
 	sh scripts/setup.sh
@@ -21,6 +24,9 @@ serve: setup
 
 test: setup-test
 	$(PY) -m pytest -p no:cacheprovider $(ARGS)
+
+test-kernels: setup-test
+	$(PY) tests/kernels/matrix.py --kernels '$(KERNELS)' -- $(ARGS)
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
