@@ -138,7 +138,8 @@ def test_duration_stops_by_itself() -> None:
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert "tracing started" in lines[0]
+    # Degradation warnings (older kernels) may come before the start line.
+    assert [line for line in lines if "tracing started" in line], result.stderr
     assert lines[-1].startswith("tcptrace-ebpf: stopped: ")
     assert " 0 lost" in lines[-1]
     assert elapsed < 30
@@ -202,6 +203,37 @@ def test_trace_json_keys() -> None:
     assert established["sock"] == connect["sock"]
     assert established["lport"] == cport
     assert 0 <= established["duration_s"] < 1
+
+
+@requires_root
+@pytest.mark.parametrize(("listen", "host"), [("0.0.0.0", "127.0.0.1"), ("::", "::1")])
+def test_accepted_socket_has_its_peer_from_the_first_event(listen: str, host: str) -> None:
+    """An accepted socket's every event, its LISTEN -> SYN_RECV first, carries
+    its own address pair, not the wildcard listener's. (Before 6.13 the child
+    changes state as a copy of its listener, before its ports and addresses are
+    set: the program holds that event until the pair is known.)"""
+    port = free_port(host)
+    with run_cli("trace", "--json", "--port", str(port)) as cli:
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen {listen} {port}")
+            cport = int(client.cmd(f"connect {host} {port}"))
+            server.cmd("accept")
+            client.cmd("linger0")
+            client.cmd("close")
+            server.cmd("close")
+            server.cmd("close_listener")
+        wait_for(
+            lambda: [
+                e for e in cli.json_lines() if e["role"] == "server" and e["new_state"] == "CLOSE"
+            ],
+            what=lambda: f"no server-side close in {cli.stdout}",
+        )
+    accepted = [e for e in cli.json_lines() if e["role"] == "server"]
+    assert (accepted[0]["old_state"], accepted[0]["new_state"]) == ("LISTEN", "SYN_RECV")
+    assert [e["seq"] for e in accepted] == list(range(len(accepted)))
+    for event in accepted:
+        assert (event["laddr"], event["lport"]) == (host, port), event
+        assert (event["raddr"], event["rport"]) == (host, cport), event
 
 
 @requires_root
