@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import Peer, cli_argv, free_port, requires_root, run_cli, wait_for
+from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, wait_for
 
 from tcptrace_ebpf.cli import _skipped_tcp_runs
 
@@ -25,7 +25,7 @@ def run(
         check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
         env={**os.environ, **(env or {})},
     )
 
@@ -40,7 +40,7 @@ def run_in_private_mounts(
         check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
         env={**os.environ, **(env or {})},
     )
 
@@ -142,7 +142,7 @@ def test_duration_stops_by_itself() -> None:
     assert [line for line in lines if "tracing started" in line], result.stderr
     assert lines[-1].startswith("tcptrace-ebpf: stopped: ")
     assert " 0 lost" in lines[-1]
-    assert elapsed < 30
+    assert elapsed < deadline(30)
 
 
 def test_stop_summary_names_skipped_tcp_runs() -> None:
@@ -321,7 +321,7 @@ def _churn(port: int, count: int) -> None:
             c.close(); s.close()
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=deadline(120))
 
 
 @requires_root
@@ -376,7 +376,7 @@ def test_socket_map_full() -> None:
             assert holder.stdout is not None
             assert holder.stdout.readline().strip() == "ready"
         finally:
-            holder.communicate("go\n", timeout=60)
+            holder.communicate("go\n", timeout=deadline(60))
         time.sleep(0.5)
     summary = cli.stderr[-1]
     assert "socket map full" in summary, summary
