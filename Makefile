@@ -5,13 +5,19 @@
 #   make bench   install, then run the benchmark (several minutes)
 #   make test-kernels   install, then run the test suite inside Debian's 6.1 and 6.12
 #                kernels in qemu (KERNELS=6.1 for one series; tests/kernels/README.md)
+#   make ci      what .ci/run does: the whole suite on this kernel, then the tests
+#                that meet kernel differences (KERNEL_TESTS) inside 6.1 and 6.12
 
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 KERNELS ?= 6.1 6.12
+# The tests that meet what differs between kernels: every scenario, serve's
+# metrics, sockets older than the tracer, degraded modes, closewait.
+KERNEL_TESTS := tests/test_scenarios.py tests/test_serve.py tests/test_preexisting.py \
+	tests/test_probe.py tests/test_closewait.py tests/test_timewait.py tests/test_cli.py
 
-.PHONY: setup setup-test serve test test-kernels lint bench clean
+.PHONY: setup setup-test serve test test-kernels ci lint bench clean
 
 setup:
 	sh scripts/setup.sh
@@ -27,6 +33,9 @@ test: setup-test
 
 test-kernels: setup-test
 	$(PY) tests/kernels/matrix.py --kernels '$(KERNELS)' -- $(ARGS)
+
+ci: test
+	$(PY) tests/kernels/matrix.py --kernels '$(KERNELS)' -- -v $(KERNEL_TESTS)
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
