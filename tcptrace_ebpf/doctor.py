@@ -15,7 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kernel import detect_features, headers_dir, kernel_release
+from .kernel import (
+    KERNEL_FEATURES,
+    OLDEST_SUPPORTED,
+    REQUIRED,
+    Features,
+    detect_features,
+    headers_dir,
+    kernel_release,
+    kernel_summary,
+    unsupported_reason,
+)
 from .tracefs import ensure_tracefs, find_tracefs
 
 Echo = Callable[[str], None]
@@ -135,10 +145,9 @@ def run_doctor(fix: bool, echo: Echo) -> bool:
     for name, capability in features.capabilities.items():
         if capability.available:
             report.ok(capability.detail)
-        elif name == "set_state":
-            report.fail(capability.detail, "a kernel >= 4.16 with CONFIG_TRACEPOINTS (and tracefs)")
-        else:
+        elif name not in REQUIRED:  # a missing required one: in check_kernel's line
             report.warn(capability.detail)
+    check_kernel(report, features)
 
     if not report.failed and os.geteuid() == 0:
         _check_load(report)
@@ -147,6 +156,26 @@ def run_doctor(fix: bool, echo: Echo) -> bool:
         + ("all required checks passed" if not report.failed else "problems found")
     )
     return not report.failed
+
+
+def check_kernel(report: Report, features: Features) -> None:
+    """The running kernel against the README's "Kernels" table, from what
+    detect_features() found: cannot be traced, degraded (and what it lacks),
+    or everything there."""
+    unsupported = unsupported_reason(features)
+    if unsupported:
+        report.fail(
+            unsupported,
+            f"Linux {OLDEST_SUPPORTED[0]}.{OLDEST_SUPPORTED[1]} or later, with tracepoints "
+            "(CONFIG_TRACEPOINTS, tracefs mounted) and BPF (CONFIG_BPF_SYSCALL); the README's "
+            "'Kernels' section says what each series gives",
+        )
+        return
+    summary = kernel_summary(features)
+    if any(not features.has(feature.capability) for feature in KERNEL_FEATURES):
+        report.warn(summary)
+    else:
+        report.ok(summary)
 
 
 def _check_headers(report: Report, release: str, fix: bool) -> None:

@@ -65,6 +65,22 @@ def kernel_release() -> str:
     return os.uname().release
 
 
+def kallsyms_present(symbols: tuple[str, ...], path: str = "/proc/kallsyms") -> set[str]:
+    """Which of `symbols` the kernel has, in one pass. By name: the names are
+    shown even where the addresses are hidden (kptr_restrict, not root)."""
+    wanted = set(symbols)
+    found: set[str] = set()
+    try:
+        with open(path) as kallsyms:
+            for line in kallsyms:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in wanted:
+                    found.add(parts[2])
+    except OSError:
+        return found
+    return found
+
+
 def kallsyms_address(symbol: str, path: str = "/proc/kallsyms") -> int:
     """Address of a kernel symbol, 0 if absent or hidden (kptr_restrict)."""
     try:
@@ -463,6 +479,105 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         kfree is not None and kfree.has("rx_sk"),
         "skb:kfree_skb rx_sk: the peer's FIN reaching a timewait socket, seen live"
         if kfree is not None and kfree.has("rx_sk")
-        else "no skb:kfree_skb rx_sk (kernel < 6.12?): such FINs are dated from the timer",
+        else "no skb:kfree_skb rx_sk (Linux < 6.11): such FINs are dated from the timer",
+    )
+    # Probed by the kernel's own symbols, never by version: distributions
+    # backport (RHEL 8's 4.18 has the ring buffer and BTF).
+    present = kallsyms_present(("bpf_ringbuf_output", "bpf_prog_test_run_raw_tp"))
+    features.note(
+        "ringbuf",
+        "bpf_ringbuf_output" in present,
+        "BPF ring buffer: trace and lifecycles get events through one buffer shared by all CPUs"
+        if "bpf_ringbuf_output" in present
+        else "no BPF ring buffer (Linux < 5.8): trace and lifecycles get events through a "
+        "perf buffer, one per CPU",
+    )
+    # User space finishes what the kernel holds (closes awaiting their RST,
+    # cancelled timewait sockets awaiting a reuse) by running small programs
+    # on demand: BPF_PROG_TEST_RUN on raw tracepoint programs.
+    features.note(
+        "sweepers",
+        "bpf_prog_test_run_raw_tp" in present,
+        "BPF_PROG_TEST_RUN on raw tracepoint programs: held closes and cancelled timewait "
+        "sockets are finished in the kernel"
+        if "bpf_prog_test_run_raw_tp" in present
+        else "no BPF_PROG_TEST_RUN on raw tracepoint programs (Linux < 5.10): closes held for "
+        "their RST and cancelled timewait sockets could never be finished",
     )
     return features
+
+
+@dataclass(frozen=True, slots=True)
+class KernelFeature:
+    """A capability the program uses, with the upstream release that brought
+    it: only to say which kernels lack what. Whether the running kernel has
+    it is always probed (detect_features)."""
+
+    capability: str
+    since: tuple[int, int]
+    what: str  # the kernel feature, as the README's "Kernels" table names it
+
+
+# In the order kernels got them. Sources: the upstream commits named in the
+# README's "Kernels" section.
+KERNEL_FEATURES = (
+    KernelFeature("set_state", (4, 16), "sock:inet_sock_set_state"),
+    KernelFeature("btf", (5, 4), "kernel BTF (/sys/kernel/btf/vmlinux)"),
+    KernelFeature("ringbuf", (5, 8), "BPF ring buffer"),
+    KernelFeature("tp_btf", (5, 9), "BTF-typed tracepoints with bpf_skc_to_tcp_sock()"),
+    KernelFeature("sweepers", (5, 10), "BPF_PROG_TEST_RUN on raw tracepoint programs"),
+    KernelFeature("kfree_rx_sk", (6, 11), "skb:kfree_skb rx_sk"),
+)
+# What the tracer cannot run without: missing either, it refuses to start.
+REQUIRED = ("set_state", "sweepers")
+OLDEST_SUPPORTED = max(f.since for f in KERNEL_FEATURES if f.capability in REQUIRED)
+NEWEST_FEATURE = max(f.since for f in KERNEL_FEATURES)
+
+
+def release_series(release: str) -> tuple[int, int] | None:
+    """(major, minor) of a kernel release string: "6.1.0-57-cloud-amd64" -> (6, 1)."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _series_text(series: tuple[int, int]) -> str:
+    return f"{series[0]}.{series[1]}"
+
+
+def unsupported_reason(features: Features) -> str | None:
+    """One line saying why this kernel cannot be traced, or None if it can."""
+    missing = [name for name in REQUIRED if not features.has(name)]
+    if not missing:
+        return None
+    details = "; ".join(
+        features.capabilities[name].detail if name in features.capabilities else name
+        for name in missing
+    )
+    series = release_series(features.release)
+    oldest = _series_text(OLDEST_SUPPORTED)
+    if series is not None and series < OLDEST_SUPPORTED:
+        return (
+            f"kernel {features.release} is older than the oldest supported, Linux {oldest}, "
+            f"and cannot be traced: {details}"
+        )
+    return f"kernel {features.release} cannot be traced: {details}"
+
+
+def kernel_summary(features: Features) -> str:
+    """One line: the running kernel's series against the README's table,
+    from what was detected (what this kernel loses, or that it has all)."""
+    series = release_series(features.release)
+    name = f"kernel {features.release}" + (
+        f" (series {_series_text(series)})" if series is not None else ""
+    )
+    lacking = [
+        f"{feature.what} ({_series_text(feature.since)}+)"
+        for feature in KERNEL_FEATURES
+        if not features.has(feature.capability)
+    ]
+    if not lacking:
+        return f"{name}: has every kernel feature the tracer uses"
+    verdict = "cannot be traced" if unsupported_reason(features) else "degraded"
+    return (
+        f"{name}: {verdict}, lacks {', '.join(lacking)} (README, 'Kernels', says what each costs)"
+    )

@@ -26,10 +26,12 @@ from .errors import UserError
 from .kernel import (
     ADDR_FIELDS,
     RAW_TCP_EVENTS,
+    REQUIRED,
     SET_STATE_FIELDS,
     TIMEWAIT_LEN_S,
     Features,
     detect_features,
+    unsupported_reason,
 )
 from .kernel import headers_dir as find_headers_dir
 from .metrics import METRIC_ARRAYS
@@ -110,13 +112,16 @@ def _raw_tcp_events(features: Features) -> bool:
     return features.has("raw_set_state") and features.has("raw_tcp_events")
 
 
+def _use_ringbuf(features: Features, options: TracerOptions) -> bool:
+    """The BPF ring buffer where the kernel has one (5.8+), else a perf buffer."""
+    return features.has("ringbuf") and not options.force_perf_buffer
+
+
 def build_source(features: Features, options: TracerOptions) -> tuple[str, list[str]]:
     """The program text (generated preamble + tcptrace.bpf.c) and cflags."""
-    if not features.has("set_state"):
-        raise UserError(
-            features.capabilities["set_state"].detail
-            + ": this kernel cannot be traced (needs Linux >= 4.16 with tracepoints)"
-        )
+    unsupported = unsupported_reason(features)
+    if unsupported:
+        raise UserError(unsupported)
     source_dir = bpf_source_dir()
     defines: dict[str, int | str] = {
         "MAX_SOCKETS": options.max_sockets,
@@ -129,7 +134,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "MAX_DESTS": options.max_dests,
         "EMIT_EVENTS": int(options.emit_events),
         "COLLECT_METRICS": int(options.collect_metrics),
-        "USE_RINGBUF": int(not options.force_perf_buffer),
+        "USE_RINGBUF": int(_use_ringbuf(features, options)),
         "RINGBUF_PAGES": _pow2_pages(options.ringbuf_bytes),
         "FILTER_PORTS": int(bool(options.ports)),
         "FILTER_PID": options.pid or 0,
@@ -330,11 +335,14 @@ class Tracer:
                 "compile the BPF program: run 'tcptrace-ebpf doctor --fix' (or install the "
                 f"linux-headers package for {self.features.release})"
             )
+        unsupported = unsupported_reason(self.features)
+        if unsupported:  # before the warnings of what it would lose
+            raise UserError(unsupported)
         for name, cap in self.features.capabilities.items():
-            if not cap.available and name != "set_state":
+            if not cap.available and name not in REQUIRED:
                 log.warning("degraded: %s", cap.detail)
         text, cflags = build_source(self.features, self.options)
-        self._ring = not self.options.force_perf_buffer
+        self._ring = _use_ringbuf(self.features, self.options)
         with _capture_stderr() as output:
             try:
                 self.bpf = bcc.BPF(text=text, cflags=cflags)
