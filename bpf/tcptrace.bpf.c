@@ -260,7 +260,12 @@ static __always_inline void note_close_path(struct tt_ident *id, u8 state)
 		id->flags |= TT_SF_SAW_CLOSE_WAIT;
 }
 
-static __always_inline u8 close_kind(const struct tt_ident *id, u8 old, u16 sport)
+/*
+ * `evflags` of the closing step: TT_EVF_NO_SYN when a connect() failed before
+ * its SYN left. Without the kernel's segment count (no tcp_sock.segs_out in
+ * BTF), a missing local port is the only sign of it.
+ */
+static __always_inline u8 close_kind(const struct tt_ident *id, u8 old, u16 sport, u32 evflags)
 {
 	if (id->role == TT_ROLE_LISTENER)
 		return TT_CLOSE_LISTENER_CLOSED;
@@ -269,8 +274,8 @@ static __always_inline u8 close_kind(const struct tt_ident *id, u8 old, u16 spor
 	if (id->last_reset == TT_RESET_SENT)
 		return TT_CLOSE_RESET_SENT;
 	if (old == TT_SYN_SENT)
-		/* No local port yet: connect() failed before any SYN left. */
-		return sport == 0 ? TT_CLOSE_CONNECT_FAILED : TT_CLOSE_TIMEOUT;
+		return (HAVE_SEGS_OUT ? (evflags & TT_EVF_NO_SYN) : sport == 0) ?
+			       TT_CLOSE_CONNECT_FAILED : TT_CLOSE_TIMEOUT;
 	if (id->flags & TT_SF_SAW_CLOSING)
 		return TT_CLOSE_SIMULTANEOUS;
 	if (id->flags & TT_SF_SAW_CLOSE_WAIT)
@@ -516,7 +521,7 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 	if (new == TT_ESTABLISHED && (old == TT_SYN_SENT || old == TT_SYN_RECV) && id->state_ns)
 		observe_handshake(role_row, in_old_ns);
 	if (finishes) {
-		u32 close = close_kind(id, old, t->sport);
+		u32 close = close_kind(id, old, t->sport, evflags);
 		u32 cindex = role_row * TT_CLOSE_SLOTS + close;
 		value = connections_closed_total.lookup(&cindex);
 		if (value)
@@ -1165,6 +1170,29 @@ static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool
 }
 
 /*
+ * Whether a connecting socket sent its SYN. connect() sets SYN_SENT before it
+ * picks the local port and checks the address pair is free; when that fails
+ * (EADDRNOTAVAIL: no free port, or an explicitly bound port whose pair is in
+ * use) the socket goes back to CLOSE with nothing sent, and the kernel counts
+ * no ActiveOpens. tcp_sock.segs_out counts every segment sent, the SYN first.
+ */
+static __always_inline bool syn_sent(u64 sk, bool typed)
+{
+#if HAVE_SEGS_OUT
+	u32 segs_out = 0;
+#if USE_TP_BTF
+	if (typed)
+		segs_out = BTF_LOAD(u32, sk, OFF_TCP_SEGS_OUT);
+#endif
+	if (!typed)
+		bpf_probe_read_kernel(&segs_out, sizeof(segs_out), (void *)(sk + OFF_TCP_SEGS_OUT));
+	return segs_out != 0;
+#else
+	return true;
+#endif
+}
+
+/*
  * One TCP state change of socket sk: old -> new, t its address pair now.
  * `typed`: sk is a BTF-typed pointer (a constant: the branches on it go).
  */
@@ -1216,7 +1244,8 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		fresh.tuple = t;
 		if (new == TT_CLOSE) {
 			/* Born and gone in one step, or first seen on its way out. */
-			step(args, sk, &fresh.id, &t, new, now, 0, TT_TW_END_NONE);
+			u32 once = old == TT_SYN_SENT && !syn_sent(sk, typed) ? TT_EVF_NO_SYN : 0;
+			step(args, sk, &fresh.id, &t, new, now, once, TT_TW_END_NONE);
 			return 0;
 		}
 #if COLLECT_METRICS
@@ -1295,6 +1324,8 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 	}
 #endif
 	u32 evflags = 0;
+	if (old == TT_SYN_SENT && new == TT_CLOSE && !syn_sent(sk, typed))
+		evflags |= TT_EVF_NO_SYN;
 	if (new == TT_CLOSE && !id->last_reset && rst_may_follow_close(old)) {
 		struct tt_pending_close held = {};
 		held.s = *s;
