@@ -84,6 +84,7 @@ struct tt_cancel_slot {
 	u64 tw;
 	u64 ts_ns;
 	struct tt_tuple tuple;
+	u64 followed;	/* the cancelled socket was ours (parked in tw_killed) */
 };
 BPF_PERCPU_ARRAY(cancel_slot, struct tt_cancel_slot, 1);
 
@@ -784,21 +785,37 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 			if (k && k->killed_ns == cs->ts_ns) {
 				struct tt_timewait alive = *k;
 				alive.killed_ns = 0;
+#if COLLECT_METRICS
+				/* Only moved: back in the gauge (timer_cancelled took it out). */
+				if (alive.id.flags & TT_SF_OLD_UNCOUNTED) {
+					gauge_add(alive.id.state, 1);
+					alive.id.flags &= ~TT_SF_OLD_UNCOUNTED;
+				}
+#endif
 				tw_killed.delete(&cs->tuple);
 				if (timewait.update(&tw, &alive) == 0) {
 					e = timewait.lookup(&tw);
 					if (e)
 						tw_check_fin(ctx, tw, e, now);
 				}
+				return 0;
 			}
+			/*
+			 * Ours, and no longer parked: a new connection took the pair
+			 * (tw_match_reuse) and is closing into TIME_WAIT again, in the
+			 * memory just freed. A new timewait socket, below; returning
+			 * here lost it (counted as skipped) in back-to-back reuse.
+			 */
+			if (!cs->followed) {
 #if WATCH_OLD_TIMEWAIT
-			else if (!k && watching_old_timewait()) {
-				/* An old timewait socket lives on (the peer's FIN re-armed it). */
-				u8 substate = tw_read_substate(tw);
-				old_timewait_news(&t, substate ? substate : TT_TIME_WAIT);
-			}
+				if (!k && watching_old_timewait()) {
+					/* An old timewait socket lives on (the peer's FIN re-armed it). */
+					u8 substate = tw_read_substate(tw);
+					old_timewait_news(&t, substate ? substate : TT_TIME_WAIT);
+				}
 #endif
-			return 0;
+				return 0;
+			}
 		}
 	}
 	/* A new timewait socket: its full socket goes to CLOSE right after. */
@@ -825,6 +842,7 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 			if (cs) {
 				cs->tw = tw;
 				cs->ts_ns = bpf_ktime_get_ns();
+				cs->followed = 0;
 				tw_tuple(tw, &cs->tuple);
 				old_timewait_news(&cs->tuple, TT_CLOSE);
 			}
@@ -839,6 +857,17 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 	 * new connection claims the pair or user space sweeps it.
 	 */
 	u64 now = bpf_ktime_get_ns();
+#if COLLECT_METRICS
+	/*
+	 * The kernel has dropped it (ss no longer shows it): it leaves the gauge
+	 * now, not when we learn how it ended. Its closing step then moves no
+	 * gauge; a cancel that was only a move gives it back (see timer_started).
+	 */
+	if (!(e->id.flags & TT_SF_OLD_UNCOUNTED)) {
+		gauge_add(e->id.state, -1);
+		e->id.flags |= TT_SF_OLD_UNCOUNTED;
+	}
+#endif
 	e->killed_ns = now;
 	e->killed_jiffies = bpf_jiffies64();
 	e->killed_expires_jiffies = tw_read_expires(tw);
@@ -863,6 +892,7 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 		cs->tw = tw;
 		cs->ts_ns = now;
 		cs->tuple = key;
+		cs->followed = 1;
 	}
 	timewait.delete(&tw);
 	return 0;
