@@ -98,6 +98,8 @@ BPF_HASH(filter_ports, u16, u8, 1024);
 /* Sweep requests from user space: entries found past their grace period. */
 BPF_ARRAY(sweep_request, struct tt_tuple, 1);
 BPF_ARRAY(sweep_request_sk, u64, 1);
+/* With sweep_request_sk for sweep_gone: the lifecycle user space found gone. */
+BPF_ARRAY(sweep_request_id, u64, 1);
 
 #if EMIT_EVENTS
 BPF_PERCPU_ARRAY(event_scratch, struct tt_event, 1);
@@ -1305,6 +1307,13 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		/* A change we never saw (see end_unseen): carry on from the kernel's state. */
 		count(TT_C_MISSED_TRANSITION);
 		id->flags |= TT_SF_LOST;
+#if COLLECT_METRICS
+		/* The gauge follows: it counted the socket in the state we recorded. */
+		if (!(id->flags & TT_SF_OLD_UNCOUNTED)) {
+			gauge_add(id->state, -1);
+			gauge_add(old, 1);
+		}
+#endif
 		id->state = old;
 		id->state_ns = 0;
 	}
@@ -1463,6 +1472,37 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	return set_state(args, (u64)args->skaddr, args->oldstate, args->newstate, t, false);
 }
 #endif
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN): a socket we follow (full or
+ * timewait) that sock_diag no longer lists, its end unseen (a lost event):
+ * closed now, flagged, so the gauge counts what exists. Only if it is still
+ * the lifecycle user space found gone (its memory may hold a new one since).
+ */
+int sweep_gone(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 sk = sweep_requested_sk();
+	u32 zero = 0;
+	u64 *want = sweep_request_id.lookup(&zero);
+	if (!want)
+		return 0;
+	struct tt_sock *s = socks.lookup(&sk);
+	if (s && s->id.sock_id == *want) {
+		end_unseen(ctx, sk, &s->id, &s->tuple, bpf_ktime_get_ns(), 0);
+		socks.delete(&sk);
+		return 1;
+	}
+#if HAVE_TIMEWAIT
+	struct tt_timewait *e = timewait.lookup(&sk);
+	if (e && e->id.sock_id == *want) {
+		end_unseen(ctx, e->skaddr, &e->id, &e->tuple, bpf_ktime_get_ns(),
+			   TT_EVF_TIMEWAIT_SOCK);
+		timewait.delete(&sk);
+		return 1;
+	}
+#endif
+	return 0;
+}
 
 /*
  * Run by user space (BPF_PROG_TEST_RUN): a close held in pending_close for
