@@ -8,11 +8,14 @@ counters (nstat) for what happened.
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
-from support import Peer, free_port, requires_root, run_cli, sh, wait_for
+from support import Peer, cli_argv, free_port, requires_root, run_cli, sh, wait_for
 from test_serve import delta, scrape, serving, ss_counts, value
 
 CLOSED = "tcptrace_connections_closed_total"
@@ -181,3 +184,77 @@ def test_killed_timewait_sockets_leave_the_gauge_at_once() -> None:
         after = scrape(http_port)
     assert value(after, "tcptrace_sockets", state="TIME_WAIT") == 0
     assert delta(before, after, TW_DURATION_COUNT, end="reused") == 0
+
+
+def status_of(url: str) -> int | None:
+    """HTTP status of a GET (None: nothing answers yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+    except OSError:
+        return None
+
+
+@requires_root
+def test_no_start_up_gap() -> None:
+    """Until tracing has started, /metrics answers 503 (Prometheus records
+    up=0) rather than partial data, while /-/healthy answers 200. Peers
+    half-close their connections all through the start-up: every socket
+    that changed state while the exporter started is counted in the state
+    it is in (the probes attach before the snapshot), none in the one it left."""
+    n = 200
+    port = free_port()
+    http_port = free_port()
+    server = listener_on(port)
+    pairs = []
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port))
+        pairs.append((client, server.accept()[0]))
+    base = f"http://127.0.0.1:{http_port}"
+    argv = cli_argv("serve", "--web.listen-address", f"127.0.0.1:{http_port}", "--port", str(port))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        statuses = []
+        started = time.monotonic()
+        closed = 0
+        # One half-close every 50 ms, from before the HTTP port answers until
+        # /metrics has answered 200 for a second.
+        ready_since = None
+        while time.monotonic() - started < 120:
+            status = status_of(f"{base}/metrics")
+            if status is not None:
+                statuses.append((status, status_of(f"{base}/-/healthy")))
+            if status == 200 and ready_since is None:
+                ready_since = time.monotonic()
+            if ready_since is not None and time.monotonic() - ready_since > 1:
+                break
+            if closed < n:
+                pairs[closed][0].shutdown(socket.SHUT_WR)  # client FIN_WAIT2, child CLOSE_WAIT
+                closed += 1
+            time.sleep(0.05)
+        assert ready_since is not None, "serve never answered 200"
+        assert statuses[0] == (503, 200), statuses[:3]
+        assert {status for status, _ in statuses} == {503, 200}
+        assert all(healthy == 200 for _, healthy in statuses)
+        for client, _child in pairs[closed:]:
+            client.shutdown(socket.SHUT_WR)
+        expected = {"ESTABLISHED": 0, "FIN_WAIT2": n, "CLOSE_WAIT": n}
+        wait_for(lambda: all(ss_counts(port)[s] == c for s, c in expected.items()))
+        gauge = {}
+
+        def agrees() -> bool:
+            samples = scrape(http_port)
+            gauge.update({s: value(samples, "tcptrace_sockets", state=s) for s in expected})
+            return gauge == expected
+
+        wait_for(agrees, timeout=10, what=lambda: f"gauge {gauge} vs ss {expected}")
+        assert closed > 10, "the start-up was too quick to test anything"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for client, child in pairs:
+            client.close()
+            child.close()
+        server.close()
