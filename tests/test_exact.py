@@ -258,3 +258,57 @@ def test_no_start_up_gap() -> None:
             client.close()
             child.close()
         server.close()
+
+
+def gauge_matches_ss(
+    http_port: int, port: int, states: tuple[str, ...], seen: dict[str, Any]
+) -> bool:
+    truth = ss_counts(port)
+    samples = scrape(http_port)
+    seen["ss"] = {state: truth[state] for state in states}
+    seen["gauge"] = {state: value(samples, "tcptrace_sockets", state=state) for state in states}
+    return bool(seen["ss"] == seen["gauge"])
+
+
+@requires_root
+def test_gauges_heal_after_a_loss() -> None:
+    """With the socket map full, sockets go untracked (a counted loss): the
+    gauge misses them. Within 60 s it says what ss says again, and again
+    once they have all closed."""
+    pairs_wanted = 700  # 1,400 sockets, more than --max-sockets' 1,024
+    port = free_port()
+    states = ("ESTABLISHED", "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK", "FIN_WAIT2")
+    seen: dict[str, Any] = {}
+    with serving("--port", str(port), "--max-sockets", "1024") as (_run, http_port):
+        server = listener_on(port)
+        held = []
+        try:
+            for _ in range(pairs_wanted):
+                client = socket.create_connection(("127.0.0.1", port))
+                held += [client, server.accept()[0]]
+            lost = value(scrape(http_port), "tcptrace_lost_events_total", cause="socket_map_full")
+            assert lost > 0
+            made = time.monotonic()
+            wait_for(
+                lambda: gauge_matches_ss(http_port, port, states, seen),
+                timeout=75,
+                interval=1,
+                what=lambda: f"gauge {seen.get('gauge')} vs ss {seen.get('ss')}",
+            )
+            assert time.monotonic() - made <= 60
+            for sock in held:
+                sock.close()  # clients first: they keep the TIME_WAIT
+            held = []
+            closed = time.monotonic()
+            wait_for(
+                lambda: gauge_matches_ss(http_port, port, states, seen),
+                timeout=75,
+                interval=1,
+                what=lambda: f"gauge {seen.get('gauge')} vs ss {seen.get('ss')}",
+            )
+            assert time.monotonic() - closed <= 60
+            assert seen["ss"]["TIME_WAIT"] == pairs_wanted
+        finally:
+            for sock in held:
+                sock.close()
+            server.close()
