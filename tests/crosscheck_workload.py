@@ -21,6 +21,7 @@ import time
 N = 12  # connections per kind
 HELD = 5  # connections left ESTABLISHED for the gauges' check
 REUSE = 12  # client ports whose TIME_WAIT pair is reused, back to back
+OVERFLOW = 3  # active closes past tcp_max_tw_buckets
 LINGER0 = struct.pack("ii", 1, 0)
 
 
@@ -163,6 +164,21 @@ def main() -> None:
         c.connect(("127.0.0.1", base + 7))
         held += [c, servers["held"].accept()[0]]
     did["held"] = HELD
+
+    # tcp_max_tw_buckets reached: the kernel makes no timewait socket. The
+    # client half-closes, so the server's FIN finds it in FIN_WAIT2 and
+    # nothing answers it with a RST.
+    with open("/proc/sys/net/ipv4/tcp_max_tw_buckets", "w") as sysctl:
+        sysctl.write("1\n")  # fewer than the TIME_WAIT sockets there already
+    for _ in range(OVERFLOW):
+        c = client()
+        c.connect(("127.0.0.1", base))
+        s, _ = servers["client_first"].accept()
+        c.shutdown(socket.SHUT_WR)
+        s.close()
+        assert c.recv(1) == b""
+        c.close()
+    did["tw_overflow"] = OVERFLOW
 
     for thread in timers:
         thread.join()

@@ -98,6 +98,15 @@ def rules(
             d("tcptrace_time_wait_duration_seconds_count", end="reused"),
         ),
         (
+            # Counted when the timewait socket is made (since 5.18); TWKilled
+            # when its timer is 4 s or less.
+            "TW + TWKilled = closed{active} + closed{simultaneous} - time_wait_skipped_total",
+            kernel("TW") + kernel("TWKilled"),
+            closed(before, after, "active", *BOTH)
+            + closed(before, after, "simultaneous", *BOTH)
+            - d("tcptrace_time_wait_skipped_total"),
+        ),
+        (
             "TCPTimeWaitOverflow = time_wait_skipped_total",
             kernel("TCPTimeWaitOverflow"),
             d("tcptrace_time_wait_skipped_total"),
@@ -143,6 +152,7 @@ def test_counters_equal_the_kernels() -> None:
                 assert did["syn_timeout"] == 2, did
                 assert did["refused"] == 12, did
                 assert did.get("connect_failed") == 1, did
+                assert did["tw_overflow"] == 3, did
                 # Kill the server side's timewait sockets (server-first closes).
                 sh("ip", "netns", "exec", ns, "ss", "-K", "-tan", "state", "time-wait",
                    f"( sport = :{base + 1} )")  # fmt: skip
