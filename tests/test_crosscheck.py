@@ -164,7 +164,7 @@ def test_counters_equal_the_kernels() -> None:
                     table[:] = rules(before, after, lambda name: now[name] - mib_before[name])
                     return all(kernel == ours for _, kernel, ours in table)
 
-                wait_for(exact, timeout=20, interval=0.5, what=lambda: f"rules {table}")
+                wait_for(exact, timeout=60, interval=0.5, what=lambda: f"rules {table}")
                 print(*table, sep="\n")  # what was compared (pytest -s)
                 after = scrape(http_port)
                 truth = ss_states(ns)
