@@ -268,10 +268,16 @@ class Exporter:
             return
         listed = snapshot.keys()
         netns = self.netns.to_bytes(4, "little")
+        # With --pid the listing has only that process's sockets: not its
+        # orphans or timewait sockets, which no process holds. Not a proof
+        # of death, then.
         gone = [
             sock
             for sock in followed_before
-            if sock.key[:4] == netns and sock.state in COUNTED and sock.key not in listed
+            if filters.pid is None
+            and sock.key[:4] == netns
+            and sock.state in COUNTED
+            and sock.key not in listed
         ]
         ended = self.tracer.end_gone(gone)
         snapshot.drop(sock.key for sock in self.tracer.followed())
