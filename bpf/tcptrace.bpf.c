@@ -84,6 +84,7 @@ struct tt_cancel_slot {
 	u64 tw;
 	u64 ts_ns;
 	struct tt_tuple tuple;
+	u64 followed;	/* the cancelled socket was ours (parked in tw_killed) */
 };
 BPF_PERCPU_ARRAY(cancel_slot, struct tt_cancel_slot, 1);
 
@@ -97,6 +98,8 @@ BPF_HASH(filter_ports, u16, u8, 1024);
 /* Sweep requests from user space: entries found past their grace period. */
 BPF_ARRAY(sweep_request, struct tt_tuple, 1);
 BPF_ARRAY(sweep_request_sk, u64, 1);
+/* With sweep_request_sk for sweep_gone: the lifecycle user space found gone. */
+BPF_ARRAY(sweep_request_id, u64, 1);
 
 #if EMIT_EVENTS
 BPF_PERCPU_ARRAY(event_scratch, struct tt_event, 1);
@@ -260,7 +263,12 @@ static __always_inline void note_close_path(struct tt_ident *id, u8 state)
 		id->flags |= TT_SF_SAW_CLOSE_WAIT;
 }
 
-static __always_inline u8 close_kind(const struct tt_ident *id, u8 old, u16 sport)
+/*
+ * `evflags` of the closing step: TT_EVF_NO_SYN when a connect() failed before
+ * its SYN left. Without the kernel's segment count (no tcp_sock.segs_out in
+ * BTF), a missing local port is the only sign of it.
+ */
+static __always_inline u8 close_kind(const struct tt_ident *id, u8 old, u16 sport, u32 evflags)
 {
 	if (id->role == TT_ROLE_LISTENER)
 		return TT_CLOSE_LISTENER_CLOSED;
@@ -269,8 +277,8 @@ static __always_inline u8 close_kind(const struct tt_ident *id, u8 old, u16 spor
 	if (id->last_reset == TT_RESET_SENT)
 		return TT_CLOSE_RESET_SENT;
 	if (old == TT_SYN_SENT)
-		/* No local port yet: connect() failed before any SYN left. */
-		return sport == 0 ? TT_CLOSE_CONNECT_FAILED : TT_CLOSE_TIMEOUT;
+		return (HAVE_SEGS_OUT ? (evflags & TT_EVF_NO_SYN) : sport == 0) ?
+			       TT_CLOSE_CONNECT_FAILED : TT_CLOSE_TIMEOUT;
 	if (id->flags & TT_SF_SAW_CLOSING)
 		return TT_CLOSE_SIMULTANEOUS;
 	if (id->flags & TT_SF_SAW_CLOSE_WAIT)
@@ -517,7 +525,7 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 	if (new == TT_ESTABLISHED && (old == TT_SYN_SENT || old == TT_SYN_RECV) && id->state_ns)
 		observe_handshake(role_row, in_old_ns);
 	if (finishes) {
-		u32 close = close_kind(id, old, t->sport);
+		u32 close = close_kind(id, old, t->sport, evflags);
 		u32 cindex = role_row * TT_CLOSE_SLOTS + close;
 		value = connections_closed_total.lookup(&cindex);
 		if (value)
@@ -814,21 +822,37 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 			if (k && k->killed_ns == cs->ts_ns) {
 				struct tt_timewait alive = *k;
 				alive.killed_ns = 0;
+#if COLLECT_METRICS
+				/* Only moved: back in the gauge (timer_cancelled took it out). */
+				if (alive.id.flags & TT_SF_OLD_UNCOUNTED) {
+					gauge_add(alive.id.state, 1);
+					alive.id.flags &= ~TT_SF_OLD_UNCOUNTED;
+				}
+#endif
 				tw_killed.delete(&cs->tuple);
 				if (timewait.update(&tw, &alive) == 0) {
 					e = timewait.lookup(&tw);
 					if (e)
 						tw_check_fin(ctx, tw, e, now);
 				}
+				return 0;
 			}
+			/*
+			 * Ours, and no longer parked: a new connection took the pair
+			 * (tw_match_reuse) and is closing into TIME_WAIT again, in the
+			 * memory just freed. A new timewait socket, below; returning
+			 * here lost it (counted as skipped) in back-to-back reuse.
+			 */
+			if (!cs->followed) {
 #if WATCH_OLD_TIMEWAIT
-			else if (!k && watching_old_timewait()) {
-				/* An old timewait socket lives on (the peer's FIN re-armed it). */
-				u8 substate = tw_read_substate(tw);
-				old_timewait_news(&t, substate ? substate : TT_TIME_WAIT);
-			}
+				if (!k && watching_old_timewait()) {
+					/* An old timewait socket lives on (the peer's FIN re-armed it). */
+					u8 substate = tw_read_substate(tw);
+					old_timewait_news(&t, substate ? substate : TT_TIME_WAIT);
+				}
 #endif
-			return 0;
+				return 0;
+			}
 		}
 	}
 	/* A new timewait socket: its full socket goes to CLOSE right after. */
@@ -855,6 +879,7 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 			if (cs) {
 				cs->tw = tw;
 				cs->ts_ns = bpf_ktime_get_ns();
+				cs->followed = 0;
 				tw_tuple(tw, &cs->tuple);
 				old_timewait_news(&cs->tuple, TT_CLOSE);
 			}
@@ -869,6 +894,17 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 	 * new connection claims the pair or user space sweeps it.
 	 */
 	u64 now = bpf_ktime_get_ns();
+#if COLLECT_METRICS
+	/*
+	 * The kernel has dropped it (ss no longer shows it): it leaves the gauge
+	 * now, not when we learn how it ended. Its closing step then moves no
+	 * gauge; a cancel that was only a move gives it back (see timer_started).
+	 */
+	if (!(e->id.flags & TT_SF_OLD_UNCOUNTED)) {
+		gauge_add(e->id.state, -1);
+		e->id.flags |= TT_SF_OLD_UNCOUNTED;
+	}
+#endif
 	e->killed_ns = now;
 	e->killed_jiffies = bpf_jiffies64();
 	e->killed_expires_jiffies = tw_read_expires(tw);
@@ -893,6 +929,7 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 		cs->tw = tw;
 		cs->ts_ns = now;
 		cs->tuple = key;
+		cs->followed = 1;
 	}
 	timewait.delete(&tw);
 	return 0;
@@ -1200,6 +1237,29 @@ static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool
 }
 
 /*
+ * Whether a connecting socket sent its SYN. connect() sets SYN_SENT before it
+ * picks the local port and checks the address pair is free; when that fails
+ * (EADDRNOTAVAIL: no free port, or an explicitly bound port whose pair is in
+ * use) the socket goes back to CLOSE with nothing sent, and the kernel counts
+ * no ActiveOpens. tcp_sock.segs_out counts every segment sent, the SYN first.
+ */
+static __always_inline bool syn_sent(u64 sk, bool typed)
+{
+#if HAVE_SEGS_OUT
+	u32 segs_out = 0;
+#if USE_TP_BTF
+	if (typed)
+		segs_out = BTF_LOAD(u32, sk, OFF_TCP_SEGS_OUT);
+#endif
+	if (!typed)
+		bpf_probe_read_kernel(&segs_out, sizeof(segs_out), (void *)(sk + OFF_TCP_SEGS_OUT));
+	return segs_out != 0;
+#else
+	return true;
+#endif
+}
+
+/*
  * One TCP state change of socket sk: old -> new, t its address pair now.
  * `typed`: sk is a BTF-typed pointer (a constant: the branches on it go).
  */
@@ -1261,7 +1321,8 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 			fresh.id.pair_pending = 1;
 		if (new == TT_CLOSE) {
 			/* Born and gone in one step, or first seen on its way out. */
-			step(args, key, &fresh.id, &t, new, now, 0, TT_TW_END_NONE);
+			u32 once = old == TT_SYN_SENT && !syn_sent(sk, typed) ? TT_EVF_NO_SYN : 0;
+			step(args, key, &fresh.id, &t, new, now, once, TT_TW_END_NONE);
 			return 0;
 		}
 #if COLLECT_METRICS
@@ -1293,6 +1354,13 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		/* A change we never saw (see end_unseen): carry on from the kernel's state. */
 		count(TT_C_MISSED_TRANSITION);
 		id->flags |= TT_SF_LOST;
+#if COLLECT_METRICS
+		/* The gauge follows: it counted the socket in the state we recorded. */
+		if (!(id->flags & TT_SF_OLD_UNCOUNTED)) {
+			gauge_add(id->state, -1);
+			gauge_add(old, 1);
+		}
+#endif
 		id->state = old;
 		id->state_ns = 0;
 	}
@@ -1342,6 +1410,8 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 	}
 #endif
 	u32 evflags = 0;
+	if (old == TT_SYN_SENT && new == TT_CLOSE && !syn_sent(sk, typed))
+		evflags |= TT_EVF_NO_SYN;
 	if (new == TT_CLOSE && !id->last_reset && rst_may_follow_close(old)) {
 		struct tt_pending_close held = {};
 		held.s = *s;
@@ -1449,6 +1519,37 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	return set_state(args, (u64)args->skaddr, args->oldstate, args->newstate, t, false);
 }
 #endif
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN): a socket we follow (full or
+ * timewait) that sock_diag no longer lists, its end unseen (a lost event):
+ * closed now, flagged, so the gauge counts what exists. Only if it is still
+ * the lifecycle user space found gone (its memory may hold a new one since).
+ */
+int sweep_gone(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 sk = sweep_requested_sk();
+	u32 zero = 0;
+	u64 *want = sweep_request_id.lookup(&zero);
+	if (!want)
+		return 0;
+	struct tt_sock *s = socks.lookup(&sk);
+	if (s && s->id.sock_id == *want) {
+		end_unseen(ctx, sk, &s->id, &s->tuple, bpf_ktime_get_ns(), 0);
+		socks.delete(&sk);
+		return 1;
+	}
+#if HAVE_TIMEWAIT
+	struct tt_timewait *e = timewait.lookup(&sk);
+	if (e && e->id.sock_id == *want) {
+		end_unseen(ctx, e->skaddr, &e->id, &e->tuple, bpf_ktime_get_ns(),
+			   TT_EVF_TIMEWAIT_SOCK);
+		timewait.delete(&sk);
+		return 1;
+	}
+#endif
+	return 0;
+}
 
 /*
  * Run by user space (BPF_PROG_TEST_RUN): a close held in pending_close for

@@ -90,6 +90,7 @@ enum tt_tw_end {
 #define TT_EVF_NO_TIME_WAIT	(1u << 9)	/* closed actively but the kernel created no timewait socket */
 #define TT_EVF_END_UNSEEN	(1u << 10)	/* it ended unseen (the kernel skipped our program): */
 						/* this event closes it when we noticed */
+#define TT_EVF_NO_SYN		(1u << 11)	/* SYN_SENT -> CLOSE before any SYN left: connect() failed */
 
 /* One TCP state change, sent to user space (trace and lifecycles modes). */
 struct tt_event {

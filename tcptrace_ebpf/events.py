@@ -37,6 +37,7 @@ F_INFERRED_TIME = 1 << 7
 F_TIMEWAIT_SOCK = 1 << 8
 F_NO_TIME_WAIT = 1 << 9
 F_END_UNSEEN = 1 << 10
+F_NO_SYN = 1 << 11
 
 FLAG_NAMES = {
     F_PREEXISTING: "preexisting",
@@ -49,6 +50,7 @@ FLAG_NAMES = {
     F_TIMEWAIT_SOCK: "timewait_socket",
     F_NO_TIME_WAIT: "no_time_wait",
     F_END_UNSEEN: "end_unseen",
+    F_NO_SYN: "no_syn",
 }
 FLAG_VALUES = {name: value for value, name in FLAG_NAMES.items()}
 

@@ -1,11 +1,15 @@
 """`tcptrace-ebpf serve`: the Prometheus exporter daemon.
 
 Start-up order matters: the HTTP port is bound first (a port in use fails
-at once, before anything is loaded), then existing sockets are snapshotted,
-then the BPF program is loaded and attached. After that the main thread only
-does housekeeping once a second (sweeping what waits in the kernel,
-taking in sockets the kernel has seen, re-checking old timewait sockets);
-metrics are read from the kernel when Prometheus scrapes.
+at once, before anything is loaded; /metrics answers 503 until tracing has
+started), then the BPF program is loaded and attached, and only then are
+existing sockets snapshotted: a socket that changes state between the two is
+seen by the program, and the snapshot's copy of a socket the program already
+follows is dropped (the program's wins), so none falls between them. After
+that the main thread only does housekeeping once a second (sweeping what
+waits in the kernel, taking in sockets the kernel has seen, re-checking old
+timewait sockets, healing the gauges after a loss); metrics are read from the
+kernel when Prometheus scrapes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .api import DEFAULT_PATH as DEFAULT_API_PATH
 from .api import ApiServer
 from .errors import UserError
 from .metrics import CloseWaitOwner, KernelReading, NotReady, TcpTraceCollector
-from .preexisting import TUPLE, Preexisting, take_snapshot
+from .preexisting import COUNTED, TUPLE, Preexisting, take_snapshot
 from .probe import KernelCloseWait, Tracer, TracerOptions, TupleKey
 from .runner import StopFlag
 from .seed import collect_listener_seeds, own_netns_inum
@@ -80,6 +84,12 @@ TICK_S = 1.0
 HOLDER_REFRESH_S = 5.0  # how often new CLOSE_WAIT sockets' holders are looked up in /proc
 HOLDER_MIN_AGE_S = 1.0  # younger CLOSE_WAIT sockets are left to the owner the kernel saw
 FULL_HOLDER_SCAN_S = 60.0  # at most this often, every process's fd table is searched
+# After a recorded loss, the gauges are checked against sock_diag at most this
+# often, until a check finds nothing to fix: tcptrace_sockets is back to the
+# truth within this interval plus one snapshot (well under 60 s).
+HEAL_INTERVAL_S = 30.0
+# Counters that say the program missed something (lost_* and kernel_skipped too).
+LOSS_COUNTERS = ("missed_transitions", "missed_ends", "kernel_skipped")
 PORT_LABEL_SLOTS = 20  # "other" plus 19 listening ports
 
 
@@ -142,6 +152,7 @@ class Exporter:
                 options.listen,
                 telemetry_path=options.telemetry_path,
                 web_config=options.web_config,
+                ready=self.tracing,
             )
             if options.listen is not None
             else None
@@ -156,6 +167,10 @@ class Exporter:
         self.preexisting: Preexisting | None = None
         self._ready = threading.Event()
         self._watching_old_timewait = False
+        self._losses_healed = 0  # losses counted when the gauges were last healed
+        self._heal_due = False  # the last heal fixed something: check again
+        self._last_heal = 0.0
+        self.healed_gone = 0  # sockets found gone whose end the program missed
         self._last_holder_refresh = 0.0
         self._last_full_holder_scan = -FULL_HOLDER_SCAN_S
         # CLOSE_WAIT sockets' holders (program names), by address pair, from /proc.
@@ -190,9 +205,12 @@ class Exporter:
             self.server.start()  # a port in use fails here, before the kernel work
         try:
             self.tracer.start()
+            # Attached: now the sockets that were there before (see the module doc).
+            self.heal()
         except BaseException:
             if self.server is not None:
                 self.server.shutdown()
+            self.tracer.close()
             raise
         self._ready.set()
         if self.api is not None:
@@ -204,27 +222,89 @@ class Exporter:
                 )
                 self.api = None
 
+    def tracing(self) -> bool:
+        """Whether the probes are attached and existing sockets counted: until
+        then a scrape would be partial, and /metrics answers 503."""
+        return self._ready.is_set()
+
     def _readiness(self) -> tuple[int, str, bytes]:
         if self._ready.is_set():
             return 200, "text/plain", b"Ready: tracing.\n"
         return 503, "text/plain", b"Not ready: loading the BPF program.\n"
 
     def _prepare(self, tracer: Tracer) -> None:
-        """Before the probes attach: what exists already."""
+        """Before the probes attach: the owners of existing listeners (their
+        children are born in softirq, where the current task is not theirs)."""
         tracer.seed_listeners(collect_listener_seeds())
+
+    def heal(self) -> None:
+        """Make the counted sockets what sock_diag lists (this namespace).
+
+        Run once the probes are attached, then after any recorded loss. A
+        socket the program follows but sock_diag no longer lists ended
+        unseen: the program closes it (counted as end_unseen). A listed
+        socket the program does not follow (older than tracing, or missed
+        for a full map) is counted from this snapshot until the program sees
+        it change state. Followed sockets are read before the snapshot for
+        the first (all of them existed before it), after it for the second
+        (a socket born meanwhile is in both: the program's count wins).
+        """
+        self._last_heal = time.monotonic()
+        losses = self._losses()
+        followed_before = self.tracer.followed()
+        filters = self.tracer.options
+        if not self._watching_old_timewait:
+            # Before the snapshot: one of its timewait sockets may go right after it.
+            self._watching_old_timewait = self.tracer.watch_old_timewait(True)
         try:
-            filters = tracer.options
-            self.preexisting = take_snapshot(self.netns, filters.ports, filters.family, filters.pid)
+            snapshot = take_snapshot(self.netns, filters.ports, filters.family, filters.pid)
         except (UserError, OSError) as err:
-            log.warning(
-                "no start-up snapshot (%s): sockets older than the exporter are not counted", err
-            )
-            self.preexisting = Preexisting([], time.time())
-        log.info("start-up snapshot: %d existing sockets", len(self.preexisting))
-        if self.preexisting.has_timewait:
-            self._watching_old_timewait = tracer.watch_old_timewait(True)
+            if self.preexisting is None:
+                log.warning(
+                    "no start-up snapshot (%s): sockets older than the exporter are not counted",
+                    err,
+                )
+                self.preexisting = Preexisting([], time.time())
+            return
+        listed = snapshot.keys()
+        netns = self.netns.to_bytes(4, "little")
+        # With --pid the listing has only that process's sockets: not its
+        # orphans or timewait sockets, which no process holds. Not a proof
+        # of death, then.
+        gone = [
+            sock
+            for sock in followed_before
+            if filters.pid is None
+            and sock.key[:4] == netns
+            and sock.state in COUNTED
+            and sock.key not in listed
+        ]
+        ended = self.tracer.end_gone(gone)
+        snapshot.drop(sock.key for sock in self.tracer.followed())
+        previous = self.preexisting
+        if previous is not None:
+            snapshot.keep_ages_from(previous)
+            # Found now, not counted before: missed by the program (a loss).
+            found = len(snapshot.keys() - previous.keys())
+        else:
+            found = 0
+            log.info("start-up snapshot: %d existing sockets", len(snapshot))
+        self.preexisting = snapshot
+        self.healed_gone += ended
+        if ended or found:
+            log.info("gauges healed: %d sockets gone unseen, %d found unfollowed", ended, found)
+        self._heal_due = bool(ended or found)
+        self._losses_healed = losses
         if self.port_labels is not None:
             self._assign_port_slots(self._listening_ports())
+
+    def _losses(self) -> int:
+        counters = self.tracer.counters()
+        return sum(
+            value
+            for name, value in counters.items()
+            if name.startswith("lost_") or name in LOSS_COUNTERS
+        )
 
     def close(self) -> None:
         self._ready.clear()
@@ -250,6 +330,10 @@ class Exporter:
 
     def tick(self) -> None:
         self.tracer.sweep()
+        if time.monotonic() - self._last_heal >= HEAL_INTERVAL_S and (
+            self._heal_due or self._losses() != self._losses_healed
+        ):
+            self.heal()
         if self.preexisting is not None:
             self.preexisting.adopt(self.tracer.drain_adopted())
             self.preexisting.expire_timewait()

@@ -179,6 +179,8 @@ BTF_OFFSETS = {
     "OFF_SKC_RCV_SADDR": ("sock_common", "skc_rcv_saddr"),
     # A server's SYN-ACK round trip, when its accepted socket becomes ESTABLISHED.
     "OFF_TCP_SRTT_US": ("tcp_sock", "srtt_us"),
+    # Segments a socket sent: 0 at SYN_SENT -> CLOSE means connect() failed before its SYN.
+    "OFF_TCP_SEGS_OUT": ("tcp_sock", "segs_out"),
 }
 # Raw tracepoints whose programs can be BTF-typed (tp_btf).
 TP_BTF_TRACEPOINTS = (
@@ -322,6 +324,21 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         if srtt_size == 4
         else "no 4-byte tcp_sock.srtt_us in BTF: server handshakes start at the client's "
         "last ACK (the accepted socket's birth)",
+    )
+
+    segs_out_size = 0
+    if btf is not None and "OFF_TCP_SEGS_OUT" in features.offsets:
+        try:
+            segs_out_size = btf.member_size("tcp_sock", "segs_out")
+        except BtfError:
+            segs_out_size = 0
+    features.note(
+        "segs_out",
+        segs_out_size == 4,
+        "connect() failing before its SYN told from a SYN timeout (tcp_sock.segs_out)"
+        if segs_out_size == 4
+        else "no 4-byte tcp_sock.segs_out in BTF: a connect() that fails before its SYN "
+        "from an explicitly bound port reads as a timeout",
     )
 
     features.tw_timer_handler = kallsyms_address("tw_timer_handler")

@@ -25,6 +25,7 @@ from .events import (
     F_END_UNSEEN,
     F_LAST,
     F_LOST_BEFORE,
+    F_NO_SYN,
     F_NO_TIME_WAIT,
     F_PREEXISTING,
     F_RESET_RECEIVED,
@@ -117,8 +118,11 @@ def classify_close(
     reset_sent: bool,
     reset_received: bool,
     lport: int,
+    no_syn: bool = False,
 ) -> str:
-    """How a connection ended (the same rules as close_kind() in the BPF program)."""
+    """How a connection ended (the same rules as close_kind() in the BPF program).
+    `no_syn`: the kernel program saw connect() fail before its SYN left (flag
+    no_syn); kernels without that count leave a missing local port as the sign."""
     if role == "listener":
         return "listener_closed"
     if reset_received:
@@ -126,8 +130,7 @@ def classify_close(
     if reset_sent:
         return "reset_sent"
     if last_old_state == SYN_SENT:
-        # No local port yet: connect() failed before any SYN left.
-        return "connect_failed" if lport == 0 else "timeout"
+        return "connect_failed" if no_syn or lport == 0 else "timeout"
     if CLOSING in visited:
         return "simultaneous"
     for state in visited:
@@ -334,6 +337,7 @@ class LifecycleEngine:
                 reset_sent=bool(event.flags & F_RESET_SENT),
                 reset_received=bool(event.flags & F_RESET_RECEIVED),
                 lport=event.lport,
+                no_syn=bool(event.flags & F_NO_SYN),
             )
 
     def _finish(self, sock: int, entry: _Open) -> Lifecycle:

@@ -62,6 +62,11 @@ LOST_CAUSES = {
     "lost_close_wait_map": "close_wait_map_full",
     "lost_adopted_map": "adopted_map_full",
     "lost_dest_map": "dest_map_full",
+    # A change whose old state was not the one recorded: one before it went unseen.
+    "missed_transitions": "missed_transition",
+    # Sockets whose end went unseen, closed when noticed (a new socket in their
+    # place, a timewait socket far past its time, or gone from sock_diag).
+    "missed_ends": "end_unseen",
     # State changes whose program run the kernel skipped: another tracing BPF
     # program was running on that CPU (an interrupt in the middle of one).
     "kernel_skipped": "kernel_skipped",
@@ -186,7 +191,8 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     for state in GAUGE_STATES:
         value = counted[state] if state < len(counted) else 0
         value += reading.sockets_extra.get(int(state), 0)
-        sockets.add_metric([state.name], max(0, value))
+        # Never clamped: a negative row is an error to see (and fix), not to hide.
+        sockets.add_metric([state.name], value)
     families.append(sockets)
 
     families.append(

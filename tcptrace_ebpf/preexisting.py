@@ -180,6 +180,26 @@ class Preexisting:
             if self._dests[dest] <= 0:
                 del self._dests[dest]
 
+    def keys(self) -> set[PackedKey]:
+        """Every socket of the snapshot, timewait ones included."""
+        with self._lock:
+            return set(self._state) | set(self._timewait)
+
+    def drop(self, keys: Iterable[PackedKey]) -> None:
+        """Forget these sockets: the kernel program follows them already."""
+        with self._lock:
+            for key in keys:
+                self._forget(key)
+
+    def keep_ages_from(self, earlier: Preexisting) -> None:
+        """CLOSE_WAIT sockets an earlier snapshot had keep its (older) lower bound."""
+        with earlier._lock:
+            older = dict(earlier._close_wait)
+        with self._lock:
+            for key, item in self._close_wait.items():
+                if key in older and older[key].since < item.since:
+                    self._close_wait[key] = older[key]
+
     @property
     def has_timewait(self) -> bool:
         return bool(self._timewait)

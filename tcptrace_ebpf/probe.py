@@ -145,6 +145,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "HAVE_SYN_RETRANS": int(features.has("syn_retrans")),
         "HAVE_NETNS": int(features.has("netns")),
         "HAVE_SYNACK_RTT": int(features.has("synack_rtt")),
+        "HAVE_SEGS_OUT": int(features.has("segs_out")),
         "HAVE_TIMEWAIT": int(features.has("timewait")),
         "HAVE_TW_SUBSTATE": int(features.has("timewait") and features.has("tw_substate")),
         "HAVE_TIMER_EXPIRES": int(features.has("timewait") and features.has("timer_expires")),
@@ -289,6 +290,16 @@ class KernelCloseWait:
     owner_source: int
 
 
+@dataclass(frozen=True, slots=True)
+class FollowedSocket:
+    """A socket the kernel program follows: its map key, lifecycle and address pair."""
+
+    address: int  # kernel address: the socks or timewait map's key
+    sock_id: int
+    state: int
+    key: bytes  # struct tt_tuple, packed (netns included)
+
+
 @dataclass
 class KilledTimewait:
     """A cancelled timewait socket awaiting classification (for tests and debugging)."""
@@ -315,6 +326,7 @@ class Tracer:
     _sweep_fd: int = field(default=-1, init=False)
     _sweep_close_fd: int = field(default=-1, init=False)
     _sweep_timewait_fd: int = field(default=-1, init=False)
+    _sweep_gone_fd: int = field(default=-1, init=False)
     _next_stale_check_ns: int = field(default=0, init=False)
     _attached_pairs: list[tuple[str, str]] = field(default_factory=list, init=False)
     # tp_btf programs, loaded and attached here (not by BCC): tracepoint -> (program, link) fds.
@@ -458,6 +470,7 @@ class Tracer:
             if self.features.has(feature):
                 self._attach(f"tcp:{name}", name, raw_tcp)
         self._sweep_close_fd = self._load_sweeper("sweep_pending_close")
+        self._sweep_gone_fd = self._load_sweeper("sweep_gone")
         if self.options.emit_events:
             self._open_event_buffer()
         self._attach_fastest(
@@ -555,6 +568,46 @@ class Tracer:
             request_sk[ctypes.c_int(0)] = ctypes.c_uint64(address)
             bpfsys.prog_test_run(self._sweep_timewait_fd)
         return len(stale)
+
+    def followed(self) -> list[FollowedSocket]:
+        """Every socket the program follows now: full sockets, then timewait ones."""
+        if self.bpf is None:
+            return []
+        result = []
+        for name in ("socks", "timewait"):
+            try:
+                table = self.bpf[name]
+            except KeyError:  # no timewait map without TIME_WAIT tracking
+                continue
+            try:
+                items = list(table.items_lookup_batch())
+            except Exception:  # an empty hash map makes the batch call fail with ENOENT
+                items = list(table.items())
+            for key, value in items:
+                result.append(
+                    FollowedSocket(
+                        address=int(getattr(key, "value", key)),
+                        sock_id=int(value.id.sock_id),
+                        state=int(value.id.state),
+                        key=bytes(value.tuple),
+                    )
+                )
+        return result
+
+    def end_gone(self, gone: Iterable[FollowedSocket]) -> int:
+        """Close, as ended unseen, followed sockets that no longer exist (their
+        end was lost). Each only if it is still the same lifecycle. How many."""
+        if self.bpf is None or self._sweep_gone_fd < 0:
+            return 0
+        request_sk = self.bpf["sweep_request_sk"]
+        request_id = self.bpf["sweep_request_id"]
+        ended = 0
+        for sock in gone:
+            request_sk[ctypes.c_int(0)] = ctypes.c_uint64(sock.address)
+            request_id[ctypes.c_int(0)] = ctypes.c_uint64(sock.sock_id)
+            bpfsys.prog_test_run(self._sweep_gone_fd)
+            ended += 1
+        return ended
 
     def program_skips(self) -> dict[str, int]:
         """Runs skipped by the kernel, by tracepoint: the program was not run

@@ -1032,6 +1032,8 @@ class _Site:
     telemetry_path: str
     landing_page: bytes
     routes: Mapping[str, RouteHandler]
+    # False until the metrics are whole: /metrics then answers 503 (Prometheus: up=0).
+    ready: Callable[[], bool]
     headers: Mapping[str, str]
     basic_auth: _BasicAuthVerifier | None
     rate_limiter: _TokenBucket | None
@@ -1080,7 +1082,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send_text(405, "Method Not Allowed", send_body, [("Allow", _ALLOWED_METHODS)])
             return
         url = urlsplit(self.path)
-        if url.path == site.telemetry_path:
+        if url.path == site.telemetry_path and not site.ready():
+            self._send_text(503, "Service Unavailable: tracing has not started", send_body)
+        elif url.path == site.telemetry_path:
             self._send_metrics(site, url.query, send_body)
         elif url.path == "/":
             self._send(200, "text/html; charset=utf-8", site.landing_page, send_body)
@@ -1320,6 +1324,8 @@ class MetricsServer:
         telemetry_path: str = "/metrics",
         web_config: WebConfig | None = None,
         landing_page_title: str = "tcptrace-ebpf",
+        *,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         if not telemetry_path.startswith("/") or any(c in telemetry_path for c in "?# \t\r\n"):
             raise UserError(
@@ -1336,6 +1342,7 @@ class MetricsServer:
             telemetry_path=telemetry_path,
             landing_page=_landing_page(landing_page_title, [telemetry_path]),
             routes=MappingProxyType(self._routes),
+            ready=ready,
             headers=web_config.headers if web_config else {},
             basic_auth=(
                 _BasicAuthVerifier(web_config.basic_auth_users)

@@ -241,3 +241,13 @@ def test_classify_close(
         )
         == expected
     )
+
+
+def test_connect_failing_before_its_syn_is_connect_failed_whatever_its_port() -> None:
+    """A connect() from an explicitly bound port whose address pair is in use
+    fails (EADDRNOTAVAIL) with a local port but no SYN sent: the kernel
+    program flags it no_syn, and that, not the port, decides."""
+    common = {"role": "client", "visited": [2], "last_old_state": 2}
+    no_reset = {"reset_sent": False, "reset_received": False}
+    assert classify_close(**common, **no_reset, lport=5000, no_syn=True) == "connect_failed"
+    assert classify_close(**common, **no_reset, lport=5000, no_syn=False) == "timeout"

@@ -1,0 +1,312 @@
+"""Exactness against the kernel (issue 13): each test drives real sockets under
+the real tracer and fails on a defect the tracer had.
+
+The truth is the kernel's: `ss` for what exists now, the namespace's MIB
+counters (nstat) for what happened.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from support import Peer, cli_argv, free_port, requires_root, run_cli, sh, wait_for
+from test_serve import delta, scrape, serving, ss_counts, value
+
+CLOSED = "tcptrace_connections_closed_total"
+
+
+def lives_on(run: Any, port: int) -> list[dict[str, Any]]:
+    return [
+        life
+        for life in run.json_lines()
+        if port in (life["lport"], life["rport"]) and life["role"] != "listener"
+    ]
+
+
+@requires_root
+def test_connect_failing_before_its_syn_is_connect_failed() -> None:
+    """connect() from an explicitly bound port whose address pair is in use
+    fails at once with EADDRNOTAVAIL: no SYN left, so it did not time out.
+    The socket has its local port already (bind), which is why the rule
+    cannot be "no local port"."""
+    port = free_port()
+    with (
+        serving("--port", str(port)) as (_run, http_port),
+        run_cli("lifecycles", "--json", "--port", str(port)) as lives,
+        Peer() as server,
+        Peer() as first,
+        Peer() as second,
+    ):
+        before = scrape(http_port)
+        server.cmd(f"listen 127.0.0.1 {port}")
+        cport = int(first.cmd(f"connect 127.0.0.1 {port} {free_port()}"))
+        server.cmd("accept")
+        ok, error = second.try_cmd(f"connect 127.0.0.1 {port} {cport}")
+        assert (ok, error) == (False, "EADDRNOTAVAIL")
+        wait_for(
+            lambda: (
+                delta(before, scrape(http_port), CLOSED, role="client", close="connect_failed") == 1
+            ),
+            timeout=30,
+        )
+        after = scrape(http_port)
+        assert delta(before, after, CLOSED, role="client", close="timeout") == 0
+        failed = wait_for(
+            lambda: [life for life in lives_on(lives, port) if life["close"] is not None],
+            timeout=30,
+        )
+    assert [life["close"] for life in failed] == ["connect_failed"]
+    assert failed[0]["lport"] == cport
+    assert failed[0]["syn_retrans"] == 0
+
+
+def bound_client(port: int) -> socket.socket:
+    client = socket.socket()
+    # SO_REUSEADDR lets a later bind() to this port reuse its TIME_WAIT pair.
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    client.bind(("127.0.0.1", port))
+    return client
+
+
+def listener_on(port: int) -> socket.socket:
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(4096)
+    return server
+
+
+def time_wait_pairs(server: socket.socket, port: int, count: int) -> list[int]:
+    """`count` connections to `server` from ports outside the ephemeral range,
+    each closed by the client first, then by the server: count pairs in
+    TIME_WAIT on the client side. Returns the client ports."""
+    ports = []
+    while len(ports) < count:
+        try:
+            client = bound_client(free_port())
+        except OSError:
+            continue
+        client.connect(("127.0.0.1", port))
+        child, _ = server.accept()
+        ports.append(client.getsockname()[1])
+        client.close()
+        assert child.recv(1) == b""
+        child.close()
+    return ports
+
+
+TW_DURATION_COUNT = "tcptrace_time_wait_duration_seconds_count"
+
+
+def tw_gauge(http_port: int) -> float:
+    return value(scrape(http_port), "tcptrace_sockets", state="TIME_WAIT")
+
+
+@requires_root
+def test_back_to_back_time_wait_reuse_loses_no_timewait_socket() -> None:
+    """Pairs in TIME_WAIT are reused (after the kernel's reuse delay) by
+    connections that close at once, so each enters TIME_WAIT again within
+    microseconds of the reuse ending the old one, often in the very memory
+    of the timewait socket just freed. Every new timewait socket is followed:
+    none reads as skipped, and the TIME_WAIT gauge says what ss says."""
+    k = 150
+    port = free_port()
+    with serving("--port", str(port)) as (_run, http_port):
+        server = listener_on(port)
+        try:
+            before = scrape(http_port)
+            client_ports = time_wait_pairs(server, port, k)
+            wait_for(
+                lambda: value(scrape(http_port), "tcptrace_sockets", state="TIME_WAIT") == k,
+                timeout=30,
+            )
+            time.sleep(1.2)  # loopback reuses a TIME_WAIT pair once it is 1 s old
+            for cport in client_ports:
+                client = bound_client(cport)
+                client.connect(("127.0.0.1", port))  # ends the old TIME_WAIT (reuse)
+                child, _ = server.accept()
+                client.shutdown(socket.SHUT_WR)
+                # The server's FIN puts the client in TIME_WAIT at once, in softirq.
+                child.close()
+                client.close()
+            expected = wait_for(lambda: ss_counts(port)["TIME_WAIT"] == k and ss_counts(port))
+            wait_for(
+                lambda: value(scrape(http_port), "tcptrace_sockets", state="TIME_WAIT") == k,
+                timeout=30,
+                what=lambda: f"TIME_WAIT gauge {tw_gauge(http_port)} vs ss {expected}",
+            )
+            after = scrape(http_port)
+        finally:
+            server.close()
+    assert delta(before, after, "tcptrace_time_wait_skipped_total") == 0
+    assert delta(before, after, TW_DURATION_COUNT, end="reused") == k
+    assert value(after, "tcptrace_sockets", state="FIN_WAIT2") == 0
+
+
+@requires_root
+def test_killed_timewait_sockets_leave_the_gauge_at_once() -> None:
+    """`ss -K` drops timewait sockets from the kernel at once: the TIME_WAIT
+    gauge follows at once, not after the grace period that decides whether
+    a new connection reused the pair (5 s), and they are counted killed."""
+    k = 20
+    port = free_port()
+    with serving("--port", str(port)) as (_run, http_port):
+        server = listener_on(port)
+        try:
+            before = scrape(http_port)
+            time_wait_pairs(server, port, k)
+        finally:
+            server.close()
+        wait_for(
+            lambda: value(scrape(http_port), "tcptrace_sockets", state="TIME_WAIT") == k,
+            timeout=30,
+        )
+        sh("ss", "-K", "-tan", "state", "time-wait", f"( dport = :{port} )")
+        if ss_counts(port)["TIME_WAIT"]:
+            pytest.skip("this kernel cannot destroy timewait sockets with ss -K")
+        killed = time.monotonic()
+        # Well under the grace period alone (5 s), even under emulation.
+        wait_for(lambda: tw_gauge(http_port) == 0, timeout=4)
+        assert time.monotonic() - killed < 4.5
+        # Counted as killed once no new connection claimed their pairs.
+        wait_for(
+            lambda: delta(before, scrape(http_port), TW_DURATION_COUNT, end="killed") == k,
+            timeout=30,
+        )
+        after = scrape(http_port)
+    assert value(after, "tcptrace_sockets", state="TIME_WAIT") == 0
+    assert delta(before, after, TW_DURATION_COUNT, end="reused") == 0
+
+
+def status_of(url: str) -> int | None:
+    """HTTP status of a GET (None: nothing answers yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+    except OSError:
+        return None
+
+
+@requires_root
+def test_no_start_up_gap() -> None:
+    """Until tracing has started, /metrics answers 503 (Prometheus records
+    up=0) rather than partial data, while /-/healthy answers 200. Peers
+    half-close their connections all through the start-up: every socket
+    that changed state while the exporter started is counted in the state
+    it is in (the probes attach before the snapshot), none in the one it left."""
+    n = 200
+    port = free_port()
+    http_port = free_port()
+    server = listener_on(port)
+    pairs = []
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port))
+        pairs.append((client, server.accept()[0]))
+    base = f"http://127.0.0.1:{http_port}"
+    argv = cli_argv("serve", "--web.listen-address", f"127.0.0.1:{http_port}", "--port", str(port))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        statuses = []
+        started = time.monotonic()
+        closed = 0
+        # One half-close every 50 ms, from before the HTTP port answers until
+        # /metrics has answered 200 for a second.
+        ready_since = None
+        while time.monotonic() - started < 120:
+            status = status_of(f"{base}/metrics")
+            if status is not None:
+                statuses.append((status, status_of(f"{base}/-/healthy")))
+            if status == 200 and ready_since is None:
+                ready_since = time.monotonic()
+            if ready_since is not None and time.monotonic() - ready_since > 1:
+                break
+            if closed < n:
+                pairs[closed][0].shutdown(socket.SHUT_WR)  # client FIN_WAIT2, child CLOSE_WAIT
+                closed += 1
+            time.sleep(0.05)
+        assert ready_since is not None, "serve never answered 200"
+        assert statuses[0] == (503, 200), statuses[:3]
+        assert {status for status, _ in statuses} == {503, 200}
+        assert all(healthy == 200 for _, healthy in statuses)
+        for client, _child in pairs[closed:]:
+            client.shutdown(socket.SHUT_WR)
+        expected = {"ESTABLISHED": 0, "FIN_WAIT2": n, "CLOSE_WAIT": n}
+        wait_for(lambda: all(ss_counts(port)[s] == c for s, c in expected.items()))
+        gauge = {}
+
+        def agrees() -> bool:
+            samples = scrape(http_port)
+            gauge.update({s: value(samples, "tcptrace_sockets", state=s) for s in expected})
+            return gauge == expected
+
+        wait_for(agrees, timeout=10, what=lambda: f"gauge {gauge} vs ss {expected}")
+        assert closed > 10, "the start-up was too quick to test anything"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for client, child in pairs:
+            client.close()
+            child.close()
+        server.close()
+
+
+def gauge_matches_ss(
+    http_port: int, port: int, states: tuple[str, ...], seen: dict[str, Any]
+) -> bool:
+    truth = ss_counts(port)
+    samples = scrape(http_port)
+    seen["ss"] = {state: truth[state] for state in states}
+    seen["gauge"] = {state: value(samples, "tcptrace_sockets", state=state) for state in states}
+    return bool(seen["ss"] == seen["gauge"])
+
+
+@requires_root
+def test_gauges_heal_after_a_loss() -> None:
+    """With the socket map full, sockets go untracked (a counted loss): the
+    gauge misses them. Within 60 s it says what ss says again, and again
+    once they have all closed."""
+    pairs_wanted = 700  # 1,400 sockets, more than --max-sockets' 1,024
+    port = free_port()
+    states = ("ESTABLISHED", "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK", "FIN_WAIT2")
+    seen: dict[str, Any] = {}
+    with serving("--port", str(port), "--max-sockets", "1024") as (_run, http_port):
+        server = listener_on(port)
+        held = []
+        try:
+            for _ in range(pairs_wanted):
+                client = socket.create_connection(("127.0.0.1", port))
+                held += [client, server.accept()[0]]
+            lost = value(scrape(http_port), "tcptrace_lost_events_total", cause="socket_map_full")
+            assert lost > 0
+            made = time.monotonic()
+            wait_for(
+                lambda: gauge_matches_ss(http_port, port, states, seen),
+                timeout=75,
+                interval=1,
+                what=lambda: f"gauge {seen.get('gauge')} vs ss {seen.get('ss')}",
+            )
+            assert time.monotonic() - made <= 60
+            for sock in held:
+                sock.close()  # clients first: they keep the TIME_WAIT
+            held = []
+            closed = time.monotonic()
+            wait_for(
+                lambda: gauge_matches_ss(http_port, port, states, seen),
+                timeout=75,
+                interval=1,
+                what=lambda: f"gauge {seen.get('gauge')} vs ss {seen.get('ss')}",
+            )
+            assert time.monotonic() - closed <= 60
+            assert seen["ss"]["TIME_WAIT"] == pairs_wanted
+        finally:
+            for sock in held:
+                sock.close()
+            server.close()
