@@ -1,0 +1,269 @@
+"""Compile and load the BPF program with BCC in a short-lived process.
+
+BCC's compiler (libLLVM, libclang: over 100 MB mapped and touched) is needed
+once, at start; a daemon that imported bcc would keep it for life. So the
+tracer runs this module as a child process (`python -m tcptrace_ebpf.loader`):
+it compiles the program text it is given on stdin, creates the maps, loads
+the programs the plan names (tp_btf variants first, where asked), and sends
+back, over a unix socket (SCM_RIGHTS), every map's and program's file
+descriptor, with each map's type, sizes and key/value layouts as the
+compiler described them. Then it exits; the maps and programs live on in the
+descriptors the caller holds. Attaching stays with the caller (it seeds maps
+first), through bpfsys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import bpfsys
+from .errors import UserError
+from .maps import MapInfo
+
+log = logging.getLogger(__name__)
+
+BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+# SCM_MAX_FD: the most descriptors one message may carry.
+MAX_FDS_PER_MESSAGE = 250
+REPLY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ProgramRequest:
+    """One program to load. `key` names it for the caller (a tracepoint
+    "category:name", or a sweeper's name). For a tracepoint, the loader
+    tries btf_<name> as tp_btf if `btf_id` is given, else (or when the
+    verifier refuses it) raw_<name> if `raw`, else on_<name>."""
+
+    key: str
+    name: str
+    raw: bool = False
+    btf_id: int | None = None
+    sweeper: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedProgram:
+    key: str
+    function: str
+    kind: str  # "btf", "raw", "classic" or "sweeper"
+
+
+@dataclass
+class Loaded:
+    """What the loader handed over; the caller owns (and must close) every fd."""
+
+    maps: dict[str, tuple[int, MapInfo]]
+    programs: dict[str, tuple[int, LoadedProgram]]
+    warnings: list[str]
+
+    def close(self) -> None:
+        for fd, _ in [*self.programs.values(), *self.maps.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.programs.clear()
+        self.maps.clear()
+
+
+def load(text: str, cflags: list[str], requests: list[ProgramRequest]) -> Loaded:
+    """Run the loader process and take what it hands over."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    request = json.dumps(
+        {"text": text, "cflags": cflags, "programs": [asdict(item) for item in requests]}
+    )
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    env["TCPTRACE_LOADER_FD"] = str(child.fileno())
+    env["TCPTRACE_LOADER_DEBUG"] = "1" if log.isEnabledFor(logging.DEBUG) else ""
+    try:
+        with child:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tcptrace_ebpf.loader"],
+                stdin=subprocess.PIPE,
+                pass_fds=[child.fileno()],
+                env=env,
+            )
+        assert proc.stdin is not None
+        with proc.stdin:
+            proc.stdin.write(request.encode())
+        fds: list[int] = []
+        header: dict[str, Any] = {}
+        try:
+            while True:
+                message, received, _flags, _addr = socket.recv_fds(
+                    parent, REPLY_BYTES, MAX_FDS_PER_MESSAGE
+                )
+                if not message:  # the loader exited without a word
+                    break
+                fds.extend(received)
+                part = json.loads(message)
+                if part.get("more"):
+                    continue
+                header = part
+                break
+        finally:
+            proc.wait()
+    finally:
+        parent.close()
+    if "error" in header or not header:
+        for fd in fds:
+            os.close(fd)
+        raise UserError(
+            header.get("error") or f"the BPF loader process failed (exit status {proc.returncode})"
+        )
+    maps_info = [MapInfo(**item) for item in header["maps"]]
+    programs_info = [LoadedProgram(**item) for item in header["programs"]]
+    if len(fds) != len(maps_info) + len(programs_info):
+        for fd in fds:
+            os.close(fd)
+        raise UserError("the BPF loader process handed over fewer descriptors than it described")
+    maps = {info.name: (fd, info) for fd, info in zip(fds, maps_info, strict=False)}
+    programs = {
+        info.key: (fd, info) for fd, info in zip(fds[len(maps_info) :], programs_info, strict=True)
+    }
+    return Loaded(maps=maps, programs=programs, warnings=list(header.get("warnings", [])))
+
+
+# -- the child -------------------------------------------------------------------
+
+
+def _table_infos(bpf: Any) -> list[tuple[int, MapInfo]]:
+    lib = bpf_lib()
+    result = []
+    for index in range(lib.bpf_num_tables(bpf.module)):
+        name = lib.bpf_table_name(bpf.module, index)
+        map_id = lib.bpf_table_id(bpf.module, name)
+        fd = lib.bpf_table_fd(bpf.module, name)
+        if fd < 0:
+            continue
+        result.append(
+            (
+                fd,
+                MapInfo(
+                    name=name.decode(),
+                    map_type=int(lib.bpf_table_type_id(bpf.module, map_id)),
+                    key_size=int(lib.bpf_table_key_size_id(bpf.module, map_id)),
+                    value_size=int(lib.bpf_table_leaf_size_id(bpf.module, map_id)),
+                    max_entries=int(lib.bpf_table_max_entries_id(bpf.module, map_id)),
+                    key_desc=json.loads(lib.bpf_table_key_desc(bpf.module, name) or b'"int"'),
+                    value_desc=json.loads(lib.bpf_table_leaf_desc(bpf.module, name) or b'"int"'),
+                ),
+            )
+        )
+    return result
+
+
+def bpf_lib() -> Any:
+    from bcc.libbcc import lib
+
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    for function in (lib.bpf_table_key_size_id, lib.bpf_table_leaf_size_id):
+        function.restype = ctypes.c_size_t
+        function.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    return lib
+
+
+def _load_programs(
+    bpf: Any, requests: list[ProgramRequest], warnings: list[str]
+) -> list[tuple[int, LoadedProgram]]:
+    from .probe import _capture_stderr, _first_error, _verifier_reason
+
+    loaded: list[tuple[int, LoadedProgram]] = []
+    for request in requests:
+        if request.btf_id is not None:
+            function = f"btf_{request.name}"
+            try:
+                # The license of bpf/tcptrace.bpf.c (GPL helpers need it).
+                fd = bpfsys.load_tp_btf(bpf.dump_func(function), function, "GPL", request.btf_id)
+                loaded.append((fd, LoadedProgram(request.key, function, "btf")))
+                continue
+            except bpfsys.BpfError as err:
+                warnings.append(
+                    f"{request.key}: BTF-typed program refused ({err.strerror}), using a raw "
+                    f"tracepoint: {_verifier_reason(err.log)}"
+                )
+        if request.sweeper:
+            function, kind, prog_type = request.name, "sweeper", BPF_PROG_TYPE_RAW_TRACEPOINT
+        elif request.raw:
+            function, kind, prog_type = f"raw_{request.name}", "raw", BPF_PROG_TYPE_RAW_TRACEPOINT
+        else:
+            function, kind, prog_type = f"on_{request.name}", "classic", BPF_PROG_TYPE_TRACEPOINT
+        with _capture_stderr() as output:
+            try:
+                fd = int(bpf.load_func(function, prog_type).fd)
+            except Exception as err:
+                raise UserError(
+                    f"could not load {function}: {_first_error(output()) or err}"
+                ) from None
+        # BCC closes its descriptors at exit; ours must outlive it.
+        loaded.append((os.dup(fd), LoadedProgram(request.key, function, kind)))
+    return loaded
+
+
+def _child() -> int:
+    from .probe import _capture_stderr, _first_error, import_bcc
+
+    channel = socket.socket(fileno=int(os.environ["TCPTRACE_LOADER_FD"]))
+    if os.environ.get("TCPTRACE_LOADER_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG, format="tcptrace-ebpf loader: %(message)s")
+
+    def reply(header: dict[str, Any], fds: list[int]) -> None:
+        for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
+            chunk = fds[start : start + MAX_FDS_PER_MESSAGE]
+            if start + MAX_FDS_PER_MESSAGE < len(fds):
+                socket.send_fds(channel, [b'{"more": true}'], chunk)
+            else:
+                socket.send_fds(channel, [json.dumps(header).encode()], chunk)
+        if not fds:
+            channel.send(json.dumps(header).encode())
+
+    try:
+        request = json.loads(sys.stdin.buffer.read())
+        bcc = import_bcc()
+        with _capture_stderr() as output:
+            try:
+                bpf = bcc.BPF(text=request["text"], cflags=request["cflags"])
+            except Exception:
+                raise UserError(
+                    f"the BPF program did not compile: {_first_error(output())} "
+                    "(run 'tcptrace-ebpf doctor'; --debug shows the compiler output)"
+                ) from None
+        warnings: list[str] = []
+        requests = [ProgramRequest(**item) for item in request["programs"]]
+        programs = _load_programs(bpf, requests, warnings)
+        tables = _table_infos(bpf)
+        fds = [os.dup(fd) for fd, _ in tables] + [fd for fd, _ in programs]
+        reply(
+            {
+                "maps": [asdict(info) for _, info in tables],
+                "programs": [asdict(info) for _, info in programs],
+                "warnings": warnings,
+            },
+            fds,
+        )
+    except UserError as err:
+        reply({"error": str(err)}, [])
+        return 1
+    except Exception as err:  # reported by the caller as one line
+        reply({"error": f"the BPF loader failed: {type(err).__name__}: {err}"}, [])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child())
