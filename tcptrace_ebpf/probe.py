@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import socket
@@ -296,6 +297,15 @@ class KilledTimewait:
     killed_ns: int
 
 
+def _release_startup_memory() -> None:
+    """Give back to the system what start-up needed only once (the kernel's
+    BTF parsed for offsets, the program text): a long-running daemon should
+    not keep it as freed-but-held heap."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere, nothing to do
+
+
 @dataclass
 class Tracer:
     """The loaded BPF program. Use as a context manager, or call close()."""
@@ -355,6 +365,7 @@ class Tracer:
         except BaseException:
             self.close()
             raise
+        _release_startup_memory()
 
     def _fill_filters(self) -> None:
         if self.options.ports:

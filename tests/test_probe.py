@@ -56,16 +56,19 @@ def test_generated_source_reflects_features() -> None:
 
 @requires_root
 def test_event_layout_matches_bcc() -> None:
-    """The Python mirror of struct tt_event has BCC's layout, field by field."""
-    tracer = Tracer(TracerOptions(emit_events=True), on_event=lambda raw: None)
-    tracer.start()
+    """The Python mirror of struct tt_event has BCC's layout, field by field
+    (compiled here with BCC itself: the tracer no longer keeps BCC loaded)."""
+    from tcptrace_ebpf.probe import import_bcc
+
+    text, cflags = build_source(detect_features(), TracerOptions(emit_events=True))
+    bpf = import_bcc().BPF(text=text, cflags=cflags)
     try:
         values = (
             11, 22, 33, 44, 55, 66, bytes(range(16)), bytes(range(16, 32)),
             1001, 1002, 10, 7, 1, 8, 2, 3, 2, 0, 9, b"comm-name\0\0\0\0\0\0\0",
         )  # fmt: skip
         raw = ctypes.create_string_buffer(EVENT_STRUCT.pack(*values), EVENT_SIZE)
-        event = tracer.bpf["events"].event(ctypes.addressof(raw))
+        event = bpf["events"].event(ctypes.addressof(raw))
         assert ctypes.sizeof(type(event)) == EVENT_SIZE
         assert (event.ts_ns, event.sock_id, event.skaddr, event.duration_ns) == (11, 22, 33, 44)
         assert (event.pid, event.flags) == (55, 66)
@@ -76,7 +79,7 @@ def test_event_layout_matches_bcc() -> None:
         assert (event.owner_source, event.tw_end, event.syn_retrans) == (3, 2, 9)
         assert bytes(event.comm).rstrip(b"\0") == b"comm-name"
     finally:
-        tracer.close()
+        bpf.cleanup()
 
 
 DEGRADED = [
