@@ -82,7 +82,8 @@ def main() -> None:
         startup, kb, libs = one_round(args.settle, extra)
         startups.append(startup)
         rss.append(kb / 1024)
-        print(f"start-up {startup:.2f} s, VmRSS {kb / 1024:.1f} MB, compiler mapped: {libs or 'no'}")
+        mapped = ", ".join(libs) or "no"
+        print(f"start-up {startup:.2f} s, VmRSS {kb / 1024:.1f} MB, compiler mapped: {mapped}")
     print(
         f"median of {args.rounds}: start-up {statistics.median(startups):.2f} s "
         f"({min(startups):.2f}-{max(startups):.2f}), VmRSS {statistics.median(rss):.1f} MB "

@@ -61,8 +61,10 @@ def test_serve_keeps_no_compiler_and_stays_small() -> None:
                     server.cmd("accept")
                     server.cmd("close")
         wait_for(
-            lambda: value(scrape(port), "tcptrace_connections_opened_total", role="client")
-            >= before + 5
+            lambda: (
+                value(scrape(port), "tcptrace_connections_opened_total", role="client")
+                >= before + 5
+            )
         )
         for _ in range(3):
             scrape(port)
