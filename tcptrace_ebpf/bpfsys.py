@@ -442,3 +442,85 @@ def tracepoint_attach(prog_fd: int, tracefs: Path, tracepoint: str) -> int:
         os.close(fd)
         raise BpfError(err.errno or 0, err.strerror or str(err)) from None
     return fd
+
+
+# -- re-creating a cached program (loader.py) -----------------------------------
+
+BPF_MAP_CREATE = 0
+
+
+class _MapCreateAttr(ctypes.Structure):
+    # union bpf_attr, the BPF_MAP_CREATE member, up to map_name
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    # struct bpf_map_info (include/uapi/linux/bpf.h), up to name
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def map_flags(map_fd: int) -> int:
+    """The flags a map was created with (BPF_F_NO_PREALLOC, ...)."""
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=map_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return int(info.map_flags)
+
+
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, *, flags: int, name: str
+) -> int:
+    attr = _MapCreateAttr(
+        map_type=map_type,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        map_flags=flags,
+        map_name=name.encode()[:15],
+    )
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def prog_load(prog_type: int, instructions: bytes, name: str, license: str) -> int:
+    """Load a tracepoint or raw tracepoint program (map references resolved
+    to this process's fds). Returns its fd; BpfError with the verifier's log
+    if refused."""
+    code = ctypes.create_string_buffer(instructions, len(instructions))
+    license_text = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(VERIFIER_LOG_BYTES)
+    attr = _ProgLoadAttr(
+        prog_type=prog_type,
+        insn_cnt=len(instructions) // 8,
+        insns=ctypes.addressof(code),
+        license=ctypes.addressof(license_text),
+        prog_name=name.encode()[:15],
+    )
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except BpfError:
+        pass
+    attr.log_level = 1
+    attr.log_size = VERIFIER_LOG_BYTES
+    attr.log_buf = ctypes.addressof(log)
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except BpfError as err:
+        verifier = log.value.decode(errors="replace")
+        raise BpfError(err.errno or 0, err.strerror or "", verifier) from None
