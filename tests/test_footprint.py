@@ -5,6 +5,7 @@ still reads the kernel's maps right."""
 from __future__ import annotations
 
 import ctypes
+import json
 import socket
 from pathlib import Path
 
@@ -110,3 +111,91 @@ int noop(void *ctx) { return 0; }
         assert rows == [0, 0, 0, 5 * per_cpu.cpus]
     finally:
         loaded.close()
+
+
+def _program_for_cache() -> tuple[str, list[loader.ProgramRequest]]:
+    text = """
+BPF_ARRAY(hits, u64, 1);
+int sweep_count(struct bpf_raw_tracepoint_args *ctx) {
+    int zero = 0;
+    u64 *value = hits.lookup(&zero);
+    if (value)
+        __sync_fetch_and_add(value, 1);
+    return 0;
+}
+"""
+    return text, [loader.ProgramRequest(key="count", name="sweep_count", sweeper=True)]
+
+
+def _run_and_count(loaded: loader.Loaded) -> int:
+    """Run the program once through its fd; what it counted, through the map's."""
+    from tcptrace_ebpf import bpfsys
+
+    bpfsys.prog_test_run(loaded.programs["count"][0])
+    fd, info = loaded.maps["hits"]
+    return int(maps.Table(fd, info)[ctypes.c_int(0)].value)
+
+
+@requires_root
+def test_cached_program_is_loaded_without_the_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("TCPTRACE_EBPF_NO_CACHE", raising=False)
+    text, plan = _program_for_cache()
+    first = loader.load(text, [], plan)
+    try:
+        assert _run_and_count(first) == 1
+    finally:
+        first.close()
+    entries = list(tmp_path.glob("*.json"))
+    assert len(entries) == 1
+
+    def no_compiler(*_args: object) -> loader.Loaded:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(loader, "_run_loader", no_compiler)
+    again = loader.load(text, [], plan)
+    try:
+        # Fresh maps, the same program: it counts from zero again.
+        assert _run_and_count(again) == 1
+    finally:
+        again.close()
+
+
+@requires_root
+def test_stale_or_damaged_cache_entries_are_never_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("TCPTRACE_EBPF_NO_CACHE", raising=False)
+    text, plan = _program_for_cache()
+    loader.load(text, [], plan).close()
+    (entry,) = tmp_path.glob("*.json")
+    # Another program text is another key: compiled, not the cached one.
+    assert loader.cache_key(text + "\n", [], plan) != entry.stem
+    # A damaged entry (instructions changed, checksum not) is removed.
+    data = json.loads(entry.read_text())
+    data["programs"][0]["insns"] = data["programs"][0]["insns"][::-1]
+    entry.write_text(json.dumps(data))
+    compiled = []
+    real = loader._run_loader
+
+    def counting(*args: object) -> loader.Loaded:
+        compiled.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader, "_run_loader", counting)
+    again = loader.load(text, [], plan)
+    try:
+        assert compiled == [1]
+        assert _run_and_count(again) == 1
+    finally:
+        again.close()
+    # An entry under another key's name (a stale kernel's, say) is not used either.
+    (rewritten,) = tmp_path.glob("*.json")
+    assert json.loads(rewritten.read_text())["digest"]
+    other = tmp_path / f"{loader.cache_key(text, ['-DX'], plan)}.json"
+    rewritten.rename(other)
+    loader.load(text, ["-DX"], plan).close()
+    assert compiled == [1, 1]

@@ -15,7 +15,6 @@ import time
 import pytest
 from support import Peer, free_port, requires_root
 
-from tcptrace_ebpf import bpfsys
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.events import (
     EVENT_SIZE,
