@@ -6,6 +6,10 @@ whether libLLVM/libclang are mapped, from /proc/<pid>/status and maps. Runs
 `--rounds` times and prints the median and range. Needs root.
 
     .venv/bin/python bench/footprint.py --rounds 5
+    .venv/bin/python bench/footprint.py --source /tmp/old   # another checkout's code
+
+Extra arguments go to `serve`. TCPTRACE_EBPF_NO_CACHE=1 measures a start
+that compiles the program (no cache).
 """
 
 from __future__ import annotations
@@ -42,13 +46,21 @@ def compiler_mapped(pid: int) -> list[str]:
     return sorted({word for word in ("libLLVM", "libclang", "libbcc") if word in maps})
 
 
-def one_round(settle_s: float, extra: list[str]) -> tuple[float, int, list[str]]:
+def one_round(
+    settle_s: float, extra: list[str], source: str | None
+) -> tuple[float, int, list[str]]:
     port = free_port()
+    env = dict(os.environ)
+    command = [str(TOOL)]
+    if source:
+        env["PYTHONPATH"] = source
+        command = [sys.executable, "-m", "tcptrace_ebpf"]
     started = time.monotonic()
     proc = subprocess.Popen(
-        [str(TOOL), "serve", f"--web.listen-address=127.0.0.1:{port}", "--api.socket=", *extra],
+        [*command, "serve", f"--web.listen-address=127.0.0.1:{port}", "--api.socket=", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
     )
     assert proc.stderr is not None
     try:
@@ -76,10 +88,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after start")
+    parser.add_argument("--source", help="run tcptrace_ebpf from this checkout instead")
     args, extra = parser.parse_known_args()
     startups, rss = [], []
     for _ in range(args.rounds):
-        startup, kb, libs = one_round(args.settle, extra)
+        startup, kb, libs = one_round(args.settle, extra, args.source)
         startups.append(startup)
         rss.append(kb / 1024)
         mapped = ", ".join(libs) or "no"
