@@ -61,6 +61,7 @@ def one_round(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,
+        cwd=source or None,  # `python -m` looks in the working directory first
     )
     assert proc.stderr is not None
     try:
