@@ -219,14 +219,17 @@ def _prune(directory: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def load(text: str, cflags: list[str], requests: list[ProgramRequest]) -> Loaded:
+def load(
+    text: str, cflags: list[str], requests: list[ProgramRequest], *, use_cache: bool = True
+) -> Loaded:
     """The program loaded: from the cache if it holds this very program for
-    this very kernel, else compiled by the loader process (which caches it)."""
+    this very kernel (and `use_cache`), else compiled by the loader process,
+    which caches it."""
     directory = cache_dir()
     cache_file: Path | None = None
     if directory is not None:
         cache_file = directory / f"{cache_key(text, cflags, requests)}.json"
-        cached = _load_cached(cache_file, cache_file.stem)
+        cached = _load_cached(cache_file, cache_file.stem) if use_cache else None
         if cached is not None:
             return cached
     return _run_loader(text, cflags, requests, cache_file)

@@ -92,6 +92,9 @@ class TracerOptions:
     ringbuf_bytes: int = 16 << 20
     port_slots: int = 1
     force_perf_buffer: bool = False
+    # Load the compiled program from the cache when it holds it (loader.py);
+    # doctor turns this off to check that the program compiles.
+    use_cache: bool = True
     # How long a cancelled timewait socket may wait for the new connection
     # that reused its address pair (a SYN-ACK may need one retransmission).
     kill_grace_ns: int = 5_000_000_000
@@ -353,7 +356,7 @@ class Tracer:
                 log.warning("degraded: %s", cap.detail)
         text, cflags = build_source(self.features, self.options)
         self._ring = not self.options.force_perf_buffer
-        self._loaded = loader.load(text, cflags, self._plan())
+        self._loaded = loader.load(text, cflags, self._plan(), use_cache=self.options.use_cache)
         for warning in self._loaded.warnings:
             log.warning("%s", warning)
         self.bpf = {name: Table(fd, info) for name, (fd, info) in self._loaded.maps.items()}
