@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -262,7 +263,8 @@ def _run_loader(
                 env=env,
             )
         assert proc.stdin is not None
-        with proc.stdin:
+        # A loader that died at once is reported below, from its exit status.
+        with contextlib.suppress(BrokenPipeError), proc.stdin:
             proc.stdin.write(request.encode())
         fds: list[int] = []
         header: dict[str, Any] = {}
@@ -279,6 +281,11 @@ def _run_loader(
                     continue
                 header = part
                 break
+        except BaseException:
+            proc.kill()  # interrupted: the compile is of no use any more
+            for fd in fds:
+                os.close(fd)
+            raise
         finally:
             proc.wait()
     finally:
@@ -430,6 +437,9 @@ def _write_cache(  # noqa: PLR0917 (one call site, all parts of one entry)
 def _child() -> int:
     from .probe import _capture_stderr, _first_error, import_bcc
 
+    # Ctrl-C reaches the whole process group: the caller decides (it kills
+    # this process if it gives up), so no traceback from here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = socket.socket(fileno=int(os.environ["TCPTRACE_LOADER_FD"]))
     if os.environ.get("TCPTRACE_LOADER_DEBUG"):
         logging.basicConfig(level=logging.DEBUG, format="tcptrace-ebpf loader: %(message)s")

@@ -359,8 +359,8 @@ class Tracer:
         self._loaded = loader.load(text, cflags, self._plan(), use_cache=self.options.use_cache)
         for warning in self._loaded.warnings:
             log.warning("%s", warning)
-        self.bpf = {name: Table(fd, info) for name, (fd, info) in self._loaded.maps.items()}
         try:
+            self.bpf = {name: Table(fd, info) for name, (fd, info) in self._loaded.maps.items()}
             self._fill_filters()
             if self.prepare is not None:
                 self.prepare(self)
