@@ -462,3 +462,21 @@ def test_a_refused_btf_program_falls_back_to_raw(
     first_client = next(life for life in lives if life.role == "client")
     assert [span.state for span in first_client.states][-1] == 6  # TIME_WAIT, seen to end
     assert first_client.time_wait_end == "reused"
+
+
+@requires_root
+def test_perf_buffer_delivers_the_same_lifecycles() -> None:
+    """Kernels without a BPF ring buffer get events through a perf buffer
+    (one ring per CPU, read with libbpf): the same lifecycles come out."""
+    port = free_port()
+    _events, lives, counters = _run_with_events(
+        TracerOptions(emit_events=True, ports=frozenset({port}), force_perf_buffer=True),
+        lambda _tracer: _close_then_reuse_the_pair(port),
+        until=lambda lives: len(lives) >= 5,
+    )
+    roles = sorted(life.role for life in lives)
+    assert roles.count("client") >= 2
+    assert roles.count("server") >= 2
+    assert counters["lost_ringbuf"] == 0
+    first_client = next(life for life in lives if life.role == "client")
+    assert first_client.time_wait_end == "reused"
