@@ -64,6 +64,17 @@ TOOLS = (
     ("tcpstates-bpfcc", "bpfcc-tools"),
     ("ss", "iproute2"),
 )
+# Only for --workload bulk.
+IPERF3 = ("iperf3", "iperf3")
+
+# What the load is (--workload): connection churn (wrk with "Connection:
+# close" against nginx with keep-alive off: every request is a new
+# connection), HTTP keep-alive (the same without "Connection: close", nginx
+# keep-alive on: wrk's connections live the whole run, so the tracer's
+# programs see only timers and packets, no state changes), or a bulk
+# transfer (iperf3 over loopback: one connection moving data as fast as it
+# can). The throughput is requests/s (churn: connections/s) or bits/s.
+WORKLOADS = ("churn", "keepalive", "bulk")
 
 MODE_BASELINE = "baseline"
 MODE_SERVE = "serve"
@@ -437,7 +448,10 @@ class StubStatus:
 class Nginx:
     """A private nginx: its own config, pid file and logs in a temp dir; stopped by pid."""
 
-    def __init__(self, procs: Processes, workdir: Path, workers: int) -> None:
+    def __init__(
+        self, procs: Processes, workdir: Path, workers: int, keepalive: bool = False
+    ) -> None:
+        self.keepalive = keepalive
         self.procs = procs
         self.dir = workdir / "nginx"
         self.port = free_port()
@@ -461,6 +475,11 @@ class Nginx:
             if f"--without-http_{module}_module" not in built:
                 temp_paths.append(f"{module}_temp_path {temp}/{module};")
         temp_lines = "\n    ".join(temp_paths)
+        keepalive = (
+            "keepalive_timeout 300s;\n    keepalive_requests 100000000;"
+            if self.keepalive
+            else "keepalive_timeout 0;"
+        )
         return f"""# written by tcptrace-ebpf bench/tcpbench.py
 daemon off;
 master_process on;
@@ -473,7 +492,7 @@ events {{
 }}
 http {{
     access_log off;
-    keepalive_timeout 0;
+    {keepalive}
     {temp_lines}
     server {{
         listen {LOOPBACK}:{self.port} backlog=4096;
@@ -594,10 +613,21 @@ def wrk_command(args: argparse.Namespace, port: int, duration: float) -> list[st
         f"-t{args.threads}",
         f"-c{args.connections}",
         f"-d{max(1, round(duration))}s",
-        "-H",
-        "Connection: close",
+        *(["-H", "Connection: close"] if args.workload == "churn" else []),
         f"http://{LOOPBACK}:{port}/",
     ]
+
+
+def iperf3_command(port: int, duration: float) -> list[str]:
+    return ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", f"{max(1, round(duration))}", "-J"]
+
+
+def parse_iperf3(output: str) -> float:
+    """Bits per second the receiver got."""
+    try:
+        return float(json.loads(output)["end"]["sum_received"]["bits_per_second"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise BenchError(f"could not parse iperf3's output ({err}): {output[:200]!r}") from None
 
 
 # -- tracers -------------------------------------------------------------------------
@@ -836,6 +866,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="tcptrace-bench-"))
         self.restore: list[Callable[[], None]] = []
         self.nginx: Nginx | None = None
+        self.iperf3: tuple[subprocess.Popen[Any], int] | None = None
         self.results: dict[str, Any] = {}
 
     # -- set-up and clean-up ---------------------------------------------------
@@ -902,8 +933,13 @@ class Bench:
             bpf0 = bpf_prog_stats(tracer.pid) if tracer else (0, 0)
             ours0 = self._our_cpu(tracer)
             sys0 = SystemCpu.read()
+            command = (
+                iperf3_command(self.iperf3_port(), duration)
+                if args.workload == "bulk"
+                else wrk_command(args, nginx.port, duration)
+            )
             wrk = subprocess.run(
-                wrk_command(args, nginx.port, duration),
+                command,
                 capture_output=True,
                 text=True,
                 timeout=duration + 60,
@@ -915,13 +951,18 @@ class Bench:
             cpu1 = cpu_seconds(tracer.pid) if tracer else math.nan
             bpf1 = bpf_prog_stats(tracer.pid) if tracer else (0, 0)
             if wrk.returncode != 0:
-                raise BenchError(f"wrk failed ({wrk.returncode}): {wrk.stderr.strip()}")
-            parsed = parse_wrk(wrk.stdout)
-            result.conn_per_s = parsed.requests_per_s
-            result.requests = parsed.requests
-            result.wrk_seconds = parsed.seconds
-            result.wrk_errors = parsed.errors
-            result.non_2xx = parsed.non_2xx
+                raise BenchError(f"{command[0]} failed ({wrk.returncode}): {wrk.stderr.strip()}")
+            if args.workload == "bulk":
+                # The throughput column holds bits/s here.
+                result.conn_per_s = parse_iperf3(wrk.stdout)
+                result.wrk_seconds = duration
+            else:
+                parsed = parse_wrk(wrk.stdout)
+                result.conn_per_s = parsed.requests_per_s
+                result.requests = parsed.requests
+                result.wrk_seconds = parsed.seconds
+                result.wrk_errors = parsed.errors
+                result.non_2xx = parsed.non_2xx
             result.tracer_cpu_s = cpu1 - cpu0
             result.bpf_run_ns = bpf1[0] - bpf0[0]
             result.bpf_runs = bpf1[1] - bpf0[1]
@@ -1035,11 +1076,28 @@ class Bench:
             "other_host_connections": other,
         }
 
+    def iperf3_port(self) -> int:
+        """The port of the bench's own iperf3 server (started on first use)."""
+        if self.iperf3 is None:
+            port = free_port()
+            proc = self.procs.start("iperf3", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)])
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("iperf3 -s did not start")
+                time.sleep(0.1)
+            self.iperf3 = (proc, port)
+        return self.iperf3[1]
+
     def load(self, seconds: float) -> None:
-        """Unmeasured wrk load on nginx for `seconds`."""
+        """Unmeasured load (wrk on nginx, or iperf3) for `seconds`."""
         assert self.nginx is not None
         subprocess.run(
-            wrk_command(self.args, self.nginx.port, seconds),
+            iperf3_command(self.iperf3_port(), seconds)
+            if self.args.workload == "bulk"
+            else wrk_command(self.args, self.nginx.port, seconds),
             capture_output=True,
             timeout=seconds + 60,
             check=False,
@@ -1068,8 +1126,14 @@ class Bench:
                         extra = " exact=" + ("PASS" if result.exact["pass"] else "FAIL")
                     cpu = "" if tracer_less(mode) else f"  tracer CPU {result.tracer_cpu_s:5.2f} s"
                     lost = "" if result.lost is None else f"  lost {result.lost:,}"
+                    rate = (
+                        f"{result.conn_per_s / 1e9:>8.2f} Gbit/s"
+                        if args.workload == "bulk"
+                        else f"{result.conn_per_s:>9,.0f} "
+                        + ("conn/s" if args.workload == "churn" else "req/s")
+                    )
                     log(
-                        f"  {mode:<10} {result.conn_per_s:>9,.0f} conn/s{cpu}{lost}{extra}"
+                        f"  {mode:<10} {rate}{cpu}{lost}{extra}"
                         f"  (TIME_WAIT before: {result.timewait_before:,})"
                     )
         return runs
@@ -1289,7 +1353,9 @@ class Bench:
         }
         if args.bpf_stats:
             self.set_sysctl("kernel.bpf_stats_enabled", "1")
-        self.nginx = Nginx(self.procs, self.workdir, args.nginx_workers)
+        self.nginx = Nginx(
+            self.procs, self.workdir, args.nginx_workers, keepalive=args.workload == "keepalive"
+        )
         self.nginx.start()
         self.results["nginx_port"] = self.nginx.port
         log(
@@ -1457,6 +1523,19 @@ def signed_mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:+.1f} MiB"
 
 
+def load_description(config: dict[str, Any]) -> str:
+    workload = config.get("workload", "churn")
+    if workload == "bulk":
+        return "one iperf3 transfer over 127.0.0.1 (bulk)"
+    wrk = f"wrk -t{config['threads']} -c{config['connections']}"
+    if workload == "keepalive":
+        return f"nginx (keepalive on, {config['nginx_workers']} worker) + {wrk} on 127.0.0.1"
+    return (
+        f"nginx (keepalive off, {config['nginx_workers']} worker) + {wrk} 'Connection: close'"
+        " on 127.0.0.1"
+    )
+
+
 def report(results: dict[str, Any]) -> str:
     config = results["config"]
     machine = results["machine"]
@@ -1464,11 +1543,14 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"tcptrace-ebpf benchmark  {results['started']}  kernel {machine['kernel']}, "
         f"{machine['cpus']} CPUs, {machine['nginx']}, {machine['wrk']}",
-        f"nginx (keepalive off, {config['nginx_workers']} worker) + wrk -t{config['threads']} "
-        f"-c{config['connections']} 'Connection: close' on 127.0.0.1; {config['duration']:.0f} s"
+        f"{load_description(config)}; {config['duration']:.0f} s"
         f" runs, {config['rounds']} rounds in rotating order; medians shown",
         "",
     ]
+    workload = config.get("workload", "churn")
+    unit, scale = {"churn": ("conn/s", 1.0), "keepalive": ("req/s", 1.0)}.get(
+        workload, ("Mbit/s", 1e-6)
+    )
     if config.get("settle"):
         lines.insert(
             -1,
@@ -1476,7 +1558,7 @@ def report(results: dict[str, Any]) -> str:
             " running (--settle)",
         )
     header = (
-        f"{'mode':<22}{'conn/s':>9}{'min-max':>16}{'ratio':>8}  {'per round':<16}"
+        f"{'mode':<22}{unit:>9}{'min-max':>16}{'ratio':>8}  {'per round':<16}"
         f"{'tracer CPU':>10}{'% core':>8}  {'lost':<22}exact"
     )
     lines += [header, "-" * len(header)]
@@ -1516,14 +1598,14 @@ def report(results: dict[str, Any]) -> str:
         else:
             exact = "-"
         failed = f" ({s['failed']} failed)" if s["failed"] else ""
-        rng = f"{s['conn_per_s_min']:,.0f}-{s['conn_per_s_max']:,.0f}"
+        rng = f"{s['conn_per_s_min'] * scale:,.0f}-{s['conn_per_s_max'] * scale:,.0f}"
         lines.append(
-            f"{MODE_TITLES[mode] + failed:<22}{s['conn_per_s_median']:>9,.0f}{rng:>16}"
+            f"{MODE_TITLES[mode] + failed:<22}{s['conn_per_s_median'] * scale:>9,.0f}{rng:>16}"
             f"{ratio:>8}  {rounds:<16}{cpu:>10}{core:>8}  {lost:<22}{exact}"
         )
     lines.append("")
     lines.append(
-        "ratio = median conn/s / median baseline conn/s; per round = each round's ratio to "
+        f"ratio = median {unit} / median baseline {unit}; per round = each round's ratio to "
         "that round's baseline."
     )
     lines.append(
@@ -1786,7 +1868,8 @@ def no_service_start() -> Iterator[None]:
 
 def ensure_tools(args: argparse.Namespace) -> list[str]:
     """Install what is missing (Debian packages); returns the packages installed."""
-    wanted = [(cmd, pkg) for cmd, pkg in TOOLS if which(cmd) is None]
+    tools = (*TOOLS, IPERF3) if args.workload == "bulk" else TOOLS
+    wanted = [(cmd, pkg) for cmd, pkg in tools if which(cmd) is None]
     if args.tcpstates == "tcpstates-bpfcc":
         args.tcpstates = which("tcpstates-bpfcc") or args.tcpstates
     missing = [pkg for _cmd, pkg in wanted]
@@ -1834,6 +1917,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="churn",
+        help="churn: a new connection per request (nginx keep-alive off, wrk 'Connection:"
+        " close'); keepalive: wrk's connections kept for the run (nginx keep-alive on);"
+        " bulk: one iperf3 transfer over loopback",
+    )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (-c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (-t)")
     parser.add_argument("--nginx-workers", type=int, default=1, help="nginx worker_processes")
@@ -1906,10 +1997,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         for key, value in (("duration", 5.0), ("rounds", 1)):
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
+    # The scrape and memory tests churn connections: part of the churn workload.
     if args.scrape_test is None:
-        args.scrape_test = not args.quick
+        args.scrape_test = not args.quick and args.workload == "churn"
     if args.memory_test is None:
-        args.memory_test = not args.quick
+        args.memory_test = not args.quick and args.workload == "churn"
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in ALL_MODES]
     if unknown:

@@ -2,6 +2,8 @@
 # Install what tcptrace-ebpf needs on Debian 12 (run as root), idempotently:
 #   scripts/setup.sh          system packages + virtual environment (.venv) with the tool
 #   scripts/setup.sh --test   the same, plus what the test suite needs
+#   scripts/setup.sh --bench  the same, plus what bench/run drives (nginx, wrk,
+#                             iperf3 for --workload bulk, bcc's tcpstates)
 #
 # BCC compiles the BPF program at run time against kernel headers. When the
 # distribution has no headers package for the running kernel (custom or
@@ -13,7 +15,9 @@ set -eu
 
 cd "$(dirname "$0")/.."
 WANT_TEST=0
+WANT_BENCH=0
 [ "${1:-}" = "--test" ] && WANT_TEST=1
+[ "${1:-}" = "--bench" ] && WANT_BENCH=1
 
 say() { printf 'setup: %s\n' "$*"; }
 
@@ -35,6 +39,9 @@ if [ "$WANT_TEST" -eq 1 ]; then
     # systemd for systemd-analyze, openssl for TLS test certificates,
     # util-linux for setpriv/unshare.
     PACKAGES="$PACKAGES nftables bpftool prometheus systemd openssl util-linux"
+fi
+if [ "$WANT_BENCH" -eq 1 ]; then
+    PACKAGES="$PACKAGES nginx-light wrk iperf3 bpfcc-tools"
 fi
 
 missing=""

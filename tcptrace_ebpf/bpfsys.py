@@ -1,22 +1,41 @@
-"""The few bpf() system calls BCC does not make for us.
+"""The bpf() (and perf_event_open()) system calls the tracer makes itself.
 
-BCC compiles the program and creates its maps; these run a program on
-demand (BPF_PROG_TEST_RUN), read a program's skipped-run count
-(BPF_OBJ_GET_INFO_BY_FD), and load and attach BTF-typed raw tracepoint
-(tp_btf) programs, which BCC 0.26 cannot load: it gives every tracing
-program the attach type of its name prefix, and none means tp_btf.
+BCC compiles the program and creates its maps, in a short-lived loader
+process (loader.py); the daemon, which never imports BCC, then uses these:
+map reads and writes by file descriptor, attaching programs to raw and
+classic tracepoints, running a program on demand (BPF_PROG_TEST_RUN),
+reading a program's skipped-run count (BPF_OBJ_GET_INFO_BY_FD), and loading
+BTF-typed raw tracepoint (tp_btf) programs, which BCC 0.26 cannot load: it
+gives every tracing program the attach type of its name prefix, and none
+means tp_btf.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno as errnos
+import fcntl
+import functools
 import os
 import platform
+from pathlib import Path
 
 NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+NR_PERF_EVENT_OPEN = {
+    "x86_64": 298,
+    "aarch64": 241,
+    "riscv64": 241,
+    "ppc64le": 319,
+    "s390x": 331,
+}
 
 # enum bpf_cmd, bpf_prog_type, bpf_attach_type (include/uapi/linux/bpf.h)
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
@@ -34,13 +53,18 @@ class BpfError(OSError):
         self.log = log
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
 def _bpf(command: int, attr: ctypes.Structure) -> int:
     number = NR_BPF.get(platform.machine())
     if number is None:
         raise BpfError(0, f"bpf() syscall number unknown for {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    result = int(libc.syscall(number, command, ctypes.byref(attr), ctypes.sizeof(attr)))
+    result = int(_libc().syscall(number, command, ctypes.byref(attr), ctypes.sizeof(attr)))
     if result < 0:
         errno = ctypes.get_errno()
         raise BpfError(errno, os.strerror(errno))
@@ -208,3 +232,295 @@ def raw_tracepoint_open(prog_fd: int) -> int:
     """Attach a tp_btf program where it was loaded for. Returns the link's fd
     (closing it detaches)."""
     return _bpf(BPF_RAW_TRACEPOINT_OPEN, _RawTracepointAttr(name=0, prog_fd=prog_fd))
+
+
+# -- maps --------------------------------------------------------------------
+
+
+class _MapElemAttr(ctypes.Structure):
+    # union bpf_attr, the BPF_MAP_*_ELEM member
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),  # or next_key
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _MapBatchAttr(ctypes.Structure):
+    # union bpf_attr, the BPF_MAP_*_BATCH member
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+def map_lookup(
+    map_fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char]
+) -> bool:
+    """Read `key`'s value into `value`; False if the key is absent."""
+    attr = _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+    except BpfError as err:
+        if err.errno == errnos.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    value_buffer = ctypes.create_string_buffer(value, len(value))
+    attr = _MapElemAttr(
+        map_fd=map_fd, key=ctypes.addressof(key_buffer), value=ctypes.addressof(value_buffer)
+    )
+    _bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+
+def map_delete(map_fd: int, key: bytes) -> bool:
+    """Delete `key`; False if it was absent."""
+    key_buffer = ctypes.create_string_buffer(key, len(key))
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key_buffer)))
+    except BpfError as err:
+        if err.errno == errnos.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_keys(map_fd: int, key_size: int) -> list[bytes]:
+    """Every key, by BPF_MAP_GET_NEXT_KEY (a snapshot: the map changes meanwhile)."""
+    keys: list[bytes] = []
+    current = ctypes.create_string_buffer(key_size)
+    following = ctypes.create_string_buffer(key_size)
+    attr = _MapElemAttr(map_fd=map_fd, key=0, value=ctypes.addressof(following))
+    while True:
+        try:
+            _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+        except BpfError as err:
+            if err.errno == errnos.ENOENT:
+                return keys
+            raise
+        keys.append(following.raw)
+        ctypes.memmove(current, following, key_size)
+        attr.key = ctypes.addressof(current)
+
+
+def map_lookup_batch(
+    map_fd: int, key_size: int, value_size: int, max_entries: int
+) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) in as few BPF_MAP_LOOKUP_BATCH calls as the kernel
+    allows (one for an array). Raises BpfError(EINVAL/ENOTSUPP) on kernels or
+    map types without batch lookups: the caller iterates instead."""
+    chunk = max(1, min(max_entries, 4096))
+    keys = ctypes.create_string_buffer(key_size * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    # The position token: a key for arrays, a bucket number for hashes.
+    tokens = [ctypes.create_string_buffer(max(8, key_size)) for _ in range(2)]
+    result: list[tuple[bytes, bytes]] = []
+    first = True
+    while True:
+        attr = _MapBatchAttr(
+            in_batch=0 if first else ctypes.addressof(tokens[0]),
+            out_batch=ctypes.addressof(tokens[1]),
+            keys=ctypes.addressof(keys),
+            values=ctypes.addressof(values),
+            count=chunk,
+            map_fd=map_fd,
+        )
+        done = False
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+        except BpfError as err:
+            if err.errno != errnos.ENOENT:
+                raise
+            done = True  # the last (maybe empty) batch: attr.count says how many
+        raw_keys, raw_values = keys.raw, values.raw
+        for index in range(attr.count):
+            result.append(
+                (
+                    raw_keys[index * key_size : (index + 1) * key_size],
+                    raw_values[index * value_size : (index + 1) * value_size],
+                )
+            )
+        if done:
+            return result
+        ctypes.memmove(tokens[0], tokens[1], len(tokens[1]))
+        first = False
+
+
+@functools.cache
+def possible_cpus() -> int:
+    """How many CPUs per-CPU maps hold a value for (/sys/devices/system/cpu/possible)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
+
+
+# -- attaching ---------------------------------------------------------------
+
+
+def raw_tracepoint_attach(prog_fd: int, tracepoint: str) -> int:
+    """Attach a raw tracepoint program to `tracepoint` (its name without the
+    category). Returns the attachment's fd (closing it detaches)."""
+    name = ctypes.create_string_buffer(tracepoint.encode())
+    return _bpf(
+        BPF_RAW_TRACEPOINT_OPEN,
+        _RawTracepointAttr(name=ctypes.addressof(name), prog_fd=prog_fd),
+    )
+
+
+class _PerfEventAttr(ctypes.Structure):
+    # struct perf_event_attr (include/uapi/linux/perf_event.h), PERF_ATTR_SIZE_VER5
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("config", ctypes.c_uint64),
+        ("sample_period", ctypes.c_uint64),
+        ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("wakeup_events", ctypes.c_uint32),
+        ("bp_type", ctypes.c_uint32),
+        ("config1", ctypes.c_uint64),
+        ("config2", ctypes.c_uint64),
+        ("branch_sample_type", ctypes.c_uint64),
+        ("sample_regs_user", ctypes.c_uint64),
+        ("sample_stack_user", ctypes.c_uint32),
+        ("clockid", ctypes.c_int32),
+        ("sample_regs_intr", ctypes.c_uint64),
+        ("aux_watermark", ctypes.c_uint32),
+        ("sample_max_stack", ctypes.c_uint16),
+        ("_reserved", ctypes.c_uint16),
+    ]
+
+
+PERF_TYPE_TRACEPOINT = 2
+PERF_SAMPLE_RAW = 1 << 10
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_SET_BPF = 0x40042408
+
+
+def tracepoint_attach(prog_fd: int, tracefs: Path, tracepoint: str) -> int:
+    """Attach a tracepoint program to classic tracepoint "category:name", as
+    BCC does (a perf event on CPU 0 for every process; the program runs on
+    every CPU). Returns the perf event's fd (closing it detaches)."""
+    category, name = tracepoint.split(":", 1)
+    event_id = int((tracefs / "events" / category / name / "id").read_text())
+    number = NR_PERF_EVENT_OPEN.get(platform.machine())
+    if number is None:
+        raise BpfError(0, f"perf_event_open() syscall number unknown for {platform.machine()}")
+    attr = _PerfEventAttr(
+        type=PERF_TYPE_TRACEPOINT,
+        size=ctypes.sizeof(_PerfEventAttr),
+        config=event_id,
+        sample_period=1,
+        sample_type=PERF_SAMPLE_RAW,
+        wakeup_events=1,
+    )
+    fd = int(_libc().syscall(number, ctypes.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        errno = ctypes.get_errno()
+        raise BpfError(errno, os.strerror(errno))
+    try:
+        fcntl.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
+        fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+    except OSError as err:
+        os.close(fd)
+        raise BpfError(err.errno or 0, err.strerror or str(err)) from None
+    return fd
+
+
+# -- re-creating a cached program (loader.py) -----------------------------------
+
+BPF_MAP_CREATE = 0
+
+
+class _MapCreateAttr(ctypes.Structure):
+    # union bpf_attr, the BPF_MAP_CREATE member, up to map_name
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    # struct bpf_map_info (include/uapi/linux/bpf.h), up to name
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def map_flags(map_fd: int) -> int:
+    """The flags a map was created with (BPF_F_NO_PREALLOC, ...)."""
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=map_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return int(info.map_flags)
+
+
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, *, flags: int, name: str
+) -> int:
+    attr = _MapCreateAttr(
+        map_type=map_type,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        map_flags=flags,
+        map_name=name.encode()[:15],
+    )
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def prog_load(prog_type: int, instructions: bytes, name: str, license: str) -> int:
+    """Load a tracepoint or raw tracepoint program (map references resolved
+    to this process's fds). Returns its fd; BpfError with the verifier's log
+    if refused."""
+    code = ctypes.create_string_buffer(instructions, len(instructions))
+    license_text = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(VERIFIER_LOG_BYTES)
+    attr = _ProgLoadAttr(
+        prog_type=prog_type,
+        insn_cnt=len(instructions) // 8,
+        insns=ctypes.addressof(code),
+        license=ctypes.addressof(license_text),
+        prog_name=name.encode()[:15],
+    )
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except BpfError:
+        pass
+    attr.log_level = 1
+    attr.log_size = VERIFIER_LOG_BYTES
+    attr.log_buf = ctypes.addressof(log)
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except BpfError as err:
+        verifier = log.value.decode(errors="replace")
+        raise BpfError(err.errno or 0, err.strerror or "", verifier) from None

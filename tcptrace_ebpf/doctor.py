@@ -211,7 +211,8 @@ def _check_load(report: Report) -> None:
     from .errors import UserError
     from .probe import Tracer, TracerOptions
 
-    tracer = Tracer(TracerOptions(emit_events=True, collect_metrics=True))
+    # Compiled, not taken from the cache: this checks the compiler works.
+    tracer = Tracer(TracerOptions(emit_events=True, collect_metrics=True, use_cache=False))
     try:
         tracer.start()
     except UserError as err:

@@ -1,15 +1,19 @@
-"""Build, load and attach the BPF program with BCC; read what it produces.
+"""Build, load and attach the BPF program; read what it produces.
 
-This is the only module that imports bcc. Everything it needs to know about
-the running kernel comes from `kernel.detect_features()`; `build_source()`
-is pure so the generated program can be inspected (and tested) without
-loading it.
+BCC compiles and loads the program in a short-lived loader process
+(loader.py, the only place bcc is imported at run time), so the tracer keeps
+no compiler in memory: it gets the maps' and programs' file descriptors,
+attaches the programs itself and reads maps and the event buffer without
+BCC (bpfsys.py, maps.py). Everything it needs to know about the running
+kernel comes from `kernel.detect_features()`; `build_source()` is pure so
+the generated program can be inspected (and tested) without loading it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import socket
@@ -21,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import bpfsys, buckets
+from . import bpfsys, buckets, loader
 from .errors import UserError
 from .kernel import (
     ADDR_FIELDS,
@@ -34,6 +38,7 @@ from .kernel import (
     unsupported_reason,
 )
 from .kernel import headers_dir as find_headers_dir
+from .maps import EventBuffer, Table
 from .metrics import METRIC_ARRAYS
 from .seed import ListenerSeed
 from .tracefs import c_struct, ensure_tracefs
@@ -89,6 +94,9 @@ class TracerOptions:
     ringbuf_bytes: int = 16 << 20
     port_slots: int = 1
     force_perf_buffer: bool = False
+    # Load the compiled program from the cache when it holds it (loader.py);
+    # doctor turns this off to check that the program compiles.
+    use_cache: bool = True
     # How long a cancelled timewait socket may wait for the new connection
     # that reused its address pair (a SYN-ACK may need one retransmission).
     kill_grace_ns: int = 5_000_000_000
@@ -308,6 +316,15 @@ class KilledTimewait:
     killed_ns: int
 
 
+def _release_startup_memory() -> None:
+    """Give back to the system what start-up needed only once (the kernel's
+    BTF parsed for offsets, the program text): a long-running daemon should
+    not keep it as freed-but-held heap."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere, nothing to do
+
+
 @dataclass
 class Tracer:
     """The loaded BPF program. Use as a context manager, or call close()."""
@@ -318,7 +335,8 @@ class Tracer:
     # Runs after the program is loaded and before its probes are attached:
     # the moment to seed maps from a snapshot of what already exists.
     prepare: Callable[[Tracer], None] | None = None
-    bpf: Any = field(default=None, init=False)
+    # The program's maps by name (None until loaded, and after close()).
+    bpf: dict[str, Table] | None = field(default=None, init=False)
     attached: list[str] = field(default_factory=list, init=False)
     # How each tracepoint is attached: "btf" (tp_btf), "raw" or "classic".
     attach_kinds: dict[str, str] = field(default_factory=dict, init=False)
@@ -328,15 +346,18 @@ class Tracer:
     _sweep_timewait_fd: int = field(default=-1, init=False)
     _sweep_gone_fd: int = field(default=-1, init=False)
     _next_stale_check_ns: int = field(default=0, init=False)
-    _attached_pairs: list[tuple[str, str]] = field(default_factory=list, init=False)
-    # tp_btf programs, loaded and attached here (not by BCC): tracepoint -> (program, link) fds.
-    _btf_programs: dict[str, tuple[int, int]] = field(default_factory=dict, init=False)
+    _loaded: loader.Loaded | None = field(default=None, init=False)
+    # Attachments (raw tracepoint and tp_btf links, perf events): closing one detaches.
+    _attachments: list[int] = field(default_factory=list, init=False)
+    # Attached programs: tracepoint -> program fd (for their skipped-run counts).
+    _attached_progs: dict[str, int] = field(default_factory=dict, init=False)
+    _events: EventBuffer | None = field(default=None, init=False)
+    _tracefs: Path = field(default=Path("/sys/kernel/tracing"), init=False)
     _ring: bool = field(default=True, init=False)
 
     def start(self) -> None:
         require_root()
-        bcc = import_bcc()
-        _, self.tracefs_mounted = ensure_tracefs()
+        self._tracefs, self.tracefs_mounted = ensure_tracefs()
         if self.tracefs_mounted:
             log.warning("tracefs was not mounted: mounted it at /sys/kernel/tracing")
         if self.features is None:
@@ -355,16 +376,11 @@ class Tracer:
                 log.warning("degraded: %s", cap.detail)
         text, cflags = build_source(self.features, self.options)
         self._ring = _use_ringbuf(self.features, self.options)
-        with _capture_stderr() as output:
-            try:
-                self.bpf = bcc.BPF(text=text, cflags=cflags)
-            except Exception:
-                detail = output()
-                raise UserError(
-                    f"the BPF program did not compile: {_first_error(detail)} "
-                    "(run 'tcptrace-ebpf doctor'; --debug shows the compiler output)"
-                ) from None
+        self._loaded = loader.load(text, cflags, self._plan(), use_cache=self.options.use_cache)
+        for warning in self._loaded.warnings:
+            log.warning("%s", warning)
         try:
+            self.bpf = {name: Table(fd, info) for name, (fd, info) in self._loaded.maps.items()}
             self._fill_filters()
             if self.prepare is not None:
                 self.prepare(self)
@@ -372,16 +388,17 @@ class Tracer:
         except BaseException:
             self.close()
             raise
+        _release_startup_memory()
 
     def _fill_filters(self) -> None:
         if self.options.ports:
-            table = self.bpf["filter_ports"]
+            table = self.table("filter_ports")
             for port in self.options.ports:
                 table[table.Key(port)] = table.Leaf(1)
 
     def seed_listeners(self, seeds: Iterable[ListenerSeed]) -> int:
         """Record owners of listeners that existed before tracing started."""
-        table = self.bpf["listeners"]
+        table = self.table("listeners")
         count = 0
         for seed in seeds:
             key = table.Key()
@@ -396,125 +413,110 @@ class Tracer:
             count += 1
         return count
 
-    def _attach(self, tracepoint: str, name: str, raw: bool) -> None:
-        """Attach program on_<name> to a classic tracepoint, or raw_<name> to
-        the raw one (named without its category)."""
-        function = f"{'raw' if raw else 'on'}_{name}"
-        with _capture_stderr() as output:
-            try:
-                if raw:
-                    self.bpf.attach_raw_tracepoint(tp=tracepoint.split(":", 1)[1], fn_name=function)
-                else:
-                    self.bpf.attach_tracepoint(tp=tracepoint, fn_name=function)
-            except Exception as err:
-                what = "raw tracepoint" if raw else "tracepoint"
-                raise UserError(
-                    f"could not attach to {what} {tracepoint}: "
-                    f"{_first_error(output()) if output() else err}"
-                ) from None
-        self.attached.append(tracepoint)
-        self.attach_kinds[tracepoint] = "raw" if raw else "classic"
-        self._attached_pairs.append((tracepoint, function))
-
-    def _attach_btf(self, tracepoint: str, function: str) -> bool:
-        """Load `function` as a BTF-typed raw tracepoint (tp_btf) program and
-        attach it. False, with a warning, if the kernel will not have it: the
-        caller attaches the raw variant instead."""
+    def _plan(self) -> list[loader.ProgramRequest]:
+        """The programs to load, in the order they are attached: the timer
+        programs first (the set_state program relies on seeing each timewait
+        socket's timer start just before its close), set_state last. A busy
+        program is tried as tp_btf (btf_<name>) where the kernel has it."""
         assert self.features is not None
-        btf_id = self.features.btf_trace_ids.get(tracepoint.split(":", 1)[1])
-        if btf_id is None or not self.features.has("tp_btf"):
-            return False
-        try:
-            # The license of bpf/tcptrace.bpf.c (GPL helpers need it).
-            prog_fd = bpfsys.load_tp_btf(self.bpf.dump_func(function), function, "GPL", btf_id)
-        except bpfsys.BpfError as err:
-            log.warning(
-                "%s: BTF-typed program refused (%s), using a raw tracepoint: %s",
-                tracepoint,
-                err.strerror,
-                _verifier_reason(err.log),
-            )
-            return False
-        try:
-            link_fd = bpfsys.raw_tracepoint_open(prog_fd)
-        except bpfsys.BpfError as err:
-            os.close(prog_fd)
-            log.warning("%s: BTF-typed program not attached (%s)", tracepoint, err.strerror)
-            return False
-        self._btf_programs[tracepoint] = (prog_fd, link_fd)
-        self.attached.append(tracepoint)
-        self.attach_kinds[tracepoint] = "btf"
-        return True
+        features = self.features
+        plan: list[loader.ProgramRequest] = []
 
-    def _attach_fastest(self, tracepoint: str, name: str, raw: bool) -> None:
-        """tp_btf program btf_<name> if it loads, else raw_<name> (if `raw`),
-        else the classic on_<name>."""
-        if raw and self._attach_btf(tracepoint, f"btf_{name}"):
-            return
-        self._attach(tracepoint, name, raw)
+        def tracepoint(key: str, raw: bool, fastest: bool = True) -> None:
+            btf_id = features.btf_trace_ids.get(key.split(":", 1)[1])
+            use_btf = fastest and raw and btf_id is not None and features.has("tp_btf")
+            plan.append(
+                loader.ProgramRequest(
+                    key=key,
+                    name=key.split(":", 1)[1],
+                    raw=raw,
+                    btf_id=btf_id if use_btf else None,
+                )
+            )
+
+        if features.has("timewait"):
+            raw_timers = features.has("raw_timers")
+            for event in ("timer_start", "timer_cancel", "timer_expire_entry"):
+                tracepoint(f"timer:{event}", raw_timers)
+            if features.has("kfree_rx_sk"):
+                tracepoint("skb:kfree_skb", features.has("raw_kfree"))
+            for sweeper in ("sweep_killed", "sweep_timewait"):
+                plan.append(loader.ProgramRequest(key=sweeper, name=sweeper, sweeper=True))
+        raw_tcp = _raw_tcp_events(features)
+        for name, feature in RAW_TCP_EVENTS.items():
+            if features.has(feature):
+                tracepoint(f"tcp:{name}", raw_tcp, fastest=False)
+        for sweeper in ("sweep_pending_close", "sweep_gone"):
+            plan.append(loader.ProgramRequest(key=sweeper, name=sweeper, sweeper=True))
+        tracepoint("sock:inet_sock_set_state", features.has("raw_set_state"))
+        return plan
 
     def _attach_all(self) -> None:
-        assert self.features is not None
-        if self.features.has("timewait"):
-            # Timer probes first: the set_state handler relies on seeing
-            # each timewait socket's timer start just before its close.
-            raw_timers = self.features.has("raw_timers")
-            for event in ("timer_start", "timer_cancel", "timer_expire_entry"):
-                self._attach_fastest(f"timer:{event}", event, raw_timers)
-            if self.features.has("kfree_rx_sk"):
-                self._attach_fastest("skb:kfree_skb", "kfree_skb", self.features.has("raw_kfree"))
-            self._sweep_fd = self._load_sweeper("sweep_killed")
-            self._sweep_timewait_fd = self._load_sweeper("sweep_timewait")
-        raw_tcp = _raw_tcp_events(self.features)
-        for name, feature in RAW_TCP_EVENTS.items():
-            if self.features.has(feature):
-                self._attach(f"tcp:{name}", name, raw_tcp)
-        self._sweep_close_fd = self._load_sweeper("sweep_pending_close")
-        self._sweep_gone_fd = self._load_sweeper("sweep_gone")
-        if self.options.emit_events:
+        assert self._loaded is not None
+        for key, (prog_fd, program) in self._loaded.programs.items():
+            if program.kind == "sweeper":
+                if key == "sweep_killed":
+                    self._sweep_fd = prog_fd
+                elif key == "sweep_timewait":
+                    self._sweep_timewait_fd = prog_fd
+                elif key == "sweep_gone":
+                    self._sweep_gone_fd = prog_fd
+                else:
+                    self._sweep_close_fd = prog_fd
+                continue
+            if key == "sock:inet_sock_set_state" and self.options.emit_events:
+                self._open_event_buffer()
+            self._attach(key, prog_fd, program.kind)
+        if self.options.emit_events and self._events is None:
             self._open_event_buffer()
-        self._attach_fastest(
-            "sock:inet_sock_set_state", "inet_sock_set_state", self.features.has("raw_set_state")
-        )
 
-    def _load_sweeper(self, name: str) -> int:
-        """Load a program that user space runs on demand (BPF_PROG_TEST_RUN)."""
-        with _capture_stderr() as output:
-            try:
-                return int(self.bpf.load_func(name, 17).fd)  # BPF_PROG_TYPE_RAW_TRACEPOINT
-            except Exception as err:
-                raise UserError(f"could not load {name}: {_first_error(output()) or err}") from None
+    def _attach(self, tracepoint: str, prog_fd: int, kind: str) -> None:
+        """Attach a loaded program: a tp_btf program where it was loaded for,
+        a raw one to the raw tracepoint, a classic one to the tracepoint."""
+        try:
+            if kind == "btf":
+                link = bpfsys.raw_tracepoint_open(prog_fd)
+            elif kind == "raw":
+                link = bpfsys.raw_tracepoint_attach(prog_fd, tracepoint.split(":", 1)[1])
+            else:
+                link = bpfsys.tracepoint_attach(prog_fd, self._tracefs, tracepoint)
+        except (bpfsys.BpfError, OSError) as err:
+            what = {"btf": "BTF-typed raw tracepoint", "raw": "raw tracepoint"}.get(
+                kind, "tracepoint"
+            )
+            raise UserError(f"could not attach to {what} {tracepoint}: {err.strerror}") from None
+        self._attachments.append(link)
+        self._attached_progs[tracepoint] = prog_fd
+        self.attached.append(tracepoint)
+        self.attach_kinds[tracepoint] = kind
 
     def _open_event_buffer(self) -> None:
         handler = self.on_event
 
-        def deliver(_ctx: Any, data: Any, size: int) -> None:
+        def deliver(raw: bytes) -> None:
             if handler is not None:
-                handler(ctypes.string_at(data, size))
+                handler(raw)
 
         def lost(count: int) -> None:
             # The kernel side counts these too (lost_ringbuf); just log.
             log.debug("perf buffer lost %d events", count)
 
-        if self._ring:
-            self.bpf["events"].open_ring_buffer(deliver)
-        else:
-            pages = _pow2_pages(self.options.ringbuf_bytes // max(1, os.cpu_count() or 1))
-            self.bpf["events"].open_perf_buffer(deliver, page_cnt=pages, lost_cb=lost)
+        pages = _pow2_pages(self.options.ringbuf_bytes // max(1, os.cpu_count() or 1))
+        try:
+            self._events = EventBuffer(
+                self.table("events").fd, deliver, ring=self._ring, perf_pages=pages, on_lost=lost
+            )
+        except bpfsys.BpfError as err:
+            raise UserError(f"could not read the BPF event buffer: {err.strerror}") from None
 
     # -- running ---------------------------------------------------------
 
     def poll(self, timeout_ms: int) -> None:
         """Deliver waiting events to on_event; wait up to timeout_ms for some."""
-        if not self.options.emit_events or self.bpf is None:
+        if not self.options.emit_events or self._events is None:
             time.sleep(timeout_ms / 1000)
             return
-        if self._ring:
-            self.bpf.ring_buffer_poll(timeout_ms)
-            # The program wakes us only once plenty is waiting; take the rest.
-            self.bpf.ring_buffer_consume()
-        else:
-            self.bpf.perf_buffer_poll(timeout_ms)
+        self._events.poll(timeout_ms)
 
     def sweep(self, now_ns: int | None = None) -> int:
         """Finish what waited in the kernel past its grace period: closes no RST
@@ -527,10 +529,10 @@ class Tracer:
         if self._sweep_close_fd >= 0:
             held = [
                 key.value
-                for key, value in self.bpf["pending_close"].items()
+                for key, value in self.table("pending_close").items()
                 if value.ts_ns + self.options.pending_close_grace_ns <= now_ns
             ]
-            request_sk = self.bpf["sweep_request_sk"]
+            request_sk = self.table("sweep_request_sk")
             for skaddr in held:
                 request_sk[ctypes.c_int(0)] = ctypes.c_uint64(skaddr)
                 bpfsys.prog_test_run(self._sweep_close_fd)
@@ -540,20 +542,20 @@ class Tracer:
             done += self._sweep_stale_timewait(now_ns)
         if self._sweep_fd < 0:
             return done
-        killed = self.bpf["tw_killed"]
+        killed = self.table("tw_killed")
         due = [
             key
             for key, value in killed.items()
             if value.killed_ns + self.options.kill_grace_ns <= now_ns
         ]
-        request = self.bpf["sweep_request"]
+        request = self.table("sweep_request")
         for key in due:
             request[ctypes.c_int(0)] = key
             bpfsys.prog_test_run(self._sweep_fd)
         return done + len(due)
 
     def _sweep_stale_timewait(self, now_ns: int) -> int:
-        table = self.bpf["timewait"]
+        table = self.table("timewait")
         try:
             items = list(table.items_lookup_batch())
         except Exception:  # empty map: the batch call reports ENOENT
@@ -563,7 +565,7 @@ class Tracer:
             for key, value in items
             if value.created_ns + self.options.stale_timewait_ns <= now_ns
         ]
-        request_sk = self.bpf["sweep_request_sk"]
+        request_sk = self.table("sweep_request_sk")
         for address in stale:
             request_sk[ctypes.c_int(0)] = ctypes.c_uint64(address)
             bpfsys.prog_test_run(self._sweep_timewait_fd)
@@ -614,35 +616,31 @@ class Tracer:
         because another tracing BPF program was running on that CPU."""
         if self.bpf is None:
             return {}
-        skips = {}
-        for tracepoint, name in self._attached_pairs:
-            function = self.bpf.funcs.get(name.encode()) or self.bpf.funcs.get(name)
-            if function is not None:
-                skips[tracepoint] = bpfsys.recursion_misses(function.fd)
-        for tracepoint, (prog_fd, _link_fd) in self._btf_programs.items():
-            skips[tracepoint] = bpfsys.recursion_misses(prog_fd)
-        return skips
+        return {
+            tracepoint: bpfsys.recursion_misses(prog_fd)
+            for tracepoint, prog_fd in self._attached_progs.items()
+        }
 
     def pending_killed(self) -> list[KilledTimewait]:
         if self.bpf is None or self._sweep_fd < 0:
             return []
         return [
             KilledTimewait(sock_id=value.id.sock_id, killed_ns=value.killed_ns)
-            for value in self.bpf["tw_killed"].values()
+            for value in self.table("tw_killed").values()
         ]
 
     def lost_sock_ids(self) -> set[int]:
         """Lifecycles that lost at least one event (bounded: the most recent 65536)."""
         if self.bpf is None or not self.options.emit_events:
             return set()
-        return {int(key.value) for key in self.bpf["lost_socks"]}
+        return {int(key.value) for key in self.table("lost_socks")}
 
     def counters(self) -> dict[str, int]:
         """Self counters summed over CPUs, by name (see COUNTER_NAMES), plus
         `kernel_skipped`: state changes whose program run the kernel skipped."""
         if self.bpf is None:
             return dict.fromkeys([*COUNTER_NAMES.values(), "kernel_skipped"], 0)
-        table = self.bpf["counters"]
+        table = self.table("counters")
         values = {}
         for index, name in COUNTER_NAMES.items():
             values[name] = int(sum(table[ctypes.c_int(index)]))
@@ -656,7 +654,7 @@ class Tracer:
     def close_wait_sockets(self) -> list[KernelCloseWait]:
         """Sockets the program saw enter CLOSE_WAIT and not leave it yet."""
         result = []
-        for _key, value in self.bpf["close_wait"].items():
+        for _key, value in self.table("close_wait").items():
             result.append(
                 KernelCloseWait(
                     key=tuple_key(value.tuple),
@@ -673,7 +671,7 @@ class Tracer:
         """Each followed timewait socket's address pair and the program that made
         the connection (no process holds a timewait socket; the kernel program
         remembers who owned the connection)."""
-        table = self.bpf["timewait"]
+        table = self.table("timewait")
         try:
             items = list(table.items_lookup_batch())
         except Exception:  # empty map: the batch call reports ENOENT
@@ -689,7 +687,7 @@ class Tracer:
     def dest_ports(self) -> dict[DestKey, int]:
         """Local ports in use per remote address:port (client sockets, TIME_WAIT included)."""
         result: dict[DestKey, int] = {}
-        table = self.bpf["dest_ports"]
+        table = self.table("dest_ports")
         try:
             items = list(table.items_lookup_batch())
         except Exception:  # an empty hash map makes the batch call fail with ENOENT
@@ -705,7 +703,7 @@ class Tracer:
         (packed struct tt_tuple, value), the value being the state a socket
         was first seen leaving, or TT_ADOPT_OLD_TIMEWAIT | the state of a
         timewait socket (CLOSE once it is gone)."""
-        table = self.bpf["adopted"]
+        table = self.table("adopted")
         items = [(key, int(value.value)) for key, value in table.items()]
         for key, _value in items:
             with contextlib.suppress(KeyError):
@@ -719,7 +717,7 @@ class Tracer:
         if self.bpf is None or self.features is None or not self.features.has("tw_tuple"):
             return False
         try:
-            table = self.bpf["watch_old_timewait"]
+            table = self.table("watch_old_timewait")
         except KeyError:
             return False
         table[ctypes.c_int(0)] = ctypes.c_uint32(int(on))
@@ -727,32 +725,34 @@ class Tracer:
 
     def percpu_array(self, name: str) -> list[int]:
         """A per-CPU array map, summed over CPUs (signed values stay signed)."""
-        table = self.bpf[name]
+        table = self.table(name)
         result = []
         for _key, per_cpu in table.items_lookup_batch():
             result.append(int(sum(per_cpu)))
         return result
 
-    def table(self, name: str) -> Any:
+    def table(self, name: str) -> Table:
+        if self.bpf is None:
+            raise RuntimeError("the BPF program is not loaded")
         return self.bpf[name]
 
     def close(self) -> None:
         """Detach every probe and free the program; safe to call twice."""
-        for prog_fd, link_fd in self._btf_programs.values():
-            for fd in (link_fd, prog_fd):  # the link first: that detaches
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._btf_programs.clear()
-        if self.bpf is not None:
-            with _capture_stderr():
-                try:
-                    self.bpf.cleanup()
-                except Exception as err:  # detaching must never raise on the way out
-                    log.debug("cleanup: %s", err)
-            self.bpf = None
-            self.attached.clear()
-            self.attach_kinds.clear()
-            self._attached_pairs.clear()
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        for fd in self._attachments:  # the attachments first: that detaches
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._attachments.clear()
+        self._attached_progs.clear()
+        if self._loaded is not None:
+            self._loaded.close()
+            self._loaded = None
+        self._sweep_fd = self._sweep_close_fd = self._sweep_timewait_fd = -1
+        self.bpf = None
+        self.attached.clear()
+        self.attach_kinds.clear()
 
     def __enter__(self) -> Tracer:
         self.start()

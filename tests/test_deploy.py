@@ -169,6 +169,8 @@ def test_systemd_unit_capabilities() -> None:
         ("ProtectKernelLogs", "yes"),
         ("RuntimeDirectory", "tcptrace-ebpf"),
         ("RuntimeDirectoryMode", "0700"),
+        ("CacheDirectory", "tcptrace-ebpf"),
+        ("CacheDirectoryMode", "0700"),
         ("Restart", "on-failure"),
     ],
 )

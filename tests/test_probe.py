@@ -15,7 +15,6 @@ import time
 import pytest
 from support import Peer, free_port, requires_root
 
-from tcptrace_ebpf import bpfsys
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.events import (
     EVENT_SIZE,
@@ -56,16 +55,19 @@ def test_generated_source_reflects_features() -> None:
 
 @requires_root
 def test_event_layout_matches_bcc() -> None:
-    """The Python mirror of struct tt_event has BCC's layout, field by field."""
-    tracer = Tracer(TracerOptions(emit_events=True), on_event=lambda raw: None)
-    tracer.start()
+    """The Python mirror of struct tt_event has BCC's layout, field by field
+    (compiled here with BCC itself: the tracer no longer keeps BCC loaded)."""
+    from tcptrace_ebpf.probe import import_bcc
+
+    text, cflags = build_source(detect_features(), TracerOptions(emit_events=True))
+    bpf = import_bcc().BPF(text=text, cflags=cflags)
     try:
         values = (
             11, 22, 33, 44, 55, 66, bytes(range(16)), bytes(range(16, 32)),
             1001, 1002, 10, 7, 1, 8, 2, 3, 2, 0, 9, b"comm-name\0\0\0\0\0\0\0",
         )  # fmt: skip
         raw = ctypes.create_string_buffer(EVENT_STRUCT.pack(*values), EVENT_SIZE)
-        event = tracer.bpf["events"].event(ctypes.addressof(raw))
+        event = bpf["events"].event(ctypes.addressof(raw))
         assert ctypes.sizeof(type(event)) == EVENT_SIZE
         assert (event.ts_ns, event.sock_id, event.skaddr, event.duration_ns) == (11, 22, 33, 44)
         assert (event.pid, event.flags) == (55, 66)
@@ -76,7 +78,7 @@ def test_event_layout_matches_bcc() -> None:
         assert (event.owner_source, event.tw_end, event.syn_retrans) == (3, 2, 9)
         assert bytes(event.comm).rstrip(b"\0") == b"comm-name"
     finally:
-        tracer.close()
+        bpf.cleanup()
 
 
 DEGRADED = [
@@ -434,13 +436,14 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
 def test_a_refused_btf_program_falls_back_to_raw(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Where the verifier will not have a BTF-typed program (another kernel's
-    BTF, say), the raw one is attached instead, with a warning saying why."""
-
-    def refuse(*_args: object) -> int:
-        raise bpfsys.BpfError(13, "Permission denied", "0: R1 invalid mem access 'scalar'\n")
-
-    monkeypatch.setattr(bpfsys, "load_tp_btf", refuse)
+    """Where the kernel will not have a BTF-typed program (another kernel's
+    BTF, say), the raw one is attached instead, with a warning saying why.
+    The refusal is the kernel's own: the programs are loaded for BTF type 1,
+    which is no tracepoint's typedef (the loader process does the loading,
+    so it cannot be faked in this one)."""
+    features = detect_features()
+    features.btf_trace_ids = dict.fromkeys(features.btf_trace_ids, 1)
+    monkeypatch.setattr("tcptrace_ebpf.probe.detect_features", lambda: features)
     port = free_port()
     kinds: dict[str, str] = {}
 
@@ -453,9 +456,28 @@ def test_a_refused_btf_program_falls_back_to_raw(
         body,
         until=lambda lives: len(lives) >= 5,
     )
-    assert "R1 invalid mem access 'scalar'" in caplog.text
+    assert "BTF-typed program refused" in caplog.text
+    assert "is not a typedef" in caplog.text  # the kernel's words
     assert set(kinds.values()) == {"raw"}
     assert kinds["sock:inet_sock_set_state"] == "raw"
     first_client = next(life for life in lives if life.role == "client")
     assert [span.state for span in first_client.states][-1] == 6  # TIME_WAIT, seen to end
+    assert first_client.time_wait_end == "reused"
+
+
+@requires_root
+def test_perf_buffer_delivers_the_same_lifecycles() -> None:
+    """Kernels without a BPF ring buffer get events through a perf buffer
+    (one ring per CPU, read with libbpf): the same lifecycles come out."""
+    port = free_port()
+    _events, lives, counters = _run_with_events(
+        TracerOptions(emit_events=True, ports=frozenset({port}), force_perf_buffer=True),
+        lambda _tracer: _close_then_reuse_the_pair(port),
+        until=lambda lives: len(lives) >= 5,
+    )
+    roles = sorted(life.role for life in lives)
+    assert roles.count("client") >= 2
+    assert roles.count("server") >= 2
+    assert counters["lost_ringbuf"] == 0
+    first_client = next(life for life in lives if life.role == "client")
     assert first_client.time_wait_end == "reused"

@@ -1,0 +1,201 @@
+"""The daemon's footprint: BCC's compiler runs in a short-lived loader process,
+so a running `serve` has no libLLVM/libclang mapped and stays small, while it
+still reads the kernel's maps right."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from support import Peer, free_port, requires_root, wait_for
+from test_serve import scrape, serving, value
+
+from tcptrace_ebpf import loader, maps
+from tcptrace_ebpf.errors import UserError
+
+# Issue 17: a node agent stays within tens of megabytes.
+MAX_RSS_MB = 50
+COMPILER_LIBRARIES = ("libLLVM", "libclang", "libbcc")
+
+
+def vm_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def children_commands(pid: int) -> list[str]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:  # gone meanwhile
+                continue
+            found.append(command.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def serve_pid(run: object) -> int:
+    """`serve` runs as `python -m tcptrace_ebpf serve`: the process itself."""
+    return int(run.proc.pid)  # type: ignore[attr-defined]
+
+
+@requires_root
+def test_serve_keeps_no_compiler_and_stays_small() -> None:
+    with serving("--api.socket", "") as (run, port):
+        pid = serve_pid(run)
+        mapped = Path(f"/proc/{pid}/maps").read_text()
+        assert [name for name in COMPILER_LIBRARIES if name in mapped] == []
+        assert [cmd for cmd in children_commands(pid) if "tcptrace_ebpf.loader" in cmd] == []
+        # It still reads the kernel's maps: connections made now are counted.
+        before = value(scrape(port), "tcptrace_connections_opened_total", role="client")
+        target = free_port()
+        with Peer() as server:
+            server.cmd(f"listen 127.0.0.1 {target}")
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", target), timeout=5):
+                    server.cmd("accept")
+                    server.cmd("close")
+        wait_for(
+            lambda: (
+                value(scrape(port), "tcptrace_connections_opened_total", role="client")
+                >= before + 5
+            )
+        )
+        for _ in range(3):
+            scrape(port)
+        rss = vm_rss_mb(pid)
+        assert rss <= MAX_RSS_MB, f"serve uses {rss:.1f} MB (bound {MAX_RSS_MB} MB)"
+
+
+@requires_root
+def test_loader_reports_a_compile_error_in_one_line() -> None:
+    with pytest.raises(UserError, match=r"did not compile: .*error") as caught:
+        loader.load("int broken(void *ctx) { return undefined_thing; }", [], [])
+    assert "\n" not in str(caught.value)
+    assert "Traceback" not in str(caught.value)
+
+
+@requires_root
+def test_loader_hands_over_maps_with_their_layouts() -> None:
+    """A map the loader created is read and written through its fd with the
+    layout the compiler described, without BCC in this process."""
+    text = """
+struct pair { u32 a; u16 b[3]; };
+BPF_HASH(pairs, u64, struct pair, 16);
+BPF_PERCPU_ARRAY(per_cpu, u64, 4);
+int noop(void *ctx) { return 0; }
+"""
+    loaded = loader.load(text, [], [loader.ProgramRequest(key="noop", name="noop", sweeper=True)])
+    try:
+        tables = {name: maps.Table(fd, info) for name, (fd, info) in loaded.maps.items()}
+        assert "noop" in loaded.programs
+        pairs = tables["pairs"]
+        value_ = pairs.Leaf()
+        value_.a = 7
+        value_.b[2] = 9
+        pairs[pairs.Key(42)] = value_
+        assert [(int(key.value), got.a, list(got.b)) for key, got in pairs.items()] == [
+            (42, 7, [0, 0, 9])
+        ]
+        del pairs[42]
+        assert pairs.items() == []
+        per_cpu = tables["per_cpu"]
+        per_cpu[ctypes.c_int(3)] = ctypes.c_uint64(5)
+        rows = [sum(values) for _key, values in per_cpu.items_lookup_batch()]
+        assert rows == [0, 0, 0, 5 * per_cpu.cpus]
+    finally:
+        loaded.close()
+
+
+def _program_for_cache() -> tuple[str, list[loader.ProgramRequest]]:
+    text = """
+BPF_ARRAY(hits, u64, 1);
+int sweep_count(struct bpf_raw_tracepoint_args *ctx) {
+    int zero = 0;
+    u64 *value = hits.lookup(&zero);
+    if (value)
+        __sync_fetch_and_add(value, 1);
+    return 0;
+}
+"""
+    return text, [loader.ProgramRequest(key="count", name="sweep_count", sweeper=True)]
+
+
+def _run_and_count(loaded: loader.Loaded) -> int:
+    """Run the program once through its fd; what it counted, through the map's."""
+    from tcptrace_ebpf import bpfsys
+
+    bpfsys.prog_test_run(loaded.programs["count"][0])
+    fd, info = loaded.maps["hits"]
+    return int(maps.Table(fd, info)[ctypes.c_int(0)].value)
+
+
+@requires_root
+def test_cached_program_is_loaded_without_the_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("TCPTRACE_EBPF_NO_CACHE", raising=False)
+    text, plan = _program_for_cache()
+    first = loader.load(text, [], plan)
+    try:
+        assert _run_and_count(first) == 1
+    finally:
+        first.close()
+    entries = list(tmp_path.glob("*.json"))
+    assert len(entries) == 1
+
+    def no_compiler(*_args: object) -> loader.Loaded:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(loader, "_run_loader", no_compiler)
+    again = loader.load(text, [], plan)
+    try:
+        # Fresh maps, the same program: it counts from zero again.
+        assert _run_and_count(again) == 1
+    finally:
+        again.close()
+
+
+@requires_root
+def test_stale_or_damaged_cache_entries_are_never_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("TCPTRACE_EBPF_NO_CACHE", raising=False)
+    text, plan = _program_for_cache()
+    loader.load(text, [], plan).close()
+    (entry,) = tmp_path.glob("*.json")
+    # Another program text is another key: compiled, not the cached one.
+    assert loader.cache_key(text + "\n", [], plan) != entry.stem
+    # A damaged entry (instructions changed, checksum not) is removed.
+    data = json.loads(entry.read_text())
+    data["programs"][0]["insns"] = data["programs"][0]["insns"][::-1]
+    entry.write_text(json.dumps(data))
+    compiled = []
+    real = loader._run_loader
+
+    def counting(*args: object) -> loader.Loaded:
+        compiled.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader, "_run_loader", counting)
+    again = loader.load(text, [], plan)
+    try:
+        assert compiled == [1]
+        assert _run_and_count(again) == 1
+    finally:
+        again.close()
+    # An entry under another key's name (a stale kernel's, say) is not used either.
+    (rewritten,) = tmp_path.glob("*.json")
+    assert json.loads(rewritten.read_text())["digest"]
+    other = tmp_path / f"{loader.cache_key(text, ['-DX'], plan)}.json"
+    rewritten.rename(other)
+    loader.load(text, ["-DX"], plan).close()
+    assert compiled == [1, 1]
