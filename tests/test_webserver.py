@@ -588,9 +588,10 @@ def test_tls_scrape_verifies_against_the_certificate(
         client.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
         assert tls.selected_alpn_protocol() == "http/1.1"
-    # Plain HTTP to the HTTPS port gets no answer.
-    with pytest.raises((http.client.HTTPException, ConnectionError)):
-        fetch(server)
+    # Plain HTTP to the HTTPS port gets a 400 saying so, as from Go.
+    response = fetch(server)
+    assert response.status == 400
+    assert b"HTTP request to an HTTPS server" in response.body
 
 
 def test_basic_auth(
