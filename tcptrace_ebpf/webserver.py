@@ -1283,11 +1283,12 @@ class _Server:
     def _make_room(self) -> None:
         if len(self.connections) < MAX_CONNECTIONS:
             return
-        for conn in self.connections.values():  # oldest first
+        for conn_id, conn in self.connections.items():  # oldest first
             if conn.idle:
                 logger.debug(
                     "%s: closed to make room (%d connections)", conn.client, len(self.connections)
                 )
+                del self.connections[conn_id]
                 conn.close()
                 if conn.task is not None:
                     conn.task.cancel()
