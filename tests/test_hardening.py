@@ -471,3 +471,81 @@ def test_sigterm_works_with_a_stalled_reader(command: str) -> None:
     assert "Traceback" not in errors
     # Within a second on an idle host; generous for loaded and emulated ones.
     assert took < 3, took
+
+
+# ---------------------------------------------------------------------------
+# scripts/setup.sh: policy-rc.d
+# ---------------------------------------------------------------------------
+
+SETUP = Path(__file__).resolve().parent.parent / "scripts" / "setup.sh"
+
+_FAKE_TOOLS = {
+    # Nothing installed, so setup.sh installs; apt-get install does as told.
+    "dpkg-query": "exit 1",
+    "dpkg": "echo amd64",
+    "apt-get": """
+case "$1" in update) exit 0 ;; esac
+[ -e /usr/sbin/policy-rc.d ] && echo "policy during install: $(tail -1 /usr/sbin/policy-rc.d)" >&2
+case "$FAKE_APT" in
+  fail) exit 100 ;;
+  term) kill -TERM "$PPID"; sleep 1; exit 0 ;;
+  *) exit 0 ;;
+esac
+""",
+    "apt-cache": "exit 1",
+}
+
+
+@requires_root
+@pytest.mark.parametrize("outcome", ["fail", "term", "ok"])
+@pytest.mark.parametrize("host_policy", [False, True], ids=["no-host-policy", "host-policy"])
+def test_setup_removes_only_its_own_policy_rc_d_on_every_exit(
+    tmp_path: Path, outcome: str, host_policy: bool
+) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in _FAKE_TOOLS.items():
+        (fake / name).write_text("#!/bin/sh\n" + body)
+        (fake / name).chmod(0o755)
+    # In a private mount namespace, over a tmpfs /usr/sbin: the host's own
+    # /usr/sbin is never written.
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    (checkout / "scripts" / "setup.sh").write_text(SETUP.read_text())
+    # What runs after apt: a stand-in virtual environment.
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    for name in ("python", "pip", "tcptrace-ebpf"):
+        (checkout / ".venv" / "bin" / name).write_text("#!/bin/sh\nexit 0\n")
+        (checkout / ".venv" / "bin" / name).chmod(0o755)
+    prepare = (
+        "printf '#!/bin/sh\\nexit 0\\n# host\\n' > /usr/sbin/policy-rc.d; " if host_policy else ""
+    )
+    script = (
+        "mount -t tmpfs none /usr/sbin && "
+        f"{prepare}"
+        f"PATH={fake}:$PATH FAKE_APT={outcome} sh {checkout}/scripts/setup.sh; "
+        "echo rc=$?; ls -A /usr/sbin; cat /usr/sbin/policy-rc.d 2>/dev/null; true"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = result.stdout
+    during = result.stderr
+    if not host_policy:
+        assert "policy during install: exit 101" in during, out + during
+    rc = int(out.split("rc=")[1].split()[0])
+    if outcome == "fail":
+        assert rc == 100, out
+    elif outcome == "term":
+        assert rc == 143, out
+    else:
+        assert rc == 0, out + during
+    if host_policy:
+        assert "# host" in out, out  # the host's own policy, untouched
+        assert "policy during install: # host" in during, during
+    else:
+        assert "policy-rc.d" not in out.split(f"rc={rc}")[1], out
