@@ -494,7 +494,8 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 		evflags |= TT_EVF_LAST;
 
 #if EMIT_EVENTS
-	emit(ctx, id, t, sk, old, new, ts, evflags, tw_end);
+	if (!id->pair_pending)
+		emit(ctx, id, t, sk, old, new, ts, evflags, tw_end);
 #endif
 
 #if COLLECT_METRICS
@@ -562,6 +563,38 @@ static __always_inline void tuple_from_set_state(struct tt_tuple *t, struct tp_i
 }
 
 /*
+ * Before 6.13 an accepted child changes LISTEN -> SYN_RECV as a copy of its
+ * listener (inet_csk_clone_lock() sets the state before the ports and
+ * tcp_v4/v6_syn_recv_sock() the addresses): no peer, and a wildcard local
+ * address. Its SYN_RECV event is held (id->pair_pending) until the next
+ * change, which has the full pair; then it is told, as of when it happened,
+ * with that pair, and the pair is checked against cancelled timewait
+ * sockets (the reuse match needs the peer).
+ */
+#if HAVE_TIMEWAIT
+static __always_inline void tw_match_reuse(void *ctx, struct tt_tuple *t);
+#endif
+
+static __always_inline void tell_pending_pair(void *ctx, u64 sk, struct tt_ident *id,
+					      struct tt_tuple *t)
+{
+	id->pair_pending = 0;
+#if EMIT_EVENTS
+	/* As it was then: its first event, no time in LISTEN known. */
+	u16 seq = id->seq;
+	u64 state_ns = id->state_ns;
+	id->seq = seq - 1;
+	id->state_ns = 0;
+	emit(ctx, id, t, sk, TT_LISTEN, TT_SYN_RECV, state_ns, 0, TT_TW_END_NONE);
+	id->seq = seq;
+	id->state_ns = state_ns;
+#endif
+#if HAVE_TIMEWAIT
+	tw_match_reuse(ctx, t);
+#endif
+}
+
+/*
  * The socket we followed at this address ended without us seeing it: the
  * kernel skips a tracing program when another one runs on the same CPU
  * (an interrupt while one of ours runs), and counts that as a recursion
@@ -571,6 +604,8 @@ static __always_inline void end_unseen(void *ctx, u64 sk, struct tt_ident *id,
 				       const struct tt_tuple *t, u64 now, u32 evflags)
 {
 	count(TT_C_MISSED_END);
+	if (id->pair_pending)
+		tell_pending_pair(ctx, sk, id, (struct tt_tuple *)t);
 	id->flags |= TT_SF_LOST;
 	id->state_ns = 0;
 	step(ctx, sk, id, t, TT_CLOSE, now, evflags | TT_EVF_END_UNSEEN, TT_TW_END_NONE);
@@ -1173,6 +1208,14 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 {
 	count(TT_C_EVENTS);
 	u64 now = bpf_ktime_get_ns();
+	/*
+	 * sk as a map key, in a variable of its own: the 6.1 and 6.12 verifiers
+	 * turn a typed pointer spilled to the stack into a scalar once a helper
+	 * has read that stack slot (as a map key), and refuse the typed loads
+	 * after it. The empty asm keeps the compiler from merging the two.
+	 */
+	u64 key = sk;
+	asm volatile("" : "+r"(key));
 
 	if (new == TT_LISTEN || (old == TT_LISTEN && new == TT_CLOSE))
 		track_listener(read_netns_of(sk, typed), t.sport, new == TT_LISTEN);
@@ -1194,36 +1237,38 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 	}
 #endif
 
-	struct tt_sock *s = socks.lookup(&sk);
+	struct tt_sock *s = socks.lookup(&key);
 	if (s && s->id.state != old &&
 	    (old == TT_CLOSE || (old == TT_LISTEN && new == TT_SYN_RECV))) {
 		/* A new socket where one we followed was: that one ended unseen. */
-		end_unseen(args, sk, &s->id, &s->tuple, now, 0);
-		socks.delete(&sk);
+		end_unseen(args, key, &s->id, &s->tuple, now, 0);
+		socks.delete(&key);
 		s = NULL;
 	}
 	if (!s) {
 		/* The memory of a socket held in pending_close was reused: it got no RST. */
-		struct tt_pending_close *held = pending_close.lookup(&sk);
+		struct tt_pending_close *held = pending_close.lookup(&key);
 		if (held) {
-			finish_pending_close(args, sk, held);
-			pending_close.delete(&sk);
+			finish_pending_close(args, key, held);
+			pending_close.delete(&key);
 		}
 		struct tt_sock fresh = {};
 		fresh.tuple.netns = read_netns_of(sk, typed);
 		if (!first_sight(&fresh, &t, old, new, now))
 			return 0;
 		fresh.tuple = t;
+		if (old == TT_LISTEN && new == TT_SYN_RECV && !t.dport)
+			fresh.id.pair_pending = 1;
 		if (new == TT_CLOSE) {
 			/* Born and gone in one step, or first seen on its way out. */
-			step(args, sk, &fresh.id, &t, new, now, 0, TT_TW_END_NONE);
+			step(args, key, &fresh.id, &t, new, now, 0, TT_TW_END_NONE);
 			return 0;
 		}
 #if COLLECT_METRICS
 		if (fresh.id.role == TT_ROLE_CLIENT)
 			dest_count(&fresh.id, &t);
 #endif
-		if (socks.insert(&sk, &fresh) != 0) {
+		if (socks.insert(&key, &fresh) != 0) {
 			count(TT_C_LOST_SOCKET_MAP);
 #if COLLECT_METRICS
 			if (fresh.id.flags & TT_SF_DEST_COUNTED)
@@ -1231,17 +1276,19 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 #endif
 #if EMIT_EVENTS
 			fresh.id.sock_id = 0;
-			emit(args, &fresh.id, &t, sk, old, new, now, TT_EVF_UNTRACKED, TT_TW_END_NONE);
+			emit(args, &fresh.id, &t, key, old, new, now, TT_EVF_UNTRACKED, TT_TW_END_NONE);
 #endif
 			return 0;
 		}
-		s = socks.lookup(&sk);
+		s = socks.lookup(&key);
 		if (!s)
 			return 0;
 	}
 	struct tt_ident *id = &s->id;
 	t.netns = s->tuple.netns;
 	s->tuple = t;
+	if (id->pair_pending && t.dport)
+		tell_pending_pair(args, key, id, &t);
 	if (id->state != old) {
 		/* A change we never saw (see end_unseen): carry on from the kernel's state. */
 		count(TT_C_MISSED_TRANSITION);
@@ -1265,7 +1312,7 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 
 #if HAVE_TIMEWAIT
 	/* A new connection on an address pair whose timewait socket was just cancelled? */
-	if ((old == TT_LISTEN && new == TT_SYN_RECV) || (old == TT_SYN_SENT && t.sport != 0))
+	if ((old == TT_LISTEN && new == TT_SYN_RECV && t.dport) || (old == TT_SYN_SENT && t.sport != 0))
 		tw_match_reuse(args, &t);
 
 	if (tw) {
@@ -1273,7 +1320,7 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		struct tt_timewait e = {};
 		e.id = s->id;
 		e.tuple = t;
-		e.skaddr = sk;
+		e.skaddr = key;
 		e.created_ns = now;
 		struct tt_timewait *stale = timewait.lookup(&tw);
 		if (stale) {
@@ -1284,13 +1331,13 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		}
 		/* In substate FIN_WAIT2 it still waits for the peer's FIN: no step yet. */
 		if (tw_substate != TT_FIN_WAIT2)
-			step(args, sk, &e.id, &t, TT_TIME_WAIT, now, 0, TT_TW_END_NONE);
+			step(args, key, &e.id, &t, TT_TIME_WAIT, now, 0, TT_TW_END_NONE);
 		if (timewait.update(&tw, &e) != 0) {
 			count(TT_C_LOST_TIMEWAIT_MAP);
 			e.id.flags |= TT_SF_LOST;
-			step(args, sk, &e.id, &t, TT_CLOSE, now, 0, TT_TW_END_NONE);
+			step(args, key, &e.id, &t, TT_CLOSE, now, 0, TT_TW_END_NONE);
 		}
-		socks.delete(&sk);
+		socks.delete(&key);
 		return 0;
 	}
 #endif
@@ -1300,8 +1347,8 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		held.s = *s;
 		held.s.tuple = t;
 		held.ts_ns = now;
-		if (pending_close.update(&sk, &held) == 0) {
-			socks.delete(&sk);
+		if (pending_close.update(&key, &held) == 0) {
+			socks.delete(&key);
 			return 0;
 		}
 		/* Map full: close it now; a RST that follows goes unseen. */
@@ -1313,9 +1360,9 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		evflags |= TT_EVF_NO_TIME_WAIT;
 	}
 #endif
-	step(args, sk, id, &t, new, now, evflags, TT_TW_END_NONE);
+	step(args, key, id, &t, new, now, evflags, TT_TW_END_NONE);
 	if (new == TT_CLOSE)
-		socks.delete(&sk);
+		socks.delete(&key);
 	return 0;
 }
 

@@ -140,7 +140,8 @@ struct tt_ident {
 	u8 flags;		/* TT_SF_* */
 	u8 last_reset;	/* 0, TT_RESET_SENT or TT_RESET_RECEIVED */
 	u8 port_slot;		/* row of the optional per-port metric label */
-	u8 pad[2];
+	u8 pair_pending;	/* accepted child seen before its peer was set: SYN_RECV not told yet */
+	u8 pad;
 	char comm[TT_COMM_LEN];
 };
 

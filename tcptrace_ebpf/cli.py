@@ -646,6 +646,7 @@ def closewait(
         if watch:
             own_tracer = _start_own_tracer()
             source = "this command's own tracer (no daemon running)"
+            notice(f"tracing started: {source}; ages count from now")
         else:
             hint = (
                 "; start 'tcptrace-ebpf serve', or use --watch to measure from now"

@@ -204,5 +204,14 @@ def _check_load(report: Report) -> None:
         report.ok(
             f"BPF program compiled, loaded and attached to {len(tracer.attached)} tracepoints"
         )
+        # What the verifier really took: a BTF-typed program it refused runs raw.
+        features = tracer.features
+        typed = set(features.btf_trace_ids) if features and features.has("tp_btf") else set()
+        for tracepoint, kind in sorted(tracer.attach_kinds.items()):
+            if tracepoint.split(":", 1)[1] in typed and kind != "btf":
+                report.warn(
+                    f"{tracepoint}: the BTF-typed program was refused by this kernel, "
+                    f"attached {kind} instead (slower per event; --debug shows why)"
+                )
     finally:
         tracer.close()

@@ -365,13 +365,16 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
             features.kfree_skb_rx_sk_arg = btf.raw_tracepoint_arg_index("kfree_skb", "sock")
         except BtfError:
             features.kfree_skb_rx_sk_arg = -1
-    features.note(
-        "raw_kfree",
-        features.kfree_skb_rx_sk_arg >= 0,
-        "skb:kfree_skb attached raw"
-        if features.kfree_skb_rx_sk_arg >= 0
-        else "skb:kfree_skb attached classic",
-    )
+    kfree = features.formats.get("kfree_skb")
+    if kfree is not None and kfree.has("rx_sk"):
+        # Attached only for rx_sk (see kfree_rx_sk below): say how, or nothing.
+        features.note(
+            "raw_kfree",
+            features.kfree_skb_rx_sk_arg >= 0,
+            "skb:kfree_skb attached raw"
+            if features.kfree_skb_rx_sk_arg >= 0
+            else "skb:kfree_skb attached classic",
+        )
     # The state-change program raw too, reading the socket's fields itself.
     reasons = []
     if not raw:
@@ -455,7 +458,6 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         "BTF-typed raw tracepoints: socket and timer fields read as plain loads",
         "no BTF-typed raw tracepoints ({})",
     )
-    kfree = features.formats.get("kfree_skb")
     features.note(
         "kfree_rx_sk",
         kfree is not None and kfree.has("rx_sk"),

@@ -7,6 +7,7 @@ when a test fails: peer processes, tracer processes, network namespaces.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -31,6 +32,34 @@ PEER = TESTS / "peer.py"
 requires_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loads a BPF program into the kernel"
 )
+
+
+# What _spin() takes on the development machine (2 vCPUs, idle), in seconds.
+_SPIN_REFERENCE_S = 0.05
+
+
+def _spin() -> float:
+    started = time.perf_counter()
+    total = 0
+    for i in range(300_000):
+        total += i * i % 7
+    return time.perf_counter() - started
+
+
+@functools.cache
+def slowdown() -> float:
+    """How many times slower than the development machine this one runs
+    Python right now, at least 1: about ten inside the kernel matrix's
+    emulated guests (where BCC's compile alone takes 30-45 s), two or three
+    on a busy host. Measured once per test run; every deadline below, and
+    every bound on how long something may take, is multiplied by it, so
+    they hold under emulation without loosening them on a fast host."""
+    return max(1.0, min(_spin() for _ in range(3)) / _SPIN_REFERENCE_S)
+
+
+def deadline(seconds: float) -> float:
+    """`seconds` on the development machine, on this one (see slowdown())."""
+    return seconds * slowdown()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -153,7 +182,9 @@ def _record_paths(args: tuple[str, ...]) -> tuple[Path, Path] | None:
 
 @contextlib.contextmanager
 def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> Iterator[CliRun]:
-    """Start the CLI, wait for its `ready` line on stderr, stop it on exit."""
+    """Start the CLI, wait for its `ready` line on stderr (`timeout` seconds
+    on the development machine), stop it on exit."""
+    timeout = deadline(timeout)
     record = _record_paths(args)
     if record is not None:
         args = (*args, "--events-to", str(record[0]))
@@ -169,10 +200,10 @@ def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> 
     for thread in threads:
         thread.start()
     try:
-        deadline = time.monotonic() + timeout
+        give_up = time.monotonic() + timeout
         while True:
             try:
-                line = errors.get(timeout=max(0.01, deadline - time.monotonic()))
+                line = errors.get(timeout=max(0.01, give_up - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"no {ready!r} within {timeout}s: {run.stderr}") from None
             if ready in line:
@@ -198,13 +229,15 @@ def wait_for(
 ) -> Any:
     """Poll `predicate` until it returns something truthy, and return that;
     fail saying `what` (a string, or a function making one at the time of
-    failure; by default the predicate itself) otherwise."""
-    deadline = time.monotonic() + timeout
+    failure; by default the predicate itself) otherwise. `timeout`: seconds
+    on the development machine (see slowdown())."""
+    timeout = deadline(timeout)
+    give_up = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
+        if time.monotonic() > give_up:
             message = what() if callable(what) else what or predicate
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)

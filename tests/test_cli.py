@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import Peer, cli_argv, free_port, requires_root, run_cli, wait_for
+from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, wait_for
 
 from tcptrace_ebpf.cli import _skipped_tcp_runs
 
@@ -25,7 +25,7 @@ def run(
         check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
         env={**os.environ, **(env or {})},
     )
 
@@ -40,7 +40,7 @@ def run_in_private_mounts(
         check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=deadline(120),
         env={**os.environ, **(env or {})},
     )
 
@@ -138,10 +138,11 @@ def test_duration_stops_by_itself() -> None:
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert "tracing started" in lines[0]
+    # Degradation warnings (older kernels) may come before the start line.
+    assert [line for line in lines if "tracing started" in line], result.stderr
     assert lines[-1].startswith("tcptrace-ebpf: stopped: ")
     assert " 0 lost" in lines[-1]
-    assert elapsed < 30
+    assert elapsed < deadline(30)
 
 
 def test_stop_summary_names_skipped_tcp_runs() -> None:
@@ -202,6 +203,37 @@ def test_trace_json_keys() -> None:
     assert established["sock"] == connect["sock"]
     assert established["lport"] == cport
     assert 0 <= established["duration_s"] < 1
+
+
+@requires_root
+@pytest.mark.parametrize(("listen", "host"), [("0.0.0.0", "127.0.0.1"), ("::", "::1")])
+def test_accepted_socket_has_its_peer_from_the_first_event(listen: str, host: str) -> None:
+    """An accepted socket's every event, its LISTEN -> SYN_RECV first, carries
+    its own address pair, not the wildcard listener's. (Before 6.13 the child
+    changes state as a copy of its listener, before its ports and addresses are
+    set: the program holds that event until the pair is known.)"""
+    port = free_port(host)
+    with run_cli("trace", "--json", "--port", str(port)) as cli:
+        with Peer() as server, Peer() as client:
+            server.cmd(f"listen {listen} {port}")
+            cport = int(client.cmd(f"connect {host} {port}"))
+            server.cmd("accept")
+            client.cmd("linger0")
+            client.cmd("close")
+            server.cmd("close")
+            server.cmd("close_listener")
+        wait_for(
+            lambda: [
+                e for e in cli.json_lines() if e["role"] == "server" and e["new_state"] == "CLOSE"
+            ],
+            what=lambda: f"no server-side close in {cli.stdout}",
+        )
+    accepted = [e for e in cli.json_lines() if e["role"] == "server"]
+    assert (accepted[0]["old_state"], accepted[0]["new_state"]) == ("LISTEN", "SYN_RECV")
+    assert [e["seq"] for e in accepted] == list(range(len(accepted)))
+    for event in accepted:
+        assert (event["laddr"], event["lport"]) == (host, port), event
+        assert (event["raddr"], event["rport"]) == (host, cport), event
 
 
 @requires_root
@@ -289,7 +321,7 @@ def _churn(port: int, count: int) -> None:
             c.close(); s.close()
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=deadline(120))
 
 
 @requires_root
@@ -344,7 +376,7 @@ def test_socket_map_full() -> None:
             assert holder.stdout is not None
             assert holder.stdout.readline().strip() == "ready"
         finally:
-            holder.communicate("go\n", timeout=60)
+            holder.communicate("go\n", timeout=deadline(60))
         time.sleep(0.5)
     summary = cli.stderr[-1]
     assert "socket map full" in summary, summary

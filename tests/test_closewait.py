@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from support import cli_argv, free_port, requires_root, run_cli, sh, wait_for
+from support import cli_argv, deadline, free_port, requires_root, run_cli, sh, wait_for
 from test_serve import scrape, value
 
 from tcptrace_ebpf.closewait import Holder, LeakedSocket, group_by_process, old_enough
@@ -110,7 +110,7 @@ def closewait(*args: str) -> list[dict[str, Any]]:
         cli_argv("closewait", "--json", *args),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=deadline(60),
         check=True,
     )
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
@@ -209,7 +209,7 @@ def test_sockets_older_than_the_tracer_get_a_lower_bound(tmp_path: Path) -> None
             # The human table marks a lower bound with ">".
             table = subprocess.run(
                 cli_argv("closewait", "--api.socket", api, "--min-age", "0"),
-                capture_output=True, text=True, timeout=60, check=True,
+                capture_output=True, text=True, timeout=deadline(60), check=True,
             ).stdout  # fmt: skip
             line = next(line for line in table.splitlines() if re.match(rf"\s*{leak.pid}\s", line))
             assert ">" in line
@@ -267,7 +267,7 @@ def test_a_thousand_leaks_answer_within_a_second() -> None:
     mine = [g for g in groups if set(g["local_ports"]) & set(ports)]
     assert sum(g["count"] for g in mine) == 1000
     assert len(mine) == 4
-    assert elapsed < 1.0, f"closewait took {elapsed:.2f}s"
+    assert elapsed < deadline(1.0), f"closewait took {elapsed:.2f}s"
 
 
 def test_without_a_daemon_ages_are_unknown(tmp_path: Path) -> None:
@@ -276,7 +276,9 @@ def test_without_a_daemon_ages_are_unknown(tmp_path: Path) -> None:
         argv = cli_argv(
             "closewait", "--json", "--min-age", "0", "--api.socket", str(tmp_path / "none.sock")
         )
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=deadline(60), check=True
+        )
         (group,) = [
             json.loads(line)
             for line in result.stdout.splitlines()
@@ -289,36 +291,25 @@ def test_without_a_daemon_ages_are_unknown(tmp_path: Path) -> None:
 def test_watch_without_daemon_measures_from_now(tmp_path: Path) -> None:
     """--watch with no daemon traces by itself: new CLOSE_WAITs get real ages."""
     port = free_port()
-    argv = cli_argv(
+    args = (
         "closewait", "--watch", "--json", "--interval", "0.5", "--min-age", "0",
         "--api.socket", str(tmp_path / "none.sock"),
     )  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(4)  # let it load its tracer
+    with run_cli(*args) as run:
+        assert "ages count from now" in run.stderr[-1]
         with leaker(port, 3) as (leak, closed_at):
-            time.sleep(2.0)
-            found = None
-            deadline = time.monotonic() + 15
-            assert proc.stdout is not None
-            while time.monotonic() < deadline:
-                line = proc.stdout.readline()
-                obj = json.loads(line)
-                if (
-                    obj["pid"] == leak.pid
-                    and obj["oldest_age_s"] is not None
-                    and obj["oldest_age_s"] > 1.5
-                ):
-                    found = obj
-                    break
-            assert found is not None
+
+            def aged() -> dict[str, Any] | None:
+                for obj in run.json_lines():
+                    if obj["pid"] == leak.pid and (obj["oldest_age_s"] or 0) > 1.5:
+                        return obj
+                return None
+
+            found = wait_for(aged, timeout=15, what=lambda: f"no aged group in {run.stdout}")
             assert found["count"] == 3
             assert found["oldest_age_is_lower_bound"] is False
             assert found["oldest_age_s"] <= time.time() - min(closed_at) + 1.0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    assert proc.returncode == 0
+    assert run.returncode == 0, run.stderr
 
 
 def test_grouping_is_pure() -> None:

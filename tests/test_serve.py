@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import Peer, cli_argv, free_port, requires_root, run_cli, sh, wait_for
+from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, sh, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -387,7 +387,7 @@ def test_port_in_use_is_a_clear_error() -> None:
         port = taken.getsockname()[1]
         result = subprocess.run(
             cli_argv("serve", "--web.listen-address", f"127.0.0.1:{port}"),
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True, text=True, timeout=deadline(60), check=False,
         )  # fmt: skip
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error" in line]
@@ -409,7 +409,7 @@ def test_port_in_use_is_a_clear_error() -> None:
 )
 def test_serve_bad_flags(args: list[str], needle: str, tmp_path: Path) -> None:
     result = subprocess.run(
-        cli_argv("serve", *args), capture_output=True, text=True, timeout=60, check=False
+        cli_argv("serve", *args), capture_output=True, text=True, timeout=deadline(60), check=False
     )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -425,7 +425,7 @@ def test_malformed_web_config(tmp_path: Path) -> None:
         cli_argv("serve", "--web.config.file", str(config)),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=deadline(60),
         check=False,
     )
     assert result.returncode != 0

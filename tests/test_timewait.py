@@ -7,7 +7,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from support import cli_argv, free_port, requires_root
+from support import cli_argv, deadline, free_port, requires_root
 from test_closewait import daemon
 
 from tcptrace_ebpf.sockdiag import DiagSocket
@@ -56,14 +56,14 @@ def test_timewait_names_destinations_and_programs(tmp_path: Path) -> None:
             f"for _ in range({n}):\n"
             f"    c = socket.create_connection(('127.0.0.1', {port})); c.close()\n"
         )
-        subprocess.run(["python3", "-c", code], check=True, timeout=60)
+        subprocess.run(["python3", "-c", code], check=True, timeout=deadline(60))
         for _ in range(n):
             child, _ = server.accept()
             child.close()
         server.close()
         result = subprocess.run(
             cli_argv("timewait", "--json", "--api.socket", api, "--top", "1000"),
-            capture_output=True, text=True, timeout=60, check=True,
+            capture_output=True, text=True, timeout=deadline(60), check=True,
         )  # fmt: skip
     view = json.loads(result.stdout)
     (dest,) = [d for d in view["destinations"] if d["rport"] == port]
