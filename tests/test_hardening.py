@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import cli_argv, free_port, requires_root, wait_for
+from support import cli_argv, deadline, free_port, requires_root, wait_for
 
 from tcptrace_ebpf.api import ApiServer, ApiUnavailable, check_path, query
 from tcptrace_ebpf.errors import UserError
@@ -352,10 +352,10 @@ def start_cli(*args: str, stdout: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cli_argv(*args), stdout=stdout, stderr=subprocess.PIPE)
 
 
-def wait_started(proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+def wait_started(proc: subprocess.Popen[bytes]) -> None:
     assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    until = time.monotonic() + deadline(120)
+    while time.monotonic() < until:
         line = proc.stderr.readline()
         if not line:
             break
@@ -398,14 +398,14 @@ def test_reader_gone_ends_the_command_quietly(tmp_path: Path, args: tuple[str, .
                 wait_started(proc)
                 # Like `head -1`: take one line, then go away.
                 with os.fdopen(read_end, "rb", buffering=0) as reader:
-                    wait_for(lambda: reader.read(1), timeout=60, what="a first line")
+                    wait_for(lambda: reader.read(1), timeout=deadline(60), what="a first line")
             else:
                 time.sleep(0.5)
                 os.close(read_end)
             # From here on every write would fail: the command must end by
             # itself, within a few of its one-second ticks.
             gone = time.monotonic()
-            proc.wait(timeout=60)
+            proc.wait(timeout=deadline(120))
             took = time.monotonic() - gone
     finally:
         end(proc)
@@ -414,8 +414,9 @@ def test_reader_gone_ends_the_command_quietly(tmp_path: Path, args: tuple[str, .
     assert proc.returncode == 141, errors
     assert "Traceback" not in errors, errors
     assert "Broken pipe" not in errors, errors
-    # closewait --watch compiles its own tracer after the reader left.
-    assert took < (30 if args[0] != "closewait" else 300), took
+    # At the next write, or the next one-second tick; closewait --watch
+    # compiles its own tracer after the reader left.
+    assert took < deadline(5 if args[0] != "closewait" else 60), took
 
 
 @requires_root
@@ -426,7 +427,7 @@ def test_write_error_is_one_line_and_a_failure() -> None:
     try:
         wait_started(proc)
         with refused_connects(port):
-            proc.wait(timeout=60)
+            proc.wait(timeout=deadline(60))
     finally:
         end(proc)
     assert proc.stderr is not None
@@ -454,12 +455,12 @@ def test_sigterm_works_with_a_stalled_reader(command: str) -> None:
         # lifecycles writes a line per connection once it ends: a refused
         # connect ends at once.
         with refused_connects(port):
-            wait_for(pipe_full, timeout=120, what="the pipe to fill")
+            wait_for(pipe_full, timeout=deadline(120), what="the pipe to fill")
             time.sleep(0.5)  # and the command to be blocked writing
             assert proc.poll() is None
             proc.send_signal(signal.SIGTERM)
             sent = time.monotonic()
-            proc.wait(timeout=60)
+            proc.wait(timeout=deadline(60))
             took = time.monotonic() - sent
     finally:
         end(proc)
@@ -469,8 +470,9 @@ def test_sigterm_works_with_a_stalled_reader(command: str) -> None:
     assert proc.returncode == 0, errors
     assert "stopped:" in errors
     assert "Traceback" not in errors
-    # Within a second on an idle host; generous for loaded and emulated ones.
-    assert took < 3, took
+    # Within a second (detaching included) on the development machine.
+    print(f"SIGTERM to exit: {took:.2f}s")
+    assert took < deadline(1.5), took
 
 
 # ---------------------------------------------------------------------------
