@@ -1217,7 +1217,8 @@ class _Server:
         self.workers = ThreadPoolExecutor(
             max_workers=SCRAPE_WORKERS, thread_name_prefix="tcptrace-ebpf-scrape"
         )
-        self._stopped: asyncio.Event | None = None
+        # Made here, not in the loop: stop() may come before the loop runs.
+        self._stopped = asyncio.Event()
         self._next_id = 0
 
     def start_workers(self) -> None:
@@ -1238,15 +1239,10 @@ class _Server:
     def stop(self) -> None:
         """From another thread: close everything; run() returns."""
 
-        def stop_in_loop() -> None:
-            if self._stopped is not None:
-                self._stopped.set()
-
         with suppress(RuntimeError):  # the loop is already closed
-            self.loop.call_soon_threadsafe(stop_in_loop)
+            self.loop.call_soon_threadsafe(self._stopped.set)
 
     async def _serve(self) -> None:
-        self._stopped = asyncio.Event()
         self.listener.setblocking(False)
         accepting = asyncio.ensure_future(self._accept_forever())
         await self._stopped.wait()

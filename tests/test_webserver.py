@@ -1406,3 +1406,16 @@ def test_slow_clients_under_a_task_limit_do_not_stop_scrapes() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def test_shutdown_right_after_start_stops_the_server(registry: CollectorRegistry) -> None:
+    # stop() may reach the serving thread before its event loop runs.
+    for _ in range(20):
+        server = MetricsServer(registry, LOOPBACK)
+        server.start()
+        address = server.address
+        started = time.monotonic()
+        server.shutdown()
+        assert time.monotonic() - started < 5
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=5).close()
