@@ -49,6 +49,24 @@ for package in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing="$missing $package"
 done
 
+# Debian's prometheus package would start a server on :9090 where an init
+# system runs; the tests start their own, so apt_install keeps services from
+# starting with a policy-rc.d, unless the host has a policy of its own. Ours
+# goes away on every way out (a failed apt-get under set -e, Ctrl-C), or it
+# would stop every later package's services from starting.
+POLICY=/usr/sbin/policy-rc.d
+own_policy=0
+remove_own_policy() {
+    if [ "$own_policy" -eq 1 ]; then
+        rm -f "$POLICY"
+        own_policy=0
+    fi
+}
+trap remove_own_policy EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 updated=0
 apt_install() {
     if [ "$updated" -eq 0 ]; then
@@ -57,18 +75,13 @@ apt_install() {
         updated=1
     fi
     say "installing:$*"
-    # Debian's prometheus package would start a server on :9090 where an init
-    # system runs; the tests start their own, so keep services from starting
-    # (unless the host already has a policy of its own).
-    own_policy=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
+    if [ ! -e "$POLICY" ] && [ ! -L "$POLICY" ]; then
         own_policy=1
+        printf '#!/bin/sh\nexit 101\n' > "$POLICY"
+        chmod +x "$POLICY"
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-    [ "$own_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-    return 0
+    remove_own_policy
 }
 [ -n "$missing" ] && apt_install $missing
 

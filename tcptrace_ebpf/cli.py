@@ -6,9 +6,14 @@ tracepoint, port in use) ends as one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import math
+import os
 import re
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -30,28 +35,123 @@ def notice(message: str) -> None:
     click.echo(f"{PROG}: {message}", err=True)
 
 
+class ReaderGone(Exception):
+    """Our stdout's reader went away (EPIPE): end quietly, as Unix filters do."""
+
+
+class OutputInterrupted(Exception):
+    """A signal arrived while a write was blocked on a stalled reader."""
+
+
+# What a shell reports for a program killed by SIGPIPE (128 + 13): `yes | head`
+# ends `yes` so. Python ignores SIGPIPE and gets EPIPE instead, so we exit with
+# the same status ourselves.
+EXIT_READER_GONE = 141
+
+
 class Output:
-    """Buffered stdout, flushed after each batch of events; quiet on a closed pipe."""
+    """Buffered stdout, flushed after each batch of events.
+
+    A write that fails ends the command: a reader gone (EPIPE) quietly with
+    ``ReaderGone``, anything else (a full disk, ``> /dev/full``) with one
+    line. ``failed`` says so; ``on_failure`` (the command's stop) is called
+    once. While a write is blocked on a stalled reader, ``interrupt()``
+    (called from a SIGINT/SIGTERM handler) abandons it, so that signals
+    work whatever the output does.
+    """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stdout
         self.closed = False
+        self.reader_gone = False
+        self.error: OSError | None = None
+        self.on_failure: Callable[[], None] | None = None
+        self._writing = False
+
+    @property
+    def failed(self) -> bool:
+        return self.reader_gone or self.error is not None
 
     def write(self, line: str) -> None:
         if self.closed:
             return
-        try:
-            self.stream.write(line + "\n")
-        except BrokenPipeError:
-            self.closed = True
+        self._guarded(self.stream.write, line + "\n")
 
     def flush(self) -> None:
         if self.closed:
             return
+        self._guarded(self.stream.flush)
+
+    def _guarded(self, operation: Callable[..., Any], *args: Any) -> None:
+        self._writing = True
         try:
-            self.stream.flush()
+            operation(*args)
         except BrokenPipeError:
-            self.closed = True
+            self.reader_gone = True
+            self._close()
+        except OSError as err:
+            self.error = err
+            self._close()
+        except OutputInterrupted:
+            self._close()
+        finally:
+            self._writing = False
+
+    def interrupt(self) -> None:
+        """From a signal handler: abandon a write blocked on the reader."""
+        if self._writing:
+            self._writing = False
+            raise OutputInterrupted
+
+    def watch_reader(self) -> None:
+        """Notice a reader that went away even when there is nothing to write."""
+        if self.closed:
+            return
+        try:
+            poller = select.poll()
+            poller.register(self.stream.fileno(), 0)  # POLLERR and POLLHUP are always reported
+            events = poller.poll(0)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return
+        if any(mask & select.POLLERR for _fd, mask in events):
+            # On a pipe's write end, POLLERR means its read end is closed.
+            self.reader_gone = True
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        # What is still buffered would be flushed (and fail again, or block
+        # on the stalled reader) at interpreter exit: send it nowhere.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        if self.on_failure is not None:
+            self.on_failure()
+
+    def raise_failure(self) -> None:
+        """After the command stopped: how it ends."""
+        if self.reader_gone:
+            raise ReaderGone
+        if self.error is not None:
+            raise UserError(
+                f"cannot write the output: {self.error.strerror or self.error}", exit_code=1
+            )
+
+
+# The kernel program's port filter holds this many (filter_ports in bpf/tcptrace.bpf.c).
+MAX_PORTS = 1024
+
+
+def _check_port_count(
+    _ctx: click.Context, _param: click.Parameter, ports: tuple[int, ...]
+) -> tuple[int, ...]:
+    if len(set(ports)) > MAX_PORTS:
+        raise click.BadParameter(
+            f"{len(set(ports))} ports given, {MAX_PORTS} at most; trace without --port"
+            " and filter the output instead"
+        )
+    return ports
 
 
 def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,7 +162,8 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "ports",
             multiple=True,
             type=click.IntRange(1, 65535),
-            help="Only sockets with this local or remote port (repeatable).",
+            callback=_check_port_count,
+            help=f"Only sockets with this local or remote port (repeatable, {MAX_PORTS} at most).",
         ),
         click.option("--pid", type=click.IntRange(min=1), help="Only sockets owned by this pid."),
         click.option("-4", "--ipv4", "ipv4", is_flag=True, help="Only IPv4."),
@@ -103,10 +204,32 @@ def tracer_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+class SecondsParam(click.ParamType):  # type: ignore[type-arg]
+    """A finite number of seconds, more than 0 (nan, inf and 1e400 are not)."""
+
+    name = "seconds"
+    MAX = 10 * 365 * 86400.0
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds, e.g. 30 or 0.5", param, ctx)
+        if not math.isfinite(seconds) or not 0 < seconds <= self.MAX:
+            self.fail(
+                f"{value!r} is not a number of seconds from 0 (excluded) to {self.MAX:.0f}",
+                param,
+                ctx,
+            )
+        return seconds
+
+
 def duration_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--duration",
-        type=click.FloatRange(min=0, min_open=True),
+        type=SecondsParam(),
         help="Stop by itself after this many seconds.",
     )(func)
 
@@ -209,16 +332,26 @@ def _run_event_command(
         handle(raw)
 
     with StopFlag() as stop:
+        out.on_failure = stop.set
+        stop.on_signal = out.interrupt
         tracer = Tracer(options, on_event=on_event, prepare=seed_existing)
         try:
             tracer.start()
             notice(_describe_start(tracer))
-            run(tracer, decoder, duration, stop=stop, after_poll=out.flush)
+            run(
+                tracer,
+                decoder,
+                duration,
+                stop=stop,
+                after_poll=out.flush,
+                on_tick=out.watch_reader,
+            )
             counters = tracer.counters()
             skipped = _skipped_tcp_runs(tracer.program_skips())
             lost_socks = tracer.lost_sock_ids()
         finally:
             tracer.close()
+    out.raise_failure()
     extra = finish(lost_socks)
     notice(
         f"stopped: {delivered[0]} events reported ({counters['events']} TCP state changes "
@@ -316,6 +449,8 @@ def lifecycles(
 
 
 DEFAULT_LISTEN = ":10072"
+# Served by serve besides the metrics: not available as --web.telemetry-path.
+RESERVED_PATHS = ("/", "/-/healthy", "/-/ready")
 DEFAULT_API_SOCKET = Path("/run/tcptrace-ebpf/api.sock")
 
 
@@ -379,7 +514,9 @@ def serve(
     **filters: Any,
 ) -> None:
     """Export Prometheus metrics of every TCP socket's life (the daemon)."""
+    from .api import check_path as check_api_path
     from .exporter import Exporter, ServeOptions
+    from .probe import require_root
     from .runner import StopFlag
     from .webserver import load_web_config, parse_listen_address
 
@@ -387,13 +524,26 @@ def serve(
     logging.getLogger().setLevel(level)
     if not telemetry_path.startswith("/"):
         raise UserError(f"invalid --web.telemetry-path {telemetry_path!r}: it must start with '/'")
+    if telemetry_path in RESERVED_PATHS:
+        raise UserError(
+            f"invalid --web.telemetry-path {telemetry_path!r}: {', '.join(RESERVED_PATHS)} are"
+            " the landing page and probes; use another path, e.g. /metrics"
+        )
+    api_path = Path(api_socket) if api_socket else None
+    # Everything the user can get wrong is checked before anything starts,
+    # so that nothing says "serving" first.
+    listen = parse_listen_address(listen_address)
+    web_config = load_web_config(web_config_file)
+    require_root()
+    if api_path is not None:
+        check_api_path(api_path)
     options = ServeOptions(
-        listen=parse_listen_address(listen_address),
+        listen=listen,
         telemetry_path=telemetry_path,
-        web_config=load_web_config(web_config_file),
+        web_config=web_config,
         tracer=_build_options(emit_events=False, collect_metrics=True, **filters),
         port_label=port_label,
-        api_path=Path(api_socket) if api_socket else None,
+        api_path=api_path,
     )
     exporter = Exporter(options)
     with StopFlag() as stop:
@@ -498,10 +648,12 @@ def closewait(
             source = "this command's own tracer (no daemon running)"
             notice(f"tracing started: {source}; ages count from now")
         else:
-            notice(
-                f"ages unknown: {err}; start 'tcptrace-ebpf serve', or use --watch "
-                "to measure from now"
+            hint = (
+                "; start 'tcptrace-ebpf serve', or use --watch to measure from now"
+                if err.no_daemon
+                else ""
             )
+            notice(f"ages unknown: {err}{hint}")
             source = ""
     else:
         source = f"tcptrace-ebpf serve at {path}"
@@ -515,6 +667,11 @@ def closewait(
             return ages_from_api(query(path, "close_wait"), netns)
         except ApiUnavailable as err:
             notice(f"ages unknown: {err}")
+            return {}
+        except (KeyError, TypeError, ValueError, AttributeError, OSError, OverflowError):
+            # Valid JSON but not our daemon's list: root talks to whatever
+            # owns the path, so its answer is not trusted to be well formed.
+            notice(f"ages unknown: the daemon at {path} sent a malformed answer")
             return {}
 
     out = Output()
@@ -530,10 +687,13 @@ def closewait(
                 clear=False,
             )
             out.flush()
+            out.raise_failure()
             return
         from .runner import StopFlag
 
         with StopFlag() as stop:
+            out.on_failure = stop.set
+            stop.on_signal = out.interrupt
             while not stop.stopped:
                 _show_close_wait(
                     out,
@@ -550,9 +710,11 @@ def closewait(
                     if own_tracer is not None:
                         own_tracer.tick()
                     time.sleep(min(0.2, interval))
+                    out.watch_reader()
     finally:
         if own_tracer is not None:
             own_tracer.close()
+    out.raise_failure()
 
 
 def _start_own_tracer() -> Any:
@@ -644,14 +806,22 @@ def timewait(top: int, as_json: bool, api_socket: str) -> None:
     try:
         data = query(Path(api_socket), "time_wait", timeout=10.0)
     except ApiUnavailable as err:
-        notice(f"programs unknown: {err}; start 'tcptrace-ebpf serve' to know them")
+        hint = "; start 'tcptrace-ebpf serve' to know them" if err.no_daemon else ""
+        notice(f"programs unknown: {err}{hint}")
     else:
         netns = own_netns_inum()
-        owners = {
-            (item["laddr"], item["lport"], item["raddr"], item["rport"]): item["comm"]
-            for item in data
-            if item["netns"] in (netns, 0)
-        }
+        try:
+            owners = {
+                (str(item["laddr"]), int(item["lport"]), str(item["raddr"]), int(item["rport"])): (
+                    str(item["comm"])
+                )
+                for item in data
+                if item["netns"] in (netns, 0)
+            }
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+            # Valid JSON, but not our daemon's list (see closewait).
+            notice(f"programs unknown: the daemon at {api_socket} sent a malformed answer")
+            owners = None
     view = gather(owners)
     if as_json:
         click.echo(json.dumps(view.to_json(top), separators=(",", ":")))
@@ -700,6 +870,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         click.echo(f"{PROG}: error: {err}", err=True)
         sys.exit(err.exit_code)
+    except ReaderGone:
+        sys.exit(EXIT_READER_GONE)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -128,7 +128,18 @@ def run_doctor(fix: bool, echo: Echo) -> bool:
     else:
         report.ok("BCC Python bindings importable")
 
-    if find_tracefs() is None and fix and os.geteuid() == 0:
+    if os.geteuid() != 0:
+        # tracefs, its tracepoint formats and a test load are root's only:
+        # without root they cannot even be looked at.
+        _check_headers(report, release, fix)
+        echo(
+            "  SKIP  tracefs, tracepoints and loading the BPF program (they need root): "
+            "run 'sudo tcptrace-ebpf doctor'"
+        )
+        echo("tcptrace-ebpf doctor: problems found")
+        return False
+
+    if find_tracefs() is None and fix:
         try:
             ensure_tracefs()
             echo("        fixed: mounted tracefs at /sys/kernel/tracing")
@@ -149,7 +160,7 @@ def run_doctor(fix: bool, echo: Echo) -> bool:
             report.warn(capability.detail)
     check_kernel(report, features)
 
-    if not report.failed and os.geteuid() == 0:
+    if not report.failed:
         _check_load(report)
     echo(
         "tcptrace-ebpf doctor: "

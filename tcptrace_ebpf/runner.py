@@ -32,9 +32,18 @@ class StopFlag:
     def __init__(self) -> None:
         self.stopped = False
         self._previous: dict[int, object] = {}
+        # Called in the handler after the flag is set; may raise to abandon a
+        # blocking call (a write to a stalled reader) that would otherwise
+        # resume after the handler and keep the loop from seeing the flag.
+        self.on_signal: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        self.stopped = True
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.stopped = True
+        if self.on_signal is not None:
+            self.on_signal()
 
     def __enter__(self) -> StopFlag:
         for signum in (signal.SIGINT, signal.SIGTERM):

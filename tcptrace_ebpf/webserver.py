@@ -28,6 +28,7 @@ Differences from exporter-toolkit, on purpose:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import difflib
@@ -40,23 +41,22 @@ import ipaddress
 import logging
 import os
 import re
-import selectors
 import socket
-import socketserver
 import ssl
-import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.utils import formatdate
 from types import MappingProxyType
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import bcrypt
+import h11
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -82,9 +82,25 @@ LISTEN_ADDRESS_OPTION = "--web.listen-address"
 TELEMETRY_PATH_OPTION = "--web.telemetry-path"
 _LISTEN_ADDRESS_EXAMPLE = "0.0.0.0:9100"
 
-# A client that connects and never finishes its TLS handshake holds one
-# thread for at most this long.
+# A client that connects and never finishes its TLS handshake holds its
+# connection for at most this long.
 TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# The whole request head (request line and headers) must arrive within this
+# long: from the connection's start (after TLS) for its first request, from
+# the first byte for the next ones on a kept-alive connection.
+REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
+# A request head larger than this is refused (431), as Go's 1 MB default
+# would be by far more than any scraper sends.
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+# A client that does not read its answer holds its connection this long.
+WRITE_TIMEOUT_SECONDS = 30.0
+# Open connections at most (README): past it, the connection that has
+# waited longest without a whole request is closed for the new one. Each
+# costs a socket and a few kB, never a thread.
+MAX_CONNECTIONS = 512
+# Threads that build answers (collect metrics, bcrypt, routes), started
+# with the server; with the event loop's thread, all the server ever runs.
+SCRAPE_WORKERS = 4
 # Longest wait for the next read on a connection, which is also how long an
 # idle keep-alive connection stays open. Longer than the usual scrape
 # intervals (15 s to 1 min) so that Prometheus can reuse its connection (and
@@ -1026,258 +1042,446 @@ def _is_zero(text: str) -> bool:
 
 @dataclass
 class _Site:
-    """What the request handler threads serve; shared, read-only per request."""
+    """What the scrape workers serve; shared, read-only per request."""
 
     registry: CollectorRegistry
     telemetry_path: str
     landing_page: bytes
     routes: Mapping[str, RouteHandler]
-    # False until the metrics are whole: /metrics then answers 503 (Prometheus: up=0).
-    ready: Callable[[], bool]
     headers: Mapping[str, str]
     basic_auth: _BasicAuthVerifier | None
     rate_limiter: _TokenBucket | None
+    # False while the metrics are not worth scraping yet (the daemon has not
+    # started tracing): the telemetry path answers 503 until then.
+    ready: Callable[[], bool] = lambda: True
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
-    # Keep-alive lets Prometheus reuse one connection (and one TLS
-    # handshake) for many scrapes.
-    protocol_version = "HTTP/1.1"
-    timeout = CONNECTION_IDLE_TIMEOUT_SECONDS
-    server: _HTTPServer
+@dataclass
+class _Request:
+    """A parsed request head, as the page logic needs it."""
 
-    def version_string(self) -> str:
-        return "tcptrace-ebpf"
+    method: str
+    target: str
+    headers: Mapping[str, str]  # lower-case names; the first of repeated ones
+    client: str
 
-    def log_message(self, format: str, *args: Any) -> None:
-        # Access and protocol-error lines: DEBUG only, a scrape is routine.
-        logger.debug("%s: %s", self.address_string(), format % args)
 
-    def do_GET(self) -> None:
-        self._respond(send_body=True)
+@dataclass
+class _Reply:
+    status: int
+    content_type: str
+    body: bytes
+    send_body: bool = True
+    headers: list[tuple[str, str]] = field(default_factory=list)
 
-    def do_HEAD(self) -> None:
-        self._respond(send_body=False)
 
-    def _method_not_allowed(self) -> None:
-        self._respond(send_body=True, method_allowed=False)
+# The standard methods nothing here serves get 405; methods nobody defines
+# (FOO) get 501, the status HTTP asks for an unrecognised method.
+_KNOWN_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
-    # Methods nobody defines (FOO) get http.server's 501, the status HTTP
-    # asks for an unrecognised method; the standard ones get a 405.
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = (
-        _method_not_allowed
+
+def _text_reply(
+    status: int, text: str, send_body: bool, headers: Iterable[tuple[str, str]] = ()
+) -> _Reply:
+    return _Reply(
+        status,
+        "text/plain; charset=utf-8",
+        f"{text}\n".encode(),
+        send_body,
+        [("X-Content-Type-Options", "nosniff"), *headers],
     )
 
-    def _respond(self, send_body: bool, method_allowed: bool = True) -> None:
-        site = self.server.site
-        if site.rate_limiter is not None and not site.rate_limiter.allow():
-            self._send_text(429, "Too Many Requests", send_body)
-            return
-        if site.basic_auth is not None and not site.basic_auth.is_authorized(
-            self.headers.get("Authorization")
-        ):
-            self._send_text(401, "Unauthorized", send_body, [("WWW-Authenticate", "Basic")])
-            return
-        if not method_allowed:
-            self._send_text(405, "Method Not Allowed", send_body, [("Allow", _ALLOWED_METHODS)])
-            return
-        url = urlsplit(self.path)
-        if url.path == site.telemetry_path and not site.ready():
-            self._send_text(503, "Service Unavailable: tracing has not started", send_body)
-        elif url.path == site.telemetry_path:
-            self._send_metrics(site, url.query, send_body)
-        elif url.path == "/":
-            self._send(200, "text/html; charset=utf-8", site.landing_page, send_body)
-        elif (route := site.routes.get(url.path)) is not None:
-            self._send_route(route, send_body)
+
+def _answer(site: _Site, request: _Request) -> _Reply:
+    """The page for one request: runs in a scrape worker (it may collect metrics or bcrypt)."""
+    send_body = request.method != "HEAD"
+    if request.method not in ("GET", "HEAD") and request.method not in _KNOWN_METHODS:
+        return _text_reply(501, "Not Implemented", True)
+    if site.rate_limiter is not None and not site.rate_limiter.allow():
+        return _text_reply(429, "Too Many Requests", send_body)
+    if site.basic_auth is not None and not site.basic_auth.is_authorized(
+        request.headers.get("authorization")
+    ):
+        return _text_reply(401, "Unauthorized", send_body, [("WWW-Authenticate", "Basic")])
+    if request.method not in ("GET", "HEAD"):
+        return _text_reply(405, "Method Not Allowed", send_body, [("Allow", _ALLOWED_METHODS)])
+    url = urlsplit(request.target)
+    if url.path == site.telemetry_path:
+        if not site.ready():
+            return _text_reply(503, "Service Unavailable: tracing has not started yet", send_body)
+        return _metrics_reply(site, request, url.query, send_body)
+    if url.path == "/":
+        return _Reply(200, "text/html; charset=utf-8", site.landing_page, send_body)
+    route = site.routes.get(url.path)
+    if route is None:
+        return _text_reply(404, "Not Found", send_body)
+    try:
+        status, content_type, body = route()
+    except Exception:
+        logger.exception("handling %s for %s failed", url.path, request.client)
+        return _text_reply(500, "Internal Server Error", send_body)
+    return _Reply(status, content_type, body, send_body)
+
+
+def _metrics_reply(site: _Site, request: _Request, query: str, send_body: bool) -> _Reply:
+    try:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        registry: Any = site.registry
+        selected_names = parse_qs(query).get("name[]")
+        if selected_names:
+            # Like prometheus_client's own handler: ?name[]=x&name[]=y
+            registry = registry.restricted_registry(selected_names)
+        body = encoder(registry)
+    except Exception:
+        logger.exception("collecting metrics for %s failed", request.client)
+        return _text_reply(500, "Internal Server Error: collecting metrics failed", send_body)
+    headers = [("Vary", "Accept-Encoding")]
+    if _gzip_accepted(request.headers.get("accept-encoding")):
+        body = gzip.compress(body, compresslevel=_GZIP_LEVEL)
+        headers.append(("Content-Encoding", "gzip"))
+    return _Reply(200, content_type, body, send_body, headers)
+
+
+def _raw_error(status: int, reason: str, text: str) -> bytes:
+    """A whole response that closes the connection, for when h11 cannot frame one."""
+    body = f"{text}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "X-Content-Type-Options: nosniff\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+# What Go's net/http answers plain HTTP sent to a TLS port with.
+_PLAIN_HTTP_TO_TLS_PORT = (
+    b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+)
+_TLS_HANDSHAKE_RECORD = b"\x16"
+
+
+def _listen_backlog() -> int:
+    # The host's own limit: the kernel caps a larger backlog to it anyway,
+    # and a burst of scrapers should wait in the queue, not be refused.
+    try:
+        with open("/proc/sys/net/core/somaxconn") as stream:
+            return max(1, int(stream.read().strip()))
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+class _Connection:
+    """One client connection, as the event loop tracks it."""
+
+    def __init__(self, sock: socket.socket, client: str) -> None:
+        self.sock = sock
+        self.client = client
+        self.writer: asyncio.StreamWriter | None = None
+        # Waiting for (or reading) a request head, not being answered: what
+        # may be closed to make room for a new connection.
+        self.idle = True
+        self.task: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         else:
-            self._send_text(404, "Not Found", send_body)
-
-    def _send_metrics(self, site: _Site, query: str, send_body: bool) -> None:
-        try:
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            registry: Any = site.registry
-            selected_names = parse_qs(query).get("name[]")
-            if selected_names:
-                # Like prometheus_client's own handler: ?name[]=x&name[]=y
-                registry = registry.restricted_registry(selected_names)
-            body = encoder(registry)
-        except Exception:
-            logger.exception("collecting metrics for %s failed", self.address_string())
-            self._send_text(500, "Internal Server Error: collecting metrics failed", send_body)
-            return
-        extra_headers = [("Vary", "Accept-Encoding")]
-        if _gzip_accepted(self.headers.get("Accept-Encoding")):
-            body = gzip.compress(body, compresslevel=_GZIP_LEVEL)
-            extra_headers.append(("Content-Encoding", "gzip"))
-        self._send(200, content_type, body, send_body, extra_headers)
-
-    def _send_route(self, route: RouteHandler, send_body: bool) -> None:
-        try:
-            status, content_type, body = route()
-        except Exception:
-            logger.exception("handling %s for %s failed", self.path, self.address_string())
-            self._send_text(500, "Internal Server Error", send_body)
-            return
-        self._send(status, content_type, body, send_body)
-
-    def _send_text(
-        self,
-        status: int,
-        text: str,
-        send_body: bool,
-        extra_headers: Iterable[tuple[str, str]] = (),
-    ) -> None:
-        body = f"{text}\n".encode()
-        headers = [("X-Content-Type-Options", "nosniff"), *extra_headers]
-        self._send(status, "text/plain; charset=utf-8", body, send_body, headers)
-
-    def _send(
-        self,
-        status: int,
-        content_type: str,
-        body: bytes,
-        send_body: bool,
-        extra_headers: Iterable[tuple[str, str]] = (),
-    ) -> None:
-        self.send_response(status)
-        if self.headers.get("Content-Length", "0").strip() != "0" or (
-            "Transfer-Encoding" in self.headers
-        ):
-            # No page here reads a request body; on a kept-alive connection
-            # the unread body would be taken for the next request.
-            self.send_header("Connection", "close")
-        sent = set()
-        for name, value in extra_headers:
-            self.send_header(name, value)
-            sent.add(name.lower())
-        for name, value in self.server.site.headers.items():
-            if name.lower() not in sent:
-                self.send_header(name, value)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
+            _close_quietly(self.sock)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server that does TLS handshakes in the request threads.
-
-    ``ssl.SSLContext.wrap_socket`` on the listening socket would shake hands
-    inside ``accept()``, where one silent client stalls every other; here the
-    accept loop only accepts, and each connection's thread shakes hands with
-    a timeout.
+class _Server:
+    """The serving core: one asyncio event loop thread for every connection
+    (TLS handshakes, reading request heads, writing answers) and a fixed pool
+    of scrape workers for what takes CPU or blocks (collecting metrics,
+    bcrypt, routes). Slow or silent clients cost a socket and a little
+    memory, never a thread; there are at most ``MAX_CONNECTIONS`` of them,
+    and when that many are open the one that has waited longest without
+    sending a whole request is closed to make room.
     """
-
-    daemon_threads = True
-    allow_reuse_address = True
 
     def __init__(
         self,
-        family: socket.AddressFamily,
-        bind_address: tuple[Any, ...],
+        listener: socket.socket,
         *,
         site: _Site,
         ssl_context: ssl.SSLContext | None,
         client_allowed_sans: frozenset[str],
-        dual_stack: bool,
     ) -> None:
-        self.address_family = family
+        self.listener = listener
         self.site = site
-        self._ssl_context = ssl_context
-        self._client_allowed_sans = client_allowed_sans
-        self._dual_stack = dual_stack
-        self._open_connections: set[socket.socket] = set()
-        self._open_connections_lock = threading.Lock()
-        super().__init__(bind_address, _RequestHandler, bind_and_activate=False)
-
-    def server_bind(self) -> None:
-        if self._dual_stack:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # Not HTTPServer.server_bind: its socket.getfqdn() can stall on DNS,
-        # and nothing here uses the server name.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = (
-            str(self.server_address[0]),
-            int(self.server_address[1]),
+        self.ssl_context = ssl_context
+        self.client_allowed_sans = client_allowed_sans
+        self.loop = asyncio.new_event_loop()
+        self.connections: OrderedDict[int, _Connection] = OrderedDict()
+        self.workers = ThreadPoolExecutor(
+            max_workers=SCRAPE_WORKERS, thread_name_prefix="tcptrace-ebpf-scrape"
         )
+        # Made here, not in the loop: stop() may come before the loop runs.
+        self._stopped = asyncio.Event()
+        self._next_id = 0
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        connection: socket.socket = request
-        self._track(connection)
+    def start_workers(self) -> None:
+        """Start every worker thread now, while the process may: under a task
+        limit (TasksMax, a pids cgroup) later is too late."""
+        barrier = threading.Barrier(SCRAPE_WORKERS + 1)
+        for _ in range(SCRAPE_WORKERS):
+            self.workers.submit(barrier.wait, 10)
+        barrier.wait(10)
+
+    def run(self) -> None:
+        asyncio.set_event_loop(self.loop)
         try:
-            if self._ssl_context is not None:
-                tls_connection = self._tls_handshake(connection, client_address)
-                if tls_connection is None:
-                    return
-                self._track(tls_connection)
-                self._untrack(connection)
-                connection = tls_connection
-            _RequestHandler(connection, client_address, self)
+            self.loop.run_until_complete(self._serve())
         finally:
-            self._untrack(connection)
-            if connection is not request:
-                _close_quietly(connection)
+            self.loop.close()
 
-    def _tls_handshake(
-        self, connection: socket.socket, client_address: Any
-    ) -> ssl.SSLSocket | None:
-        assert self._ssl_context is not None
-        connection.settimeout(TLS_HANDSHAKE_TIMEOUT_SECONDS)
+    def stop(self) -> None:
+        """From another thread: close everything; run() returns."""
+
+        with suppress(RuntimeError):  # the loop is already closed
+            self.loop.call_soon_threadsafe(self._stopped.set)
+
+    async def _serve(self) -> None:
+        self.listener.setblocking(False)
+        accepting = asyncio.ensure_future(self._accept_forever())
+        await self._stopped.wait()
+        accepting.cancel()
+        with suppress(asyncio.CancelledError):
+            await accepting
+        self.listener.close()
+        tasks = [conn.task for conn in self.connections.values() if conn.task is not None]
+        for conn in list(self.connections.values()):
+            conn.close()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self.workers.shutdown(wait=False, cancel_futures=True)
+
+    async def _accept_forever(self) -> None:
+        while True:
+            try:
+                sock, address = await self.loop.sock_accept(self.listener)
+            except OSError as err:
+                # EMFILE and the like: the listen queue keeps the client
+                # waiting; try again shortly rather than spin.
+                logger.warning("cannot accept a connection: %s", _os_error_text(err))
+                await asyncio.sleep(0.1)
+                continue
+            client = str(address[0]) if isinstance(address, tuple) else "?"
+            self._make_room()
+            self._next_id += 1
+            conn = _Connection(sock, client)
+            self.connections[self._next_id] = conn
+            conn.task = asyncio.ensure_future(self._handle(self._next_id, conn))
+
+    def _make_room(self) -> None:
+        if len(self.connections) < MAX_CONNECTIONS:
+            return
+        for conn_id, conn in self.connections.items():  # oldest first
+            if conn.idle:
+                logger.debug(
+                    "%s: closed to make room (%d connections)", conn.client, len(self.connections)
+                )
+                del self.connections[conn_id]
+                conn.close()
+                if conn.task is not None:
+                    conn.task.cancel()
+                return
+
+    async def _handle(self, conn_id: int, conn: _Connection) -> None:
         try:
-            tls_connection = self._ssl_context.wrap_socket(
-                connection, server_side=True, do_handshake_on_connect=False
-            )
-        except OSError as err:
-            logger.debug("%s: cannot start TLS: %s", client_address[0], err)
-            return None
-        try:
-            tls_connection.do_handshake()
-        except OSError as err:  # ssl.SSLError, TimeoutError, resets
-            logger.debug("%s: TLS handshake failed: %s", client_address[0], err)
-            _close_quietly(tls_connection)
-            return None
-        if self._client_allowed_sans and not _has_allowed_san(
-            tls_connection.getpeercert(), self._client_allowed_sans
-        ):
-            logger.warning(
-                "%s: client certificate has none of the SANs in client_allowed_sans; connection"
-                " closed",
-                client_address[0],
-            )
-            _close_quietly(tls_connection)
-            return None
-        return tls_connection
+            await self._serve_connection(conn)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError) as err:
+            logger.debug("%s: connection error: %s", conn.client, err)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            logger.exception("%s: error while serving a connection", conn.client)
+        finally:
+            self.connections.pop(conn_id, None)
+            conn.close()
 
-    def _track(self, connection: socket.socket) -> None:
-        with self._open_connections_lock:
-            self._open_connections.add(connection)
-
-    def _untrack(self, connection: socket.socket) -> None:
-        with self._open_connections_lock:
-            self._open_connections.discard(connection)
-
-    def close_open_connections(self) -> None:
-        """Wake every request thread (idle keep-alive ones too) so that they end."""
-        with self._open_connections_lock:
-            connections = list(self._open_connections)
-        for connection in connections:
-            # The plain socket's shutdown, also for an SSLSocket: the
-            # SSLSocket method would drop its TLS state under the feet of
-            # the thread still reading from it.
-            with suppress(OSError):
-                socket.socket.shutdown(connection, socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # socketserver's default prints a traceback on stderr. A client going
-        # away mid-response is routine; anything else is a bug worth logging.
-        client = client_address[0] if client_address else "?"
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError):
-            logger.debug("%s: connection error: %s", client, error)
+    async def _serve_connection(self, conn: _Connection) -> None:
+        sock = conn.sock
+        with suppress(OSError):
+            # Headers and body go out in one write here, but a response
+            # must never wait for the client's delayed ACK (Nagle).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = asyncio.StreamReader(limit=MAX_REQUEST_HEAD_BYTES * 4, loop=self.loop)
+        started = self.loop.time()
+        if self.ssl_context is not None:
+            if not await self._wait_readable(sock, TLS_HANDSHAKE_TIMEOUT_SECONDS):
+                return
+            first = sock.recv(1, socket.MSG_PEEK)
+            if not first:
+                return
+            if first != _TLS_HANDSHAKE_RECORD:
+                with suppress(OSError):
+                    sock.send(_PLAIN_HTTP_TO_TLS_PORT)
+                return
+            try:
+                transport, protocol = await self.loop.connect_accepted_socket(
+                    lambda: asyncio.StreamReaderProtocol(reader),
+                    sock=sock,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_SECONDS,
+                )
+            except (TimeoutError, OSError, ConnectionError) as err:
+                logger.debug("%s: TLS handshake failed: %s", conn.client, err)
+                return
+            conn.writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
+            if self.client_allowed_sans and not _has_allowed_san(
+                transport.get_extra_info("peercert"), self.client_allowed_sans
+            ):
+                logger.warning(
+                    "%s: client certificate has none of the SANs in client_allowed_sans;"
+                    " connection closed",
+                    conn.client,
+                )
+                return
+            # The handshake may have taken most of the head's time: the
+            # request head gets its own.
+            started = self.loop.time()
         else:
-            logger.error("%s: error while serving a request", client, exc_info=True)
+            transport, protocol = await self.loop.connect_accepted_socket(
+                lambda: asyncio.StreamReaderProtocol(reader), sock=sock
+            )
+            conn.writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
+        await self._serve_requests(conn, reader, conn.writer, started)
+
+    async def _wait_readable(self, sock: socket.socket, timeout: float) -> bool:
+        ready: asyncio.Future[None] = self.loop.create_future()
+
+        def on_readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self.loop.add_reader(sock.fileno(), on_readable)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self.loop.remove_reader(sock.fileno())
+        return True
+
+    async def _serve_requests(
+        self,
+        conn: _Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        started: float,
+    ) -> None:
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        # A new connection has REQUEST_HEAD_TIMEOUT_SECONDS from its start
+        # for its first request head; a kept-alive one may idle for
+        # CONNECTION_IDLE_TIMEOUT_SECONDS, then has as long for the head
+        # from its first byte. Per head, not per read: a byte every few
+        # seconds does not keep a connection.
+        head_deadline: float | None = started + REQUEST_HEAD_TIMEOUT_SECONDS
+        while True:
+            conn.idle = True
+            idle_deadline = self.loop.time() + CONNECTION_IDLE_TIMEOUT_SECONDS
+            try:
+                event = await self._next_event(http, reader, head_deadline, idle_deadline)
+            except h11.RemoteProtocolError as err:
+                status = err.error_status_hint
+                reason = {431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}
+                writer.write(
+                    _raw_error(status, reason.get(status, "Bad Request"), f"Bad Request: {err}")
+                )
+                await self._drain(writer)
+                return
+            if event is None:  # the head did not come in time
+                if http.their_state is h11.IDLE and not http.trailing_data[0]:
+                    return  # nothing started: just close, as Go does
+                writer.write(_raw_error(408, "Request Timeout", "Request Timeout"))
+                await self._drain(writer)
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed
+            conn.idle = False
+            request = _request_of(event, conn.client)
+            reply = await self.loop.run_in_executor(self.workers, _answer, self.site, request)
+            has_body = (
+                "content-length" in request.headers
+                and request.headers["content-length"].strip() != "0"
+            ) or "transfer-encoding" in request.headers
+            writer.write(self._encode(http, reply, close=has_body))
+            await self._drain(writer)
+            if not has_body and http.their_state is h11.SEND_BODY:
+                http.next_event()  # the EndOfMessage of a request without a body
+            if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                return  # closing (HTTP/1.0, Connection: close, an unread body)
+            http.start_next_cycle()
+            head_deadline = None
+
+    async def _next_event(
+        self,
+        http: h11.Connection,
+        reader: asyncio.StreamReader,
+        head_deadline: float | None,
+        idle_deadline: float,
+    ) -> Any:
+        while True:
+            event = http.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            deadline = head_deadline if head_deadline is not None else idle_deadline
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return None
+            try:
+                data = await asyncio.wait_for(reader.read(65536), remaining)
+            except TimeoutError:
+                return None
+            http.receive_data(data)
+            if data and head_deadline is None:
+                head_deadline = self.loop.time() + REQUEST_HEAD_TIMEOUT_SECONDS
+
+    @staticmethod
+    async def _drain(writer: asyncio.StreamWriter) -> None:
+        # A client that does not read its answer holds the connection this
+        # long at most.
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_SECONDS)
+
+    def _encode(self, http: h11.Connection, reply: _Reply, close: bool) -> bytes:
+        headers = [
+            ("Server", "tcptrace-ebpf"),
+            ("Date", formatdate(usegmt=True)),
+        ]
+        if close:
+            # No page here reads a request body; on a kept-alive connection
+            # the unread body would be taken for the next request.
+            headers.append(("Connection", "close"))
+        sent = set()
+        for name, value in reply.headers:
+            headers.append((name, value))
+            sent.add(name.lower())
+        for name, value in self.site.headers.items():
+            if name.lower() not in sent:
+                headers.append((name, value))
+        headers.append(("Content-Type", reply.content_type))
+        headers.append(("Content-Length", str(len(reply.body))))
+        data = http.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+        if reply.send_body and reply.body:
+            data += http.send(h11.Data(data=reply.body)) or b""
+        data += http.send(h11.EndOfMessage()) or b""
+        return data
+
+
+def _request_of(event: h11.Request, client: str) -> _Request:
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return _Request(
+        method=event.method.decode("ascii", "replace"),
+        target=event.target.decode("ascii", "replace"),
+        headers=headers,
+        client=client,
+    )
 
 
 def _has_allowed_san(peer_certificate: Any, allowed_sans: frozenset[str]) -> bool:
@@ -1327,6 +1531,8 @@ class MetricsServer:
         *,
         ready: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``ready()`` False makes the telemetry path answer 503 (the daemon
+        passes "tracing has started"); the other pages answer regardless."""
         if not telemetry_path.startswith("/") or any(c in telemetry_path for c in "?# \t\r\n"):
             raise UserError(
                 f"invalid {TELEMETRY_PATH_OPTION} {telemetry_path!r}: give a URL path that starts"
@@ -1342,7 +1548,6 @@ class MetricsServer:
             telemetry_path=telemetry_path,
             landing_page=_landing_page(landing_page_title, [telemetry_path]),
             routes=MappingProxyType(self._routes),
-            ready=ready,
             headers=web_config.headers if web_config else {},
             basic_auth=(
                 _BasicAuthVerifier(web_config.basic_auth_users)
@@ -1354,12 +1559,10 @@ class MetricsServer:
                 if web_config and web_config.rate_limit
                 else None
             ),
+            ready=ready,
         )
-        self._http_server: _HTTPServer | None = None
+        self._server: _Server | None = None
         self._serve_thread: threading.Thread | None = None
-        self._stop_requested = threading.Event()
-        # Made by start(): writing to it wakes the serving thread to stop.
-        self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._lifecycle_lock = threading.Lock()
         self._shut_down = False
 
@@ -1383,43 +1586,51 @@ class MetricsServer:
     @property
     def address(self) -> tuple[str, int]:
         """The (host, port) actually bound; with port 0 asked, the port picked."""
-        if self._http_server is None:
+        if self._server is None:
             raise RuntimeError("MetricsServer.address is known only after start()")
-        host, port = self._http_server.socket.getsockname()[:2]
+        host, port = self._server.listener.getsockname()[:2]
         return str(host), int(port)
 
     def start(self) -> None:
         """Bind and serve in a daemon thread. Bind problems raise ``UserError``."""
         with self._lifecycle_lock:
-            if self._http_server is not None or self._shut_down:
+            if self._server is not None or self._shut_down:
                 raise RuntimeError("MetricsServer.start() can be called once")
             host, port = self._listen_address
             shown_address = _format_address(host, port)
             family, bind_address, dual_stack = _bind_target(host, port, shown_address)
-            ssl_context = self._web_config.ssl_context if self._web_config else None
-            tls = self._web_config.tls if self._web_config else None
-            http_server = _HTTPServer(
-                family,
-                bind_address,
-                site=self._site,
-                ssl_context=ssl_context,
-                client_allowed_sans=tls.client_allowed_sans if tls else frozenset(),
-                dual_stack=dual_stack,
-            )
+            listener = socket.socket(family, socket.SOCK_STREAM)
             try:
-                http_server.server_bind()
-                http_server.server_activate()
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if dual_stack:
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                listener.bind(bind_address)
+                listener.listen(_listen_backlog())
             except OSError as err:
-                http_server.server_close()
+                listener.close()
                 raise UserError(
                     f"cannot listen on {shown_address}: {_bind_error_text(err)}"
                 ) from err
-            self._http_server = http_server
-            self._wakeup = socket.socketpair()
-            self._serve_thread = threading.Thread(
-                target=self._serve_until_stopped, name="tcptrace-ebpf-http", daemon=True
+            tls = self._web_config.tls if self._web_config else None
+            server = _Server(
+                listener,
+                site=self._site,
+                ssl_context=self._web_config.ssl_context if self._web_config else None,
+                client_allowed_sans=tls.client_allowed_sans if tls else frozenset(),
             )
-            self._serve_thread.start()
+            try:
+                server.start_workers()
+                thread = threading.Thread(target=server.run, name="tcptrace-ebpf-http", daemon=True)
+                thread.start()
+            except (RuntimeError, threading.BrokenBarrierError) as err:
+                server.workers.shutdown(wait=False)
+                listener.close()
+                raise UserError(
+                    f"cannot start the HTTP server's {SCRAPE_WORKERS + 1} threads ({err}): raise"
+                    " the task limit (systemd TasksMax, the container's pids limit)"
+                ) from err
+            self._server = server
+            self._serve_thread = thread
         bound_host, bound_port = self.address
         logger.info(
             "serving metrics on %s://%s%s (basic auth %s)",
@@ -1435,34 +1646,10 @@ class MetricsServer:
             if self._shut_down:
                 return
             self._shut_down = True
-            self._stop_requested.set()
-            if self._wakeup is not None:
-                self._wakeup[1].send(b"\0")
+            if self._server is not None:
+                self._server.stop()
             if self._serve_thread is not None:
-                self._serve_thread.join()
-            if self._http_server is not None:
-                self._http_server.server_close()
-                self._http_server.close_open_connections()
-            if self._wakeup is not None:
-                for wakeup_socket in self._wakeup:
-                    wakeup_socket.close()
-
-    def _serve_until_stopped(self) -> None:
-        # Our own loop rather than serve_forever(): that one polls every
-        # 0.5 s to notice shutdown(); here the wakeup socket ends it at once
-        # and the thread sleeps until there is a connection.
-        http_server, wakeup = self._http_server, self._wakeup
-        assert http_server is not None
-        assert wakeup is not None
-        # handle_request() must not wait when accept() finds nothing after all.
-        http_server.timeout = 0
-        with selectors.DefaultSelector() as selector:
-            selector.register(http_server.socket, selectors.EVENT_READ)
-            selector.register(wakeup[0], selectors.EVENT_READ)
-            while not self._stop_requested.is_set():
-                for key, _events in selector.select():
-                    if key.fileobj is http_server.socket and not self._stop_requested.is_set():
-                        http_server.handle_request()
+                self._serve_thread.join(timeout=10)
 
 
 def _bind_target(

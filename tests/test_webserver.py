@@ -12,13 +12,17 @@ import contextlib
 import gzip
 import http.client
 import logging
+import os
+import select
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -588,9 +592,10 @@ def test_tls_scrape_verifies_against_the_certificate(
         client.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
         assert tls.selected_alpn_protocol() == "http/1.1"
-    # Plain HTTP to the HTTPS port gets no answer.
-    with pytest.raises((http.client.HTTPException, ConnectionError)):
-        fetch(server)
+    # Plain HTTP to the HTTPS port gets a 400 saying so, as from Go.
+    response = fetch(server)
+    assert response.status == 400
+    assert b"HTTP request to an HTTPS server" in response.body
 
 
 def test_basic_auth(
@@ -1099,3 +1104,318 @@ def test_handshakes_run_in_parallel(
         thread.join(timeout=10)
     assert errors == []
     assert results == [200] * 8
+
+
+# ---------------------------------------------------------------------------
+# Hostile and slow clients, readiness (issue 14)
+# ---------------------------------------------------------------------------
+
+
+def raw_exchange(server: MetricsServer, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes."""
+    with socket.create_connection(server.address, timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /metrics\r\n\r\n",
+        b"GET /metrics HTTP/1.1 extra\r\n\r\n",
+        b"\x00\x01\x02 / HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nno colon here\r\nAccept: text/plain\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost : x\r\n\r\n",
+    ],
+    ids=[
+        "garbage",
+        "no-version",
+        "extra-token",
+        "binary",
+        "header-without-colon",
+        "space-before-colon",
+    ],
+)
+def test_malformed_requests_get_a_status_line(
+    start_server: Callable[..., MetricsServer], request_bytes: bytes
+) -> None:
+    answer = raw_exchange(start_server(), request_bytes)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    assert body.startswith(b"Bad Request")
+
+
+def test_oversized_request_head_is_431(start_server: Callable[..., MetricsServer]) -> None:
+    big = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    answer = raw_exchange(start_server(), big)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+
+
+def test_request_head_has_one_deadline(
+    start_server: Callable[..., MetricsServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webserver, "REQUEST_HEAD_TIMEOUT_SECONDS", 1.0)
+    server = start_server()
+    with socket.create_connection(server.address, timeout=10) as sock:
+        started = time.monotonic()
+        answer = b""
+        # One header byte every 0.2 s: each read is quick, the head never ends.
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 200:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            if readable:
+                answer = sock.recv(65536)
+                break
+        took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert took < 8, took
+
+
+def test_idle_connection_before_any_request_is_closed_at_the_head_deadline(
+    start_server: Callable[..., MetricsServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webserver, "REQUEST_HEAD_TIMEOUT_SECONDS", 0.5)
+    server = start_server()
+    with socket.create_connection(server.address, timeout=10) as sock:
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # closed without a word, as Go does
+        assert time.monotonic() - started < 8
+
+
+def test_listen_backlog_is_the_hosts_somaxconn(start_server: Callable[..., MetricsServer]) -> None:
+    server = start_server()
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    # For a listening socket, ss shows the backlog as Send-Q.
+    listing = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{server.address[1]}"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.split()
+    assert int(listing[2]) == somaxconn, listing
+
+
+def test_kept_alive_requests_do_not_wait_for_delayed_acks(
+    start_server: Callable[..., MetricsServer],
+) -> None:
+    server = start_server()
+    connection = http.client.HTTPConnection(*server.address, timeout=10)
+    took = []
+    try:
+        for _ in range(15):
+            started = time.monotonic()
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            response.read()
+            took.append(time.monotonic() - started)
+            assert response.status == 200
+    finally:
+        connection.close()
+    # Headers and body in separate sends without TCP_NODELAY made each
+    # request on a kept-alive connection wait for a 40 ms delayed ACK.
+    took.sort()
+    assert took[len(took) // 2] < 0.03, took
+
+
+def test_connections_are_capped_and_scrapes_still_served(
+    start_server: Callable[..., MetricsServer],
+    open_sockets: list[socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(webserver, "MAX_CONNECTIONS", 20)
+    server = start_server()
+    for _ in range(60):
+        sock = socket.create_connection(server.address, timeout=10)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+        open_sockets.append(sock)
+    assert fetch(server, timeout=10).status == 200
+    # The oldest silent ones were closed to make room for the newer ones.
+    oldest = open_sockets[0]
+    oldest.settimeout(10)
+    assert oldest.recv(1) == b""
+
+    def server_side_connections() -> int:
+        listing = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"sport = :{server.address[1]}"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return len(listing.splitlines())
+
+    deadline = time.monotonic() + 10
+    while server_side_connections() > 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server_side_connections() <= 20
+
+
+def test_threads_are_bounded(
+    start_server: Callable[..., MetricsServer], open_sockets: list[socket.socket]
+) -> None:
+    server = start_server()
+    # Every thread the server will ever run is there from the start.
+    started = threading.active_count()
+    assert server._server is not None
+    assert len(server._server.workers._threads) == webserver.SCRAPE_WORKERS
+    for _ in range(100):
+        sock = socket.create_connection(server.address, timeout=10)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        open_sockets.append(sock)
+    assert fetch(server, timeout=10).status == 200
+    assert threading.active_count() <= started
+
+
+def test_many_concurrent_scrapers_are_all_served(
+    start_server: Callable[..., MetricsServer],
+) -> None:
+    server = start_server()
+    statuses: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def scrape() -> None:
+        try:
+            status = fetch(server, timeout=30).status
+        except BaseException as err:  # reported below
+            with lock:
+                errors.append(err)
+        else:
+            with lock:
+                statuses.append(status)
+
+    threads = [threading.Thread(target=scrape) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert statuses == [200] * 200
+
+
+def test_metrics_answer_503_until_ready(
+    registry: CollectorRegistry, start_server: Callable[..., MetricsServer]
+) -> None:
+    tracing = threading.Event()
+    server = start_server(ready=tracing.is_set)
+    server_routes_ok = fetch(server, "/")
+    assert server_routes_ok.status == 200
+    not_ready = fetch(server)
+    assert not_ready.status == 503
+    assert b"tracing has not started" in not_ready.body
+    assert fetch(server, "/metrics", method="HEAD").status == 503
+    tracing.set()
+    assert fetch(server).status == 200
+
+
+def test_ready_defaults_to_always(start_server: Callable[..., MetricsServer]) -> None:
+    assert fetch(start_server()).status == 200
+
+
+def _pids_cgroup_parent() -> Path | None:
+    unified = Path("/sys/fs/cgroup")
+    controllers = unified / "cgroup.controllers"
+    if controllers.exists():
+        subtree = unified / "cgroup.subtree_control"
+        if "pids" in subtree.read_text().split():
+            return unified
+        return None
+    v1 = unified / "pids"
+    return v1 if (v1 / "cgroup.procs").exists() else None
+
+
+_SERVER_SCRIPT = """
+import sys, time
+from prometheus_client import CollectorRegistry, Gauge
+from tcptrace_ebpf.webserver import MetricsServer
+registry = CollectorRegistry()
+Gauge("test_up", "Up.", registry=registry).set(1)
+server = MetricsServer(registry, ("127.0.0.1", 0))
+server.start()
+print(server.address[1], flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_slow_clients_under_a_task_limit_do_not_stop_scrapes() -> None:
+    """A pids cgroup of 150 (a systemd TasksMax, a Kubernetes pids limit) and
+    147 slow clients: every legitimate scrape is still served."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates a pids cgroup")
+    parent = _pids_cgroup_parent()
+    if parent is None:
+        pytest.skip("no pids cgroup controller to limit tasks with")
+    cgroup = parent / f"tcptrace-test-{uuid.uuid4().hex[:8]}"
+    cgroup.mkdir()
+    proc: subprocess.Popen[str] | None = None
+    slow: list[socket.socket] = []
+    try:
+        (cgroup / "pids.max").write_text("150\n")
+        procs_file = str(cgroup / "cgroup.procs")
+
+        def join_cgroup() -> None:
+            with open(procs_file, "w") as stream:
+                stream.write(str(os.getpid()))
+
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER_SCRIPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=join_cgroup,  # noqa: PLW1509 (no threads to deadlock in here)
+        )
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(147):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            slow.append(sock)
+        statuses = []
+        for _ in range(30):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                connection.request("GET", "/metrics")
+                response = connection.getresponse()
+                body = response.read()
+                statuses.append(response.status)
+                assert b"test_up 1.0" in body
+            finally:
+                connection.close()
+        assert statuses == [200] * 30
+        assert proc.poll() is None
+    finally:
+        for sock in slow:
+            sock.close()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        for _ in range(50):
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_shutdown_right_after_start_stops_the_server(registry: CollectorRegistry) -> None:
+    # stop() may reach the serving thread before its event loop runs.
+    for _ in range(20):
+        server = MetricsServer(registry, LOOPBACK)
+        server.start()
+        address = server.address
+        started = time.monotonic()
+        server.shutdown()
+        assert time.monotonic() - started < 5
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=5).close()
