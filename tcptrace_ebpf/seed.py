@@ -28,6 +28,7 @@ class ListenerSeed:
     comm: str
     count: int  # listening sockets on this port
     ambiguous: bool
+    cgroup_id: int = 0  # the owner's cgroup v2 id, for its children's container and pod
 
 
 def own_netns_inum() -> int:
@@ -43,6 +44,7 @@ def listener_seeds(
     holders: dict[int, list[int]],
     comm_of: Callable[[int], str | None],
     netns: int,
+    cgroup_of: Callable[[int], int] = lambda pid: 0,
 ) -> list[ListenerSeed]:
     """One seed per listening port: its count and, if unambiguous, its owner."""
     by_port: dict[int, list[DiagSocket]] = {}
@@ -54,7 +56,9 @@ def listener_seeds(
         pids = sorted({pid for sock in listening for pid in holders.get(sock.inode, [])})
         comm = comm_of(pids[0]) if len(pids) == 1 else None
         if comm is not None:
-            seeds.append(ListenerSeed(netns, port, pids[0], comm, len(listening), False))
+            seeds.append(
+                ListenerSeed(netns, port, pids[0], comm, len(listening), False, cgroup_of(pids[0]))
+            )
         else:
             seeds.append(ListenerSeed(netns, port, 0, "", len(listening), True))
     return seeds
@@ -76,4 +80,6 @@ def collect_listener_seeds() -> list[ListenerSeed]:
         info = procfs.process_info(pid)
         return info.comm if info is not None else None
 
-    return listener_seeds(listening, holders, comm_of, own_netns_inum())
+    from .workloads import cgroup_id_of_pid
+
+    return listener_seeds(listening, holders, comm_of, own_netns_inum(), cgroup_id_of_pid)
