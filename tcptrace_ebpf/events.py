@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from functools import lru_cache
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from .states import state_name

@@ -24,6 +24,7 @@ Parsing is pure (`parse_cgroup_path`, `parse_container_log`,
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -352,14 +353,7 @@ def _scan_pod_logs(directory: str) -> Iterable[tuple[str, tuple[str, str, list[s
         yield uid, (namespace, pod, containers)
 
 
-_shared: Workloads | None = None
-_shared_lock = threading.Lock()
-
-
+@functools.cache
 def shared() -> Workloads:
     """The process-wide resolver (one cache for every command's needs)."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = Workloads()
-        return _shared
+    return Workloads()
