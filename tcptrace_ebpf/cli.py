@@ -199,8 +199,10 @@ def _run_event_command(
     from .events import Decoder
     from .probe import Tracer
     from .runner import StopFlag, clock_offset_ns, run
+    from .workloads import shared as shared_workloads
 
-    decoder = Decoder(clock_offset_ns())
+    # Owners' cgroup ids name their container and pod in the JSON output.
+    decoder = Decoder(clock_offset_ns(), shared_workloads().of_id)
     handle = make_handler(decoder)
     delivered = [0]
 
@@ -286,7 +288,14 @@ def lifecycles(
     out = Output()
     engine = LifecycleEngine()
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    render = (lambda life: dumps(life.to_json())) if as_json else lifecycle_line
+    from .workloads import shared as shared_workloads
+
+    workload_of = shared_workloads().of_id
+    render = (
+        (lambda life: dumps(life.to_json(workload_of(life.cgroup_id))))
+        if as_json
+        else lifecycle_line
+    )
 
     def make_handler(decoder: Any) -> Callable[[bytes], None]:
         decode = decoder.decode
@@ -466,6 +475,10 @@ class DurationParam(click.ParamType):  # type: ignore[type-arg]
     show_default=True,
     help="Seconds between refreshes with --watch.",
 )
+@click.option(
+    "--pod", default=None, help="Only sockets held in this Kubernetes pod (NAME or NAMESPACE/NAME)."
+)
+@click.option("--container", default=None, help="Only sockets held in this container (name or id).")
 @api_socket_option("Where the running `serve` answers with CLOSE_WAIT ages.")
 def closewait(
     *,
@@ -474,6 +487,8 @@ def closewait(
     as_json: bool,
     watch: bool,
     interval: float,
+    pod: str | None,
+    container: str | None,
     api_socket: str,
 ) -> None:
     """Find CLOSE_WAIT leaks: which process holds sockets whose peer closed, how many, since when.
@@ -527,6 +542,8 @@ def closewait(
                 as_json=as_json,
                 source=source,
                 clear=False,
+                pod=pod,
+                container=container,
             )
             out.flush()
             return
@@ -542,6 +559,8 @@ def closewait(
                     as_json=as_json,
                     source=source,
                     clear=not as_json,
+                    pod=pod,
+                    container=container,
                 )
                 out.flush()
                 deadline = time.monotonic() + interval
@@ -578,11 +597,15 @@ def _show_close_wait(
     as_json: bool,
     source: str,
     clear: bool,
+    pod: str | None = None,
+    container: str | None = None,
 ) -> None:
     from .closewait import format_age, gather, group_by_process, old_enough
     from .render import format_endpoint
 
     sockets = old_enough(gather(ages), min_age)
+    if pod is not None or container is not None:
+        sockets = [sock for sock in sockets if any(h.matches(pod, container) for h in sock.holders)]
     groups = group_by_process(sockets)
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     if as_json:
@@ -624,8 +647,13 @@ def _show_close_wait(
             f"{format_age(group.median_age_s, False):>8}  {ports}  {peers}"
         )
         if holder is not None:
-            where = holder.container_id[:12] if holder.container_id else holder.cgroup
-            out.write(f"{'':>7} cmd: {holder.cmdline[:60]}  cgroup: {where}")
+            if holder.pod:
+                where = f"pod: {holder.namespace}/{holder.pod}  container: {holder.container}"
+            elif holder.container_id:
+                where = f"container: {holder.container_id[:12]}"
+            else:
+                where = f"cgroup: {holder.cgroup}"
+            out.write(f"{'':>7} cmd: {holder.cmdline[:60]}  {where}")
 
 
 @cli.command()

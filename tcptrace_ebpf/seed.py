@@ -64,22 +64,42 @@ def listener_seeds(
     return seeds
 
 
-def collect_listener_seeds() -> list[ListenerSeed]:
-    """Snapshot this namespace's listeners and their holders; empty on failure."""
+def collect_listener_seeds(every_netns: bool = True) -> list[ListenerSeed]:
+    """Snapshot the listeners of this network namespace and (`every_netns`)
+    every other one (pods have their own), and their holders; empty on failure."""
     from . import procfs, sockdiag
     from .errors import UserError
+    from .netns import namespaces, run_in
+    from .workloads import cgroup_id_of_pid
 
+    def listed() -> list[DiagSocket]:
+        return sockdiag.snapshot(states=[TcpState.LISTEN])
+
+    own = own_netns_inum()
     try:
-        listening = sockdiag.snapshot(states=[TcpState.LISTEN])
-        holders = procfs.socket_holders({sock.inode for sock in listening if sock.inode})
+        per_netns = [(own, listed())]
     except (UserError, OSError) as err:
         log.warning("could not list existing listeners (%s): their children get no owner", err)
+        return []
+    if every_netns:
+        for inode, path in namespaces().items():
+            if inode != own:
+                try:
+                    per_netns.append((inode, run_in(path, listed)))
+                except (UserError, OSError):
+                    continue  # gone meanwhile
+    inodes = {sock.inode for _netns, sockets in per_netns for sock in sockets if sock.inode}
+    try:
+        holders = procfs.socket_holders(inodes)
+    except OSError as err:
+        log.warning("could not find the owners of existing listeners (%s)", err)
         return []
 
     def comm_of(pid: int) -> str | None:
         info = procfs.process_info(pid)
         return info.comm if info is not None else None
 
-    from .workloads import cgroup_id_of_pid
-
-    return listener_seeds(listening, holders, comm_of, own_netns_inum(), cgroup_id_of_pid)
+    seeds: list[ListenerSeed] = []
+    for netns, sockets in per_netns:
+        seeds += listener_seeds(sockets, holders, comm_of, netns, cgroup_id_of_pid)
+    return seeds

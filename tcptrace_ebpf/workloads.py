@@ -157,7 +157,8 @@ def parse_pod_log_dir(name: str) -> tuple[str, str, str] | None:
 def cgroup2_mounts(mountinfo: str) -> list[str]:
     """Mount points of the cgroup v2 hierarchy in /proc/self/mountinfo text,
     those showing the whole tree (root "/") first."""
-    whole, partial = [], []
+    whole: list[str] = []
+    partial: list[str] = []
     for line in mountinfo.splitlines():
         before, _, after = line.partition(" - ")
         fields = before.split()

@@ -1,0 +1,272 @@
+"""Pods, for real: leaking processes in cgroups with the kubelet's path shapes,
+each in a network namespace of its own; the metrics, `closewait` and the
+lifecycles name the right pod and container."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import cli_argv, free_port, requires_root, run_cli, sh, wait_for
+from test_closewait import LEAKER
+from test_serve import Samples, scrape
+
+from tcptrace_ebpf.workloads import find_cgroup2_root
+
+CGROUP2 = find_cgroup2_root()
+
+pytestmark = [
+    requires_root,
+    pytest.mark.skipif(CGROUP2 is None, reason="no cgroup v2 hierarchy mounted"),
+]
+
+
+@dataclass
+class Pod:
+    namespace: str
+    name: str
+    uid: str
+    container: str
+    container_id: str
+    cgroup: Path
+    netns: str
+
+
+@contextlib.contextmanager
+def cgroup_dirs(parts: list[str]) -> Iterator[Path]:
+    """Make the cgroup v2 directories `parts` (those missing); on exit kill
+    what is left in the ones made and remove them, deepest first."""
+    assert CGROUP2 is not None
+    path = Path(CGROUP2)
+    made: list[Path] = []
+    try:
+        for part in parts:
+            path = path / part
+            if not path.exists():
+                path.mkdir()
+                made.append(path)
+        yield path
+    finally:
+        for directory in reversed(made):
+            for _ in range(100):
+                pids = (directory / "cgroup.procs").read_text().split()
+                for pid in pids:  # only test processes can be in our cgroups
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                try:
+                    directory.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def pod(log_root: Path, namespace: str, *, driver: str, runtime: str) -> Iterator[Pod]:
+    """A pod's cgroup (kubelet layout of `driver`, `runtime`'s naming), its
+    kubelet log directories and a network namespace."""
+    uid = str(uuid.uuid4())
+    cid = secrets.token_hex(32)
+    name = f"cart-{secrets.token_hex(3)}"
+    if driver == "systemd":
+        scope = {"containerd": "cri-containerd", "cri-o": "crio"}[runtime]
+        parts = [
+            "kubepods.slice",
+            "kubepods-burstable.slice",
+            f"kubepods-burstable-pod{uid.replace('-', '_')}.slice",
+            f"{scope}-{cid}.scope",
+        ]
+    else:
+        leaf = cid if runtime == "containerd" else f"crio-{cid}"
+        parts = ["kubepods", "besteffort", f"pod{uid}", leaf]
+    pod_logs = log_root / "pods" / f"{namespace}_{name}_{uid}"
+    (pod_logs / "api").mkdir(parents=True)
+    (pod_logs / "sidecar").mkdir()
+    (log_root / "containers").mkdir(exist_ok=True)
+    (log_root / "containers" / f"{name}_{namespace}_api-{cid}.log").touch()
+    netns = f"ttk{uuid.uuid4().hex[:6]}"
+    with cgroup_dirs(parts) as cgroup:
+        sh("ip", "netns", "add", netns)
+        try:
+            sh("ip", "-n", netns, "link", "set", "lo", "up")
+            yield Pod(namespace, name, uid, "api", cid, cgroup, netns)
+        finally:
+            sh("ip", "netns", "del", netns, check=False)
+
+
+class PodLeaker:
+    """The leaker of test_closewait, started inside a pod's cgroup and network
+    namespace, with `count` clients in that namespace that connect and close."""
+
+    def __init__(self, where: Pod, port: int, count: int, script: Path) -> None:
+        script.write_text(LEAKER)
+        # The shell moves itself into the cgroup, then becomes the leaker.
+        self.proc = subprocess.Popen(
+            [
+                "sh", "-c",
+                f'echo $$ > {where.cgroup}/cgroup.procs && exec ip netns exec {where.netns} '
+                f'{sys.executable} {script} {port} {count} plain',
+            ],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.pid = self.proc.pid
+        wait_for(
+            lambda: (
+                sh(
+                    "ip", "netns", "exec", where.netns, "ss", "-tlnH", f"sport = :{port}"
+                ).stdout.strip()
+                != ""
+            ),
+            timeout=30,
+        )
+        client = (
+            "import socket, sys\n"
+            f"held = [socket.create_connection(('127.0.0.1', {port})) for _ in range({count})]\n"
+            "[sock.close() for sock in held]\n"
+        )
+        sh("ip", "netns", "exec", where.netns, sys.executable, "-c", client)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "accepted"
+
+    def close_sockets(self) -> None:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "closed"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@contextlib.contextmanager
+def leaking(where: Pod, port: int, count: int, tmp_path: Path) -> Iterator[PodLeaker]:
+    leak: PodLeaker | None = None
+    try:
+        leak = PodLeaker(where, port, count, tmp_path / f"leaker-{port}.py")
+        yield leak
+    finally:
+        if leak is not None:
+            leak.stop()
+
+
+def close_wait_of(samples: Samples, name: str, where: Pod) -> float:
+    """A gauge's value for the pod's container, whatever the program's name."""
+    return sum(
+        value
+        for (metric, labels), value in samples.items()
+        if metric == name
+        and ("namespace", where.namespace) in labels
+        and ("pod", where.name) in labels
+        and ("container", where.container) in labels
+    )
+
+
+def closewait_json(api: str, *args: str) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        cli_argv("closewait", "--json", "--api.socket", api, "--min-age", "0", *args),
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_pods_leaking_close_wait_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    logs = tmp_path / "log"
+    # The kubelet's log directories, as the DaemonSet mounts them (read by serve and closewait).
+    monkeypatch.setenv("TCPTRACE_KUBELET_LOG_DIR", str(logs))
+    n_old, n_new = 3, 5
+    port_old, port_new = free_port(), free_port()
+    api = str(tmp_path / "api.sock")
+    http = free_port()
+    with (
+        pod(logs, "shop", driver="systemd", runtime="containerd") as old_pod,
+        pod(logs, "billing", driver="cgroupfs", runtime="cri-o") as new_pod,
+        # Leaking before the exporter starts, in another network namespace.
+        leaking(old_pod, port_old, n_old, tmp_path) as old_leak,
+    ):
+        with (
+            run_cli(
+                "serve", "--web.listen-address", f"127.0.0.1:{http}", "--api.socket", api,
+                "--port", str(port_old), "--port", str(port_new),
+            ),
+            run_cli(
+                "lifecycles", "--json", "--port", str(port_old), "--port", str(port_new)
+            ) as lives,
+        ):  # fmt: skip
+            wait_for(lambda: ("tcptrace_events_total", ()) in scrape(http), timeout=60)
+            with leaking(new_pod, port_new, n_new, tmp_path) as new_leak:
+                # The metrics: one series per pod and container.
+                for where, n in ((old_pod, n_old), (new_pod, n_new)):
+                    wait_for(
+                        lambda where=where, n=n: (
+                            close_wait_of(scrape(http), "tcptrace_close_wait_sockets", where) == n
+                        ),
+                        timeout=30,
+                    )
+                    assert (
+                        close_wait_of(scrape(http), "tcptrace_close_wait_oldest_seconds", where) > 0
+                    )
+                # closewait: every namespace, each group named, and --pod / --container filter.
+                groups = {g["pid"]: g for g in closewait_json(api)}
+                for leak, where, n in ((old_leak, old_pod, n_old), (new_leak, new_pod, n_new)):
+                    group = groups[leak.pid]
+                    assert group["count"] == n
+                    assert (group["namespace"], group["pod"], group["container"]) == (
+                        where.namespace, where.name, where.container,
+                    )  # fmt: skip
+                    assert group["container_id"] == where.container_id
+                old_only = closewait_json(api, "--pod", f"shop/{old_pod.name}")
+                assert [g["pid"] for g in old_only] == [old_leak.pid]
+                assert old_only[0]["oldest_age_is_lower_bound"] is True
+                assert [g["pid"] for g in closewait_json(api, "--pod", new_pod.name)] == [
+                    new_leak.pid
+                ]
+                assert closewait_json(api, "--container", "nosuch") == []
+                # The lifecycles, once the leakers close: each server socket names its pod.
+                old_leak.close_sockets()
+                new_leak.close_sockets()
+                for where, port, n in ((old_pod, port_old, n_old), (new_pod, port_new, n_new)):
+                    wait_for(
+                        lambda port=port, n=n: (
+                            len(
+                                [
+                                    life
+                                    for life in lives.json_lines()
+                                    if life["lport"] == port and life["close"] == "passive"
+                                ]
+                            )
+                            >= n
+                        ),
+                        timeout=30,
+                    )
+                    served = [
+                        life
+                        for life in lives.json_lines()
+                        if life["lport"] == port and life["close"] == "passive"
+                    ]
+                    for life in served:
+                        assert (life["namespace"], life["pod"], life["container"]) == (
+                            where.namespace, where.name, where.container,
+                        )  # fmt: skip
+                        assert life["cgroup_id"] == os.stat(where.cgroup).st_ino
+                # And the gauges drop back.
+                for where in (old_pod, new_pod):
+                    wait_for(
+                        lambda where=where: (
+                            close_wait_of(scrape(http), "tcptrace_close_wait_sockets", where) == 0
+                        ),
+                        timeout=30,
+                    )
