@@ -218,7 +218,7 @@ def gather(
     and ages."""
     from . import procfs, sockdiag
     from .errors import UserError
-    from .netns import namespaces, run_in
+    from .netns import established, namespaces, run_in
     from .seed import own_netns_inum
     from .workloads import shared as shared_workloads
 
@@ -231,7 +231,9 @@ def gather(
     per_netns = [(own, listed())]
     if every_netns:
         for inode, path in namespaces().items():
-            if inode != own:
+            # A namespace with no ESTABLISHED or CLOSE_WAIT socket (CurrEstab
+            # counts both) is not entered: each costs a thread and a netlink dump.
+            if inode != own and established(path) != 0:
                 try:
                     per_netns.append((inode, run_in(path, listed)))
                 except (UserError, OSError):

@@ -16,6 +16,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
@@ -37,6 +38,23 @@ def namespaces(proc: str = "/proc", mounted: str = "/run/netns") -> dict[int, st
             continue
         found.setdefault(inode, path)
     return found
+
+
+def established(path: str) -> int | None:
+    """CurrEstab of the namespace /proc/PID/ns/net opens (ESTABLISHED and
+    CLOSE_WAIT sockets, from that process's /proc/PID/net/snmp): a cheap test
+    of whether it can hold a CLOSE_WAIT socket at all. None if unknown."""
+    if not path.endswith("/ns/net") or "/run/" in path:
+        return None
+    try:
+        text = Path(path[: -len("ns/net")] + "net/snmp").read_text()
+        lines = [line.split() for line in text.splitlines()]
+    except OSError:
+        return None
+    tcp = [fields for fields in lines if fields and fields[0] == "Tcp:"]
+    if len(tcp) != 2 or "CurrEstab" not in tcp[0]:
+        return None
+    return int(tcp[1][tcp[0].index("CurrEstab")])
 
 
 def _setns(fd: int) -> None:
