@@ -668,6 +668,7 @@ def timewait(top: int, as_json: bool, api_socket: str) -> None:
     from .timewait import gather
 
     owners: dict[tuple[str, int, str, int], str] | None = None
+    data: list[dict[str, Any]] = []
     try:
         data = query(Path(api_socket), "time_wait", timeout=10.0)
     except ApiUnavailable as err:
@@ -679,7 +680,7 @@ def timewait(top: int, as_json: bool, api_socket: str) -> None:
             for item in data
             if item["netns"] in (netns, 0)
         }
-    view = gather(owners)
+    view = gather(owners, data)
     if as_json:
         click.echo(json.dumps(view.to_json(top), separators=(",", ":")))
         return
@@ -701,6 +702,12 @@ def timewait(top: int, as_json: bool, api_socket: str) -> None:
         click.echo(f"{'PROGRAM':<40} {'TIME_WAIT':>9}")
         for comm, count in view.programs[:top]:
             click.echo(f"{comm:<40} {count:>9}")
+    if any(any(workload) for workload, _count in view.workloads):
+        # Every network namespace: pods have their own.
+        click.echo(f"{'POD/CONTAINER (ALL NETWORK NAMESPACES)':<40} {'TIME_WAIT':>9}")
+        for (namespace, pod, container), count in view.workloads[:top]:
+            where = f"{namespace}/{pod}/{container}" if pod else (container or "(host)")
+            click.echo(f"{where:<40} {count:>9}")
 
 
 @cli.command()

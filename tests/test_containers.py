@@ -270,3 +270,58 @@ def test_pods_leaking_close_wait_are_named(tmp_path: Path, monkeypatch: pytest.M
                         ),
                         timeout=30,
                     )
+
+
+TIME_WAIT_MAKER = """
+import socket, sys
+count = int(sys.argv[1])
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(count)
+for _ in range(count):
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    client.close()  # the client closes first: its side goes to TIME_WAIT
+    accepted.recv(1)
+    accepted.close()
+"""
+
+
+def test_time_wait_per_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`timewait` counts the TIME_WAIT each pod's connections left, in every namespace."""
+    logs = tmp_path / "log"
+    monkeypatch.setenv("TCPTRACE_KUBELET_LOG_DIR", str(logs))
+    count = 7
+    api = str(tmp_path / "api.sock")
+    http = free_port()
+    with (
+        pod(logs, "shop", driver="systemd", runtime="cri-o") as where,
+        run_cli("serve", "--web.listen-address", f"127.0.0.1:{http}", "--api.socket", api),
+    ):
+        script = tmp_path / "tw.py"
+        script.write_text(TIME_WAIT_MAKER)
+        sh(
+            "sh", "-c",
+            f"echo $$ > {where.cgroup}/cgroup.procs && exec ip netns exec {where.netns} "
+            f"{sys.executable} {script} {count}",
+        )  # fmt: skip
+
+        def pod_time_wait() -> int:
+            result = subprocess.run(
+                cli_argv("timewait", "--json", "--api.socket", api),
+                capture_output=True, text=True, timeout=60, check=True,
+            )  # fmt: skip
+            view = json.loads(result.stdout)
+            return sum(
+                item["time_wait"]
+                for item in view["workloads"]
+                if (item["namespace"], item["pod"], item["container"])
+                == (where.namespace, where.name, where.container)
+            )
+
+        wait_for(lambda: pod_time_wait() == count, timeout=30)
+        table = subprocess.run(
+            cli_argv("timewait", "--api.socket", api),
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert f"shop/{where.name}/api" in table
