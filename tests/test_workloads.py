@@ -11,6 +11,7 @@ from tcptrace_ebpf.workloads import (
     CgroupPlace,
     Workloads,
     cgroup2_mounts,
+    find_cgroup2_root,
     parse_cgroup_path,
     parse_container_log,
     parse_pod_log_dir,
@@ -111,3 +112,19 @@ def test_resolver_names_pods_from_kubelet_logs(tmp_path: Path) -> None:
     assert (unnamed.namespace, unnamed.pod, unnamed.container) == ("shop", "cart-5b6c", other[:12])
     assert workloads.of_id(os.stat(tree).st_ino).cgroup == "/"
     assert workloads.of_id(123456789).cgroup == ""
+
+
+def test_doctor_says_whether_cgroup_ids_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tcptrace_ebpf.doctor import Report, _check_cgroups
+
+    lines: list[str] = []
+    monkeypatch.setenv("TCPTRACE_CGROUP2_ROOT", "/nonexistent/cgroup2")
+    _check_cgroups(Report(lines.append))
+    assert lines[0].startswith("  warn  no cgroup v2 hierarchy mounted (cgroup v1 only)")
+    assert "fix: mount -t cgroup2" in lines[0]
+    monkeypatch.delenv("TCPTRACE_CGROUP2_ROOT")
+    if find_cgroup2_root() is None:
+        pytest.skip("this host has no cgroup v2 hierarchy")
+    lines.clear()
+    _check_cgroups(Report(lines.append))
+    assert lines[0].startswith(f"  ok    cgroup v2 at {find_cgroup2_root()}")
