@@ -175,6 +175,12 @@ def find_cgroup2_root(mountinfo_path: str = "/proc/self/mountinfo") -> str | Non
     TCPTRACE_CGROUP2_ROOT overrides it (a host's tree mounted elsewhere)."""
     override = os.environ.get("TCPTRACE_CGROUP2_ROOT")
     if override:
+        # A hybrid host's whole /sys/fs/cgroup: v2 is its unified/ directory.
+        unified = os.path.join(override, "unified")
+        if not os.path.exists(os.path.join(override, "cgroup.controllers")) and os.path.exists(
+            os.path.join(unified, "cgroup.controllers")
+        ):
+            return unified
         return override if os.path.isdir(override) else None
     try:
         text = Path(mountinfo_path).read_text()
