@@ -325,3 +325,83 @@ def test_time_wait_per_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             capture_output=True, text=True, timeout=60, check=True,
         ).stdout  # fmt: skip
         assert f"shop/{where.name}/api" in table
+
+
+CONTAINER_LEAKER = """
+import socket, sys, time
+count = int(sys.argv[1])
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(count)
+clients = [socket.create_connection(server.getsockname()) for _ in range(count)]
+held = [server.accept()[0] for _ in range(count)]
+for client in clients:
+    client.close()  # the peer closes; `held` never is: CLOSE_WAIT
+print("leaking", flush=True)
+time.sleep(3600)
+"""
+
+# What podman needs here: runc (crun refuses hybrid cgroup hosts), the
+# cgroupfs manager (no systemd), and rlimits no higher than ours (raising
+# them needs CAP_SYS_RESOURCE, which this machine's root lacks).
+PODMAN_RUN = [
+    "podman", "run", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
+    "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+]  # fmt: skip
+
+
+def _podman_works() -> bool:
+    import shutil
+
+    return all(shutil.which(tool) for tool in ("podman", "runc", "busybox"))
+
+
+@pytest.mark.skipif(not _podman_works(), reason="needs podman, runc and busybox-static")
+def test_real_podman_container(tmp_path: Path) -> None:
+    """A real container (podman, image imported from a local busybox root
+    filesystem, the host's /usr mounted for Python), in its own network
+    namespace, leaking CLOSE_WAIT before serve starts: found and named."""
+    rootfs = tmp_path / "rootfs"
+    for directory in ("bin", "usr", "tmp", "proc", "sys", "dev", "etc"):
+        (rootfs / directory).mkdir(parents=True)
+    sh("cp", sh("sh", "-c", "command -v busybox").stdout.strip(), str(rootfs / "bin" / "busybox"))
+    (rootfs / "bin" / "sh").symlink_to("busybox")
+    (rootfs / "lib").symlink_to("usr/lib")
+    (rootfs / "lib64").symlink_to("usr/lib64")
+    image = f"localhost/tcptrace-test:{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        f"tar -C {rootfs} -c . | podman import -q - {image}",
+        shell=True, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    (tmp_path / "leak.py").write_text(CONTAINER_LEAKER)
+    count = 4
+    container = ""
+    try:
+        container = sh(
+            *PODMAN_RUN, "-d", "--network", "none", "-v", "/usr:/usr:ro",
+            "-v", f"{tmp_path}:/work:ro", image, "/usr/bin/python3", "/work/leak.py", str(count),
+        ).stdout.strip()  # fmt: skip
+        wait_for(lambda: "leaking" in sh("podman", "logs", container).stdout, timeout=60)
+        api = str(tmp_path / "api.sock")
+        http = free_port()
+        with run_cli("serve", "--web.listen-address", f"127.0.0.1:{http}", "--api.socket", api):
+            short = container[:12]
+
+            def container_gauge() -> float:
+                return sum(
+                    value
+                    for (metric, labels), value in scrape(http).items()
+                    if metric == "tcptrace_close_wait_sockets"
+                    and ("container", short) in labels
+                    and ("pod", "") in labels
+                )
+
+            wait_for(lambda: container_gauge() == count, timeout=30)
+            groups = [g for g in closewait_json(api, "--container", short) if g["container_id"]]
+            assert [(g["container_id"], g["count"]) for g in groups] == [(container, count)]
+            assert groups[0]["oldest_age_is_lower_bound"] is True
+            assert groups[0]["cgroup"].endswith(f"libpod-{container}")
+    finally:
+        if container:
+            sh("podman", "rm", "-f", "-t", "0", container, check=False)
+        sh("podman", "rmi", "-f", image, check=False)
