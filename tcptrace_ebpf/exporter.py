@@ -374,13 +374,10 @@ class Exporter:
             "comm": comm,
         }
 
-    def _comm_of(self, sock: KernelCloseWait) -> str:
-        return self._holder_comm.get(endpoints(sock.key), sock.comm)
-
-    def _workload_of(self, sock: KernelCloseWait) -> Workload:
+    def _workload_of(self, sock: KernelCloseWait, key: Endpoints | None = None) -> Workload:
         """The container of the process holding it (from /proc), or else of the
-        owner the kernel saw (its cgroup id)."""
-        path = self._holder_cgroup.get(endpoints(sock.key))
+        owner the kernel saw (its cgroup id). `key`: its endpoints, if known."""
+        path = self._holder_cgroup.get(endpoints(sock.key) if key is None else key)
         if path:
             return self.workloads.of_path(path)
         return self.workloads.of_id(sock.cgroup_id)
@@ -420,12 +417,16 @@ class Exporter:
         counters = self.tracer.counters()
         now = time.time()
         offset = now - time.monotonic()
-        owners = [
-            self._close_wait_owner(
-                self._comm_of(sock), sock.since_ns / 1e9 + offset, self._workload_of(sock)
+        owners = []
+        for sock in self.tracer.close_wait_sockets():
+            key = endpoints(sock.key)  # formatted once per socket and scrape
+            owners.append(
+                self._close_wait_owner(
+                    self._holder_comm.get(key, sock.comm),
+                    sock.since_ns / 1e9 + offset,
+                    self._workload_of(sock, key),
+                )
             )
-            for sock in self.tracer.close_wait_sockets()
-        ]
         extra: dict[int, int] = {}
         dests = self.tracer.dest_ports()
         if self.preexisting is not None:

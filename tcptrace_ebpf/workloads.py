@@ -227,6 +227,7 @@ class Workloads:
         self._paths: dict[int, str] = {}
         self._last_walk = -WALK_MIN_INTERVAL_S
         self._by_path: dict[str, Workload] = {}
+        self._by_id: dict[int, Workload] = {}
         self._containers: dict[str, tuple[str, str, str]] = {}  # id -> namespace, pod, name
         self._pods: dict[str, tuple[str, str, list[str]]] = {}  # uid -> namespace, pod, names
         self._last_logs = -WALK_MIN_INTERVAL_S
@@ -265,8 +266,19 @@ class Workloads:
         self._paths = paths
 
     def of_id(self, cgroup_id: int) -> Workload:
+        # Read at every scrape for every CLOSE_WAIT socket: one dict lookup
+        # once known (kernfs ids are 64-bit and never reused).
+        known = self._by_id.get(cgroup_id)
+        if known is not None and (known.pod or not known.pod_uid):
+            return known
         path = self.path_of(cgroup_id)
-        return NO_WORKLOAD if path is None else self.of_path(path)
+        if path is None:
+            return NO_WORKLOAD
+        workload = self.of_path(path)
+        if len(self._by_id) > 65536:
+            self._by_id.clear()
+        self._by_id[cgroup_id] = workload
+        return workload
 
     # -- paths ---------------------------------------------------------------
 
