@@ -103,6 +103,26 @@ def tracer_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def workload_filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--pod / --container: only sockets whose owner runs there (checked in user
+    space, on each event's cgroup id, so only when asked for)."""
+    func = click.option(
+        "--container", default=None, help="Only sockets owned in this container (name or id)."
+    )(func)
+    return click.option(
+        "--pod", default=None, help="Only sockets owned in this Kubernetes pod (NAME or NS/NAME)."
+    )(func)
+
+
+def _workload_filter(
+    workload_of: Callable[[int], Any], pod: str | None, container: str | None
+) -> Callable[[int], bool] | None:
+    """cgroup id -> whether --pod/--container want it; None without those filters."""
+    if pod is None and container is None:
+        return None
+    return lambda cgroup_id: bool(workload_of(cgroup_id).matches(pod, container))
+
+
 def duration_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--duration",
@@ -243,8 +263,15 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per state change.")
 @tracer_options
+@workload_filter_options
 @duration_option
-def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
+def trace(
+    as_json: bool,
+    duration: float | None,
+    pod: str | None,
+    container: str | None,
+    **filters: Any,
+) -> None:
     """Print every TCP state change: time, owner, address pair, OLD>NEW, time in OLD."""
     from .render import trace_line
 
@@ -252,11 +279,27 @@ def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
     out = Output()
 
     def make_handler(decoder: Any) -> Callable[[bytes], None]:
+        decode = decoder.decode
+        wanted = _workload_filter(decoder.workload_of, pod, container)
         if as_json:
             json_line = decoder.json_line
-            return lambda raw: out.write(json_line(raw))
-        decode = decoder.decode
-        return lambda raw: out.write(trace_line(decode(raw)))
+            if wanted is None:
+                return lambda raw: out.write(json_line(raw))
+
+            def write_json(raw: bytes) -> None:
+                if wanted(decode(raw).cgroup_id):
+                    out.write(json_line(raw))
+
+            return write_json
+        if wanted is None:
+            return lambda raw: out.write(trace_line(decode(raw)))
+
+        def write_line(raw: bytes) -> None:
+            event = decode(raw)
+            if wanted(event.cgroup_id):
+                out.write(trace_line(event))
+
+        return write_line
 
     def finish(_lost_socks: set[int]) -> str:
         out.flush()
@@ -276,9 +319,15 @@ def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
     help="Also write every event, as `trace --json` would, to this file (records test streams).",
 )
 @tracer_options
+@workload_filter_options
 @duration_option
 def lifecycles(
-    as_json: bool, events_to: TextIO | None, duration: float | None, **filters: Any
+    as_json: bool,
+    events_to: TextIO | None,
+    duration: float | None,
+    pod: str | None,
+    container: str | None,
+    **filters: Any,
 ) -> None:
     """Print each socket's whole lifecycle once it ends: path, durations, how it closed."""
     from .lifecycle import LifecycleEngine
@@ -291,11 +340,16 @@ def lifecycles(
     from .workloads import shared as shared_workloads
 
     workload_of = shared_workloads().of_id
-    render = (
+    wanted = _workload_filter(workload_of, pod, container)
+    shown = (
         (lambda life: dumps(life.to_json(workload_of(life.cgroup_id))))
         if as_json
         else lifecycle_line
     )
+
+    def write(life: Any) -> None:
+        if wanted is None or wanted(life.cgroup_id):
+            out.write(shown(life))
 
     def make_handler(decoder: Any) -> Callable[[bytes], None]:
         decode = decoder.decode
@@ -305,14 +359,14 @@ def lifecycles(
             if events_to is not None:
                 events_to.write(decoder.json_line(raw) + "\n")
             for life in engine.feed(event):
-                out.write(render(life))
+                write(life)
 
         return handle
 
     def finish(lost_socks: set[int]) -> str:
         still_open = engine.flush(lost_socks)
         for life in still_open:
-            out.write(render(life))
+            write(life)
         out.flush()
         stats = engine.stats
         return f"; {stats.lifecycles} lifecycles, {len(still_open)} still open" + (

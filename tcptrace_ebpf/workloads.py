@@ -101,6 +101,19 @@ class Workload:
             "container": self.container or None,
         }
 
+    def matches(self, pod: str | None, container: str | None) -> bool:
+        """The --pod (NAME or NAMESPACE/NAME) and --container (name or id) filters."""
+        if pod is not None and (
+            not self.pod or pod not in (self.pod, f"{self.namespace}/{self.pod}")
+        ):
+            return False
+        if container is None:
+            return True
+        return bool(self.container) and (
+            container == self.container
+            or (len(container) >= 12 and self.container_id.startswith(container))
+        )
+
     def label(self) -> str:
         """Short human form: namespace/pod/container, the container, or ""."""
         if self.pod:

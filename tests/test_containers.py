@@ -205,6 +205,11 @@ def test_pods_leaking_close_wait_are_named(tmp_path: Path, monkeypatch: pytest.M
             run_cli(
                 "lifecycles", "--json", "--port", str(port_old), "--port", str(port_new)
             ) as lives,
+            # Only the new pod's, by --pod (the old pod's sockets are on the same ports).
+            run_cli(
+                "lifecycles", "--json", "--port", str(port_old), "--port", str(port_new),
+                "--pod", f"billing/{new_pod.name}",
+            ) as new_pod_lives,
         ):  # fmt: skip
             wait_for(lambda: ("tcptrace_events_total", ()) in scrape(http), timeout=60)
             with leaking(new_pod, port_new, n_new, tmp_path) as new_leak:
@@ -236,6 +241,8 @@ def test_pods_leaking_close_wait_are_named(tmp_path: Path, monkeypatch: pytest.M
                 ]
                 assert closewait_json(api, "--container", "nosuch") == []
                 # The lifecycles, once the leakers close: each server socket names its pod.
+                # (The old pod's peers may be gone by then, tcp_fin_timeout
+                # after their close: its sockets then end reset_received.)
                 old_leak.close_sockets()
                 new_leak.close_sockets()
                 for where, port, n in ((old_pod, port_old, n_old), (new_pod, port_new, n_new)):
@@ -245,23 +252,45 @@ def test_pods_leaking_close_wait_are_named(tmp_path: Path, monkeypatch: pytest.M
                                 [
                                     life
                                     for life in lives.json_lines()
-                                    if life["lport"] == port and life["close"] == "passive"
+                                    if life["lport"] == port and life["role"] == "server"
                                 ]
                             )
                             >= n
                         ),
                         timeout=30,
+                        what=lambda port=port: (
+                            f"lifecycles on port {port}: "
+                            + str([life for life in lives.json_lines() if life["lport"] == port])
+                            + str(lives.stderr)
+                        ),
                     )
                     served = [
                         life
                         for life in lives.json_lines()
-                        if life["lport"] == port and life["close"] == "passive"
+                        if life["lport"] == port and life["role"] == "server"
                     ]
                     for life in served:
                         assert (life["namespace"], life["pod"], life["container"]) == (
                             where.namespace, where.name, where.container,
                         )  # fmt: skip
                         assert life["cgroup_id"] == os.stat(where.cgroup).st_ino
+                filtered = new_pod_lives.json_lines()
+                wait_for(
+                    lambda: (
+                        len(
+                            [
+                                life
+                                for life in new_pod_lives.json_lines()
+                                if life["lport"] == port_new
+                            ]
+                        )
+                        >= n_new
+                    ),
+                    timeout=30,
+                )
+                filtered = new_pod_lives.json_lines()
+                assert {life["pod"] for life in filtered} == {new_pod.name}
+                assert port_old not in {life["lport"] for life in filtered}
                 # And the gauges drop back.
                 for where in (old_pod, new_pod):
                     wait_for(

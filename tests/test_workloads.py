@@ -128,3 +128,22 @@ def test_doctor_says_whether_cgroup_ids_resolve(monkeypatch: pytest.MonkeyPatch)
     lines.clear()
     _check_cgroups(Report(lines.append))
     assert lines[0].startswith(f"  ok    cgroup v2 at {find_cgroup2_root()}")
+
+
+def test_pod_and_container_filters() -> None:
+    from tcptrace_ebpf.workloads import Workload
+
+    api = Workload("/k/pod/x", CID, "containerd", "shop", "cart-5b6c", "api", UID)
+    assert api.matches(None, None)
+    assert api.matches("cart-5b6c", None)
+    assert api.matches("shop/cart-5b6c", None)
+    assert not api.matches("other/cart-5b6c", None)
+    assert not api.matches("cart", None)
+    assert api.matches(None, "api")
+    assert api.matches("cart-5b6c", CID[:12])
+    assert not api.matches(None, "sidecar")
+    assert not api.matches(None, CID[:6])
+    host = Workload(cgroup="/system.slice/nginx.service")
+    assert host.matches(None, None)
+    assert not host.matches("", None)
+    assert not host.matches(None, "")
