@@ -114,12 +114,6 @@ class Workload:
             or (len(container) >= 12 and self.container_id.startswith(container))
         )
 
-    def label(self) -> str:
-        """Short human form: namespace/pod/container, the container, or ""."""
-        if self.pod:
-            return f"{self.namespace}/{self.pod}/{self.container}"
-        return self.container
-
 
 NO_WORKLOAD = Workload()
 
@@ -212,7 +206,6 @@ def cgroup_id_of_pid(pid: int, proc: str = "/proc", root: str | None = None) -> 
     """The cgroup v2 id a process runs in (as bpf_get_current_cgroup_id() gives
     it in that process); 0 when unknown (no v2, process gone, a path outside
     our cgroup namespace)."""
-
     root = find_cgroup2_root() if root is None else root
     if root is None:
         return 0
@@ -241,14 +234,13 @@ class Workloads:
         self._last_walk = -WALK_MIN_INTERVAL_S
         self._by_path: dict[str, Workload] = {}
         self._by_id: dict[int, Workload] = {}
+        # Paths named only in part (a pod not, or not yet, in the kubelet's
+        # directories; a container whose log link is not there yet): named
+        # again, at most once a second, until they are in full.
+        self._partial: set[str] = set()
         self._containers: dict[str, tuple[str, str, str]] = {}  # id -> namespace, pod, name
         self._pods: dict[str, tuple[str, str, list[str]]] = {}  # uid -> namespace, pod, names
         self._last_logs = -WALK_MIN_INTERVAL_S
-
-    @property
-    def available(self) -> bool:
-        """Whether cgroup ids can be resolved here (a cgroup v2 hierarchy is mounted)."""
-        return self.cgroup_root is not None
 
     # -- cgroup ids --------------------------------------------------------
 
@@ -282,7 +274,7 @@ class Workloads:
         # Read at every scrape for every CLOSE_WAIT socket: one dict lookup
         # once known (kernfs ids are 64-bit and never reused).
         known = self._by_id.get(cgroup_id)
-        if known is not None and (known.pod or not known.pod_uid):
+        if known is not None and known.cgroup not in self._partial:
             return known
         path = self.path_of(cgroup_id)
         if path is None:
@@ -299,14 +291,19 @@ class Workloads:
         """The workload of a cgroup path (a v2 path, or /proc/PID/cgroup's)."""
         with self._lock:
             known = self._by_path.get(path)
-        if known is not None and (known.pod or not known.pod_uid):
+        if known is not None and path not in self._partial:
             return known
         place = parse_cgroup_path(path)
-        workload = self._name(path, place)
+        workload, complete = self._name(path, place)
         with self._lock:
             if len(self._by_path) > 65536:
                 self._by_path.clear()
+                self._partial.clear()
             self._by_path[path] = workload
+            if complete:
+                self._partial.discard(path)
+            else:
+                self._partial.add(path)
         return workload
 
     def of_pid(self, pid: int, proc: str = "/proc") -> Workload:
@@ -320,30 +317,36 @@ class Workloads:
         path, _container = parse_proc_cgroup(text)
         return self.of_path(path) if path else NO_WORKLOAD
 
-    def _name(self, path: str, place: CgroupPlace) -> Workload:
+    def _name(self, path: str, place: CgroupPlace) -> tuple[Workload, bool]:
+        """The workload of a path, and whether it is named in full."""
         if not place.container_id and not place.pod_uid:
-            return Workload(cgroup=path)
+            return Workload(cgroup=path), True
         if place.pod_uid:
             self._read_logs_if_needed(place)
             with self._lock:
                 by_container = self._containers.get(place.container_id)
                 by_pod = self._pods.get(place.pod_uid)
+            complete = True
             if by_container is not None:
                 namespace, pod, name = by_container
             elif by_pod is not None:
                 namespace, pod, names = by_pod
                 # One container in the pod: it is that one; else the short id.
+                complete = len(names) == 1 or not place.container_id
                 name = names[0] if len(names) == 1 else place.container_id[:12]
             else:
                 namespace, pod, name = "", "", place.container_id[:12]
-            return Workload(
+                complete = False
+            workload = Workload(
                 path, place.container_id, place.runtime, namespace, pod, name, place.pod_uid
             )
-        return Workload(path, place.container_id, place.runtime, container=place.container_id[:12])
+            return workload, complete
+        short = place.container_id[:12]
+        return Workload(path, place.container_id, place.runtime, container=short), True
 
     def _read_logs_if_needed(self, place: CgroupPlace) -> None:
         with self._lock:
-            known = place.container_id in self._containers or place.pod_uid in self._pods
+            known = place.container_id in self._containers
             if known or time.monotonic() - self._last_logs < WALK_MIN_INTERVAL_S:
                 return
             self._last_logs = time.monotonic()

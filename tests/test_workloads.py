@@ -147,3 +147,26 @@ def test_pod_and_container_filters() -> None:
     assert host.matches(None, None)
     assert not host.matches("", None)
     assert not host.matches(None, "")
+
+
+def test_a_container_named_later_is_named_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kubelet links a container's log after it starts: until then it goes
+    by its short id, then by its name (not stuck with the first answer)."""
+    import tcptrace_ebpf.workloads as workloads_module
+
+    monkeypatch.setattr(workloads_module, "WALK_MIN_INTERVAL_S", 0.0)
+    tree = tmp_path / "cgroup"
+    leaf = tree / "kubepods" / f"pod{UID}" / CID
+    leaf.mkdir(parents=True)
+    logs = tmp_path / "log"
+    (logs / "pods" / f"shop_cart-5b6c_{UID}" / "api").mkdir(parents=True)
+    (logs / "pods" / f"shop_cart-5b6c_{UID}" / "sidecar").mkdir()
+    (logs / "containers").mkdir()
+    workloads = Workloads(cgroup_root=str(tree), log_root=str(logs))
+    cgroup_id = os.stat(leaf).st_ino
+    assert workloads.of_id(cgroup_id).container == CID[:12]
+    (logs / "containers" / f"cart-5b6c_shop_api-{CID}.log").touch()
+    assert workloads.of_id(cgroup_id).container == "api"
+    assert workloads.of_path(f"/kubepods/pod{UID}/{CID}").container == "api"
