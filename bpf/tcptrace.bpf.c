@@ -243,6 +243,8 @@ static __always_inline void set_owner_current(struct tt_ident *id, u8 source)
 {
 	id->pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(&id->comm, sizeof(id->comm));
+	/* The cgroup v2 the caller runs in: user space names its container or pod. */
+	id->cgroup_id = bpf_get_current_cgroup_id();
 	id->owner_source = source;
 }
 
@@ -382,6 +384,7 @@ static __always_inline void close_wait_enter(u64 sk, const struct tt_ident *id,
 	cw.sock_id = id->sock_id;
 	cw.pid = id->pid;
 	cw.owner_source = id->owner_source;
+	cw.cgroup_id = id->cgroup_id;
 	__builtin_memcpy(cw.comm, id->comm, sizeof(cw.comm));
 	if (close_wait.update(&sk, &cw) != 0)
 		count(TT_C_LOST_CLOSE_WAIT_MAP);
@@ -462,6 +465,7 @@ static __always_inline void emit(void *ctx, struct tt_ident *id, const struct tt
 	ev->pad = 0;
 	ev->syn_retrans = id->syn_retrans;
 	__builtin_memcpy(ev->comm, id->comm, sizeof(ev->comm));
+	ev->cgroup_id = id->cgroup_id;
 #if USE_RINGBUF
 	/*
 	 * Never wake the reader: a wakeup per event would cost more than the
@@ -1123,6 +1127,7 @@ static __always_inline void track_listener(u32 netns, u16 port, bool listening)
 		}
 		struct tt_listener fresh = {.pid = pid, .count = 1};
 		bpf_get_current_comm(&fresh.comm, sizeof(fresh.comm));
+		fresh.cgroup_id = bpf_get_current_cgroup_id();
 		if (listeners.insert(&key, &fresh) != 0)
 			count(TT_C_LOST_LISTENER_MAP);
 	} else if (l) {
@@ -1167,6 +1172,7 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 		if (l && id->role == TT_ROLE_SERVER && !l->ambiguous) {
 			id->pid = l->pid;
 			__builtin_memcpy(id->comm, l->comm, sizeof(id->comm));
+			id->cgroup_id = l->cgroup_id;
 			id->owner_source = TT_OWNER_LISTENER;
 		}
 	}

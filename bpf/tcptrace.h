@@ -44,7 +44,7 @@ enum tt_role {
 /* Metric arrays keyed by role only have client, server and unknown rows. */
 #define TT_METRIC_ROLES 3
 
-/* How the owner (pid, comm) of a socket was learned. */
+/* How the owner (pid, comm, cgroup) of a socket was learned. */
 enum tt_owner_source {
 	TT_OWNER_UNKNOWN = 0,
 	TT_OWNER_CONNECT = 1,	/* the process that called connect() */
@@ -114,6 +114,7 @@ struct tt_event {
 	u8 pad;
 	u16 syn_retrans;	/* SYN retransmissions seen */
 	char comm[TT_COMM_LEN];	/* owner's command */
+	u64 cgroup_id;		/* owner's cgroup v2 id (inode of its directory), 0 if unknown */
 };
 
 /* An address pair, as seen from the socket's own side. */
@@ -144,6 +145,7 @@ struct tt_ident {
 	u8 pair_pending;	/* accepted child seen before its peer was set: SYN_RECV not told yet */
 	u8 pad;
 	char comm[TT_COMM_LEN];
+	u64 cgroup_id;		/* owner's cgroup v2 id; 0: unknown */
 };
 
 /* struct tt_ident.flags */
@@ -202,6 +204,7 @@ struct tt_listener {
 	u8 ambiguous;		/* owned by more than one process: children get no owner */
 	u8 pad[7];
 	char comm[TT_COMM_LEN];
+	u64 cgroup_id;
 };
 
 /* A socket in CLOSE_WAIT (serve mode), keyed by its kernel address. */
@@ -213,6 +216,7 @@ struct tt_close_wait {
 	u8 owner_source;
 	u8 pad[3];
 	char comm[TT_COMM_LEN];
+	u64 cgroup_id;
 };
 
 /* In the `adopted` map's value: news of a timewait socket older than tracing. */

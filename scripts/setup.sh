@@ -37,8 +37,11 @@ if [ "$WANT_TEST" -eq 1 ]; then
     # netns + nftables for the timeout scenario, bpftool for the BTF reader's
     # cross-check, prometheus for promtool and the end-to-end scrape,
     # systemd for systemd-analyze, openssl for TLS test certificates,
-    # util-linux for setpriv/unshare.
+    # util-linux for setpriv/unshare, podman + runc + busybox-static for the
+    # test with a real container (an image imported from a local root
+    # filesystem: nothing is pulled).
     PACKAGES="$PACKAGES nftables bpftool prometheus systemd openssl util-linux"
+    PACKAGES="$PACKAGES podman runc busybox-static"
 fi
 if [ "$WANT_BENCH" -eq 1 ]; then
     PACKAGES="$PACKAGES nginx-light wrk iperf3 bpfcc-tools"

@@ -226,6 +226,26 @@ class SecondsParam(click.ParamType):  # type: ignore[type-arg]
         return seconds
 
 
+def workload_filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--pod / --container: only sockets whose owner runs there (checked in user
+    space, on each event's cgroup id, so only when asked for)."""
+    func = click.option(
+        "--container", default=None, help="Only sockets owned in this container (name or id)."
+    )(func)
+    return click.option(
+        "--pod", default=None, help="Only sockets owned in this Kubernetes pod (NAME or NS/NAME)."
+    )(func)
+
+
+def _workload_filter(
+    workload_of: Callable[[int], Any], pod: str | None, container: str | None
+) -> Callable[[int], bool] | None:
+    """cgroup id -> whether --pod/--container want it; None without those filters."""
+    if pod is None and container is None:
+        return None
+    return lambda cgroup_id: bool(workload_of(cgroup_id).matches(pod, container))
+
+
 def duration_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--duration",
@@ -322,8 +342,10 @@ def _run_event_command(
     from .events import Decoder
     from .probe import Tracer
     from .runner import StopFlag, clock_offset_ns, run
+    from .workloads import shared as shared_workloads
 
-    decoder = Decoder(clock_offset_ns())
+    # Owners' cgroup ids name their container and pod in the JSON output.
+    decoder = Decoder(clock_offset_ns(), shared_workloads().of_id)
     handle = make_handler(decoder)
     delivered = [0]
 
@@ -374,8 +396,15 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per state change.")
 @tracer_options
+@workload_filter_options
 @duration_option
-def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
+def trace(
+    as_json: bool,
+    duration: float | None,
+    pod: str | None,
+    container: str | None,
+    **filters: Any,
+) -> None:
     """Print every TCP state change: time, owner, address pair, OLD>NEW, time in OLD."""
     from .render import trace_line
 
@@ -383,11 +412,27 @@ def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
     out = Output()
 
     def make_handler(decoder: Any) -> Callable[[bytes], None]:
+        decode = decoder.decode
+        wanted = _workload_filter(decoder.workload_of, pod, container)
         if as_json:
             json_line = decoder.json_line
-            return lambda raw: out.write(json_line(raw))
-        decode = decoder.decode
-        return lambda raw: out.write(trace_line(decode(raw)))
+            if wanted is None:
+                return lambda raw: out.write(json_line(raw))
+
+            def write_json(raw: bytes) -> None:
+                if wanted(decode(raw).cgroup_id):
+                    out.write(json_line(raw))
+
+            return write_json
+        if wanted is None:
+            return lambda raw: out.write(trace_line(decode(raw)))
+
+        def write_line(raw: bytes) -> None:
+            event = decode(raw)
+            if wanted(event.cgroup_id):
+                out.write(trace_line(event))
+
+        return write_line
 
     def finish(_lost_socks: set[int]) -> str:
         out.flush()
@@ -407,9 +452,15 @@ def trace(as_json: bool, duration: float | None, **filters: Any) -> None:
     help="Also write every event, as `trace --json` would, to this file (records test streams).",
 )
 @tracer_options
+@workload_filter_options
 @duration_option
 def lifecycles(
-    as_json: bool, events_to: TextIO | None, duration: float | None, **filters: Any
+    as_json: bool,
+    events_to: TextIO | None,
+    duration: float | None,
+    pod: str | None,
+    container: str | None,
+    **filters: Any,
 ) -> None:
     """Print each socket's whole lifecycle once it ends: path, durations, how it closed."""
     from .lifecycle import LifecycleEngine
@@ -419,7 +470,19 @@ def lifecycles(
     out = Output()
     engine = LifecycleEngine()
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    render = (lambda life: dumps(life.to_json())) if as_json else lifecycle_line
+    from .workloads import shared as shared_workloads
+
+    workload_of = shared_workloads().of_id
+    wanted = _workload_filter(workload_of, pod, container)
+    shown = (
+        (lambda life: dumps(life.to_json(workload_of(life.cgroup_id))))
+        if as_json
+        else lifecycle_line
+    )
+
+    def write(life: Any) -> None:
+        if wanted is None or wanted(life.cgroup_id):
+            out.write(shown(life))
 
     def make_handler(decoder: Any) -> Callable[[bytes], None]:
         decode = decoder.decode
@@ -429,14 +492,14 @@ def lifecycles(
             if events_to is not None:
                 events_to.write(decoder.json_line(raw) + "\n")
             for life in engine.feed(event):
-                out.write(render(life))
+                write(life)
 
         return handle
 
     def finish(lost_socks: set[int]) -> str:
         still_open = engine.flush(lost_socks)
         for life in still_open:
-            out.write(render(life))
+            write(life)
         out.flush()
         stats = engine.stats
         return f"; {stats.lifecycles} lifecycles, {len(still_open)} still open" + (
@@ -616,6 +679,10 @@ class DurationParam(click.ParamType):  # type: ignore[type-arg]
     show_default=True,
     help="Seconds between refreshes with --watch.",
 )
+@click.option(
+    "--pod", default=None, help="Only sockets held in this Kubernetes pod (NAME or NAMESPACE/NAME)."
+)
+@click.option("--container", default=None, help="Only sockets held in this container (name or id).")
 @api_socket_option("Where the running `serve` answers with CLOSE_WAIT ages.")
 def closewait(
     *,
@@ -624,6 +691,8 @@ def closewait(
     as_json: bool,
     watch: bool,
     interval: float,
+    pod: str | None,
+    container: str | None,
     api_socket: str,
 ) -> None:
     """Find CLOSE_WAIT leaks: which process holds sockets whose peer closed, how many, since when.
@@ -685,6 +754,8 @@ def closewait(
                 as_json=as_json,
                 source=source,
                 clear=False,
+                pod=pod,
+                container=container,
             )
             out.flush()
             out.raise_failure()
@@ -703,6 +774,8 @@ def closewait(
                     as_json=as_json,
                     source=source,
                     clear=not as_json,
+                    pod=pod,
+                    container=container,
                 )
                 out.flush()
                 deadline = time.monotonic() + interval
@@ -741,11 +814,15 @@ def _show_close_wait(
     as_json: bool,
     source: str,
     clear: bool,
+    pod: str | None = None,
+    container: str | None = None,
 ) -> None:
     from .closewait import format_age, gather, group_by_process, old_enough
     from .render import format_endpoint
 
     sockets = old_enough(gather(ages), min_age)
+    if pod is not None or container is not None:
+        sockets = [sock for sock in sockets if any(h.matches(pod, container) for h in sock.holders)]
     groups = group_by_process(sockets)
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     if as_json:
@@ -787,8 +864,13 @@ def _show_close_wait(
             f"{format_age(group.median_age_s, False):>8}  {ports}  {peers}"
         )
         if holder is not None:
-            where = holder.container_id[:12] if holder.container_id else holder.cgroup
-            out.write(f"{'':>7} cmd: {holder.cmdline[:60]}  cgroup: {where}")
+            if holder.pod:
+                where = f"pod: {holder.namespace}/{holder.pod}  container: {holder.container}"
+            elif holder.container_id:
+                where = f"container: {holder.container_id[:12]}"
+            else:
+                where = f"cgroup: {holder.cgroup}"
+            out.write(f"{'':>7} cmd: {holder.cmdline[:60]}  {where}")
 
 
 @cli.command()
@@ -803,6 +885,7 @@ def timewait(top: int, as_json: bool, api_socket: str) -> None:
     from .timewait import gather
 
     owners: dict[tuple[str, int, str, int], str] | None = None
+    data: list[dict[str, Any]] = []
     try:
         data = query(Path(api_socket), "time_wait", timeout=10.0)
     except ApiUnavailable as err:
@@ -822,7 +905,8 @@ def timewait(top: int, as_json: bool, api_socket: str) -> None:
             # Valid JSON, but not our daemon's list (see closewait).
             notice(f"programs unknown: the daemon at {api_socket} sent a malformed answer")
             owners = None
-    view = gather(owners)
+            data = []
+    view = gather(owners, data)
     if as_json:
         click.echo(json.dumps(view.to_json(top), separators=(",", ":")))
         return
@@ -844,6 +928,12 @@ def timewait(top: int, as_json: bool, api_socket: str) -> None:
         click.echo(f"{'PROGRAM':<40} {'TIME_WAIT':>9}")
         for comm, count in view.programs[:top]:
             click.echo(f"{comm:<40} {count:>9}")
+    if any(any(workload) for workload, _count in view.workloads):
+        # Every network namespace: pods have their own.
+        click.echo(f"{'POD/CONTAINER (ALL NETWORK NAMESPACES)':<40} {'TIME_WAIT':>9}")
+        for (namespace, pod, container), count in view.workloads[:top]:
+            where = f"{namespace}/{pod}/{container}" if pod else (container or "(host)")
+            click.echo(f"{where:<40} {count:>9}")
 
 
 @cli.command()

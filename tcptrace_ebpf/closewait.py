@@ -22,6 +22,8 @@ from .states import TcpState
 
 # (family, laddr, lport, raddr, rport): how a socket is matched across sources.
 SocketKey = tuple[int, str, int, str, int]
+# The same in one network namespace (its inode number): pods reuse addresses.
+NetnsKey = tuple[int, SocketKey]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,11 @@ class Holder:
     cmdline: str
     cgroup: str
     container_id: str | None
+    # Its Kubernetes namespace, pod and container name ("" elsewhere; the
+    # container is the short container id outside Kubernetes).
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,7 +46,21 @@ class Holder:
             "cmdline": self.cmdline,
             "cgroup": self.cgroup,
             "container_id": self.container_id,
+            **self.workload_json(),
         }
+
+    def workload_json(self) -> dict[str, str | None]:
+        return {
+            "namespace": self.namespace or None,
+            "pod": self.pod or None,
+            "container": self.container or None,
+        }
+
+    def matches(self, pod: str | None, container: str | None) -> bool:
+        """The --pod (NAME or NAMESPACE/NAME) and --container filters."""
+        if pod is not None and pod not in (self.pod, f"{self.namespace}/{self.pod}"):
+            return False
+        return container is None or container in (self.container, self.container_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +83,7 @@ class LeakedSocket:
     age_s: float | None  # None: no tracer was running to measure it
     age_is_lower_bound: bool
     holders: tuple[Holder, ...]
+    netns: int = 0  # network namespace inode number
 
     @property
     def key(self) -> SocketKey:
@@ -83,6 +105,8 @@ class LeakedSocket:
             "cmdline": holder.cmdline if holder else None,
             "cgroup": holder.cgroup if holder else None,
             "container_id": holder.container_id if holder else None,
+            "netns": self.netns,
+            **(holder.workload_json() if holder else {}),
         }
 
 
@@ -136,6 +160,7 @@ class ProcessGroup:
             "cmdline": holder.cmdline if holder else None,
             "cgroup": holder.cgroup if holder else None,
             "container_id": holder.container_id if holder else None,
+            **(holder.workload_json() if holder else {}),
             "count": self.count,
             "oldest_age_s": None if self.oldest_age_s is None else round(self.oldest_age_s, 3),
             "oldest_age_is_lower_bound": self.oldest_is_lower_bound,
@@ -183,17 +208,40 @@ def key_of(family: int, laddr: str, lport: int, raddr: str, rport: int) -> Socke
 
 
 def gather(
-    ages: Mapping[SocketKey, Age],
+    ages: Mapping[NetnsKey, Age],
     now: float | None = None,
     holder_info: Callable[[int], Holder | None] | None = None,
+    every_netns: bool = True,
 ) -> list[LeakedSocket]:
-    """Sockets in CLOSE_WAIT in this network namespace, with holders and ages."""
+    """Sockets in CLOSE_WAIT in this network namespace and (`every_netns`)
+    every other one (pods have their own), with holders, their containers
+    and ages."""
     from . import procfs, sockdiag
+    from .errors import UserError
+    from .netns import established, namespaces, run_in
+    from .seed import own_netns_inum
+    from .workloads import shared as shared_workloads
 
     now = time.time() if now is None else now
-    snapshot = sockdiag.snapshot(states=[TcpState.CLOSE_WAIT])
-    holders = procfs.socket_holders({sock.inode for sock in snapshot if sock.inode})
+
+    def listed() -> list[sockdiag.DiagSocket]:
+        return sockdiag.snapshot(states=[TcpState.CLOSE_WAIT])
+
+    own = own_netns_inum()
+    per_netns = [(own, listed())]
+    if every_netns:
+        for inode, path in namespaces().items():
+            # A namespace with no ESTABLISHED or CLOSE_WAIT socket (CurrEstab
+            # counts both) is not entered: each costs a thread and a netlink dump.
+            if inode != own and established(path) != 0:
+                try:
+                    per_netns.append((inode, run_in(path, listed)))
+                except (UserError, OSError):
+                    continue  # gone meanwhile
+    inodes = {sock.inode for _netns, snapshot in per_netns for sock in snapshot if sock.inode}
+    holders = procfs.socket_holders(inodes)
     cache: dict[int, Holder | None] = {}
+    workloads = shared_workloads()
 
     def info(pid: int) -> Holder | None:
         if pid not in cache:
@@ -201,50 +249,60 @@ def gather(
                 cache[pid] = holder_info(pid)
             else:
                 process = procfs.process_info(pid)
-                cache[pid] = (
-                    None
-                    if process is None
-                    else Holder(
-                        pid, process.comm, process.cmdline, process.cgroup, process.container_id
+                if process is None:
+                    cache[pid] = None
+                else:
+                    workload = workloads.of_path(process.cgroup)
+                    cache[pid] = Holder(
+                        pid,
+                        process.comm,
+                        process.cmdline,
+                        process.cgroup,
+                        process.container_id,
+                        workload.namespace,
+                        workload.pod,
+                        workload.container,
                     )
-                )
         return cache[pid]
 
     result = []
-    for sock in snapshot:
-        key = key_of(sock.family, sock.laddr, sock.lport, sock.raddr, sock.rport)
-        age = ages.get(key)
-        found = tuple(
-            holder for pid in holders.get(sock.inode, []) if (holder := info(pid)) is not None
-        )
-        result.append(
-            LeakedSocket(
-                family=sock.family,
-                laddr=sock.laddr,
-                lport=sock.lport,
-                raddr=sock.raddr,
-                rport=sock.rport,
-                inode=sock.inode,
-                # sock_diag counts the peer's FIN as one unread byte while it
-                # is unread, and it is unread whenever anything is (it comes last).
-                recv_q=max(0, sock.recv_q - 1),
-                age_s=None if age is None else max(0.0, now - age.since),
-                age_is_lower_bound=age.lower_bound if age else False,
-                holders=found,
+    for netns, snapshot in per_netns:
+        for sock in snapshot:
+            key = key_of(sock.family, sock.laddr, sock.lport, sock.raddr, sock.rport)
+            age = ages.get((netns, key))
+            found = tuple(
+                holder for pid in holders.get(sock.inode, []) if (holder := info(pid)) is not None
             )
-        )
+            result.append(
+                LeakedSocket(
+                    family=sock.family,
+                    laddr=sock.laddr,
+                    lport=sock.lport,
+                    raddr=sock.raddr,
+                    rport=sock.rport,
+                    inode=sock.inode,
+                    # sock_diag counts the peer's FIN as one unread byte while it
+                    # is unread, and it is unread whenever anything is (it comes last).
+                    recv_q=max(0, sock.recv_q - 1),
+                    age_s=None if age is None else max(0.0, now - age.since),
+                    age_is_lower_bound=age.lower_bound if age else False,
+                    holders=found,
+                    netns=netns,
+                )
+            )
     return result
 
 
-def ages_from_api(data: Iterable[Mapping[str, Any]], netns: int) -> dict[SocketKey, Age]:
-    """The daemon's CLOSE_WAIT list, keyed for matching with a snapshot of this namespace."""
+def ages_from_api(data: Iterable[Mapping[str, Any]], netns: int) -> dict[NetnsKey, Age]:
+    """The daemon's CLOSE_WAIT list, keyed by network namespace (`netns`, ours,
+    for entries without one) and address pair, for matching with snapshots."""
     ages = {}
     for item in data:
-        if item.get("netns") not in (netns, 0):
-            continue
         family = socket.AF_INET6 if item["family"] == "ipv6" else socket.AF_INET
         key = key_of(family, item["laddr"], item["lport"], item["raddr"], item["rport"])
-        ages[key] = Age(float(item["since"]), bool(item["lower_bound"]))
+        ages[(int(item.get("netns") or netns), key)] = Age(
+            float(item["since"]), bool(item["lower_bound"])
+        )
     return ages
 
 

@@ -160,6 +160,8 @@ def run_doctor(fix: bool, echo: Echo) -> bool:
             report.warn(capability.detail)
     check_kernel(report, features)
 
+    _check_cgroups(report)
+
     if not report.failed:
         _check_load(report)
     echo(
@@ -187,6 +189,39 @@ def check_kernel(report: Report, features: Features) -> None:
         report.warn(summary)
     else:
         report.ok(summary)
+
+
+def _check_cgroups(report: Report) -> None:
+    """Whether owners' cgroup ids (bpf_get_current_cgroup_id(), cgroup v2) can
+    be named: a v2 hierarchy must be mounted, whole, where we can walk it."""
+    from .workloads import DEFAULT_LOG_ROOT, Workloads, cgroup_id_of_pid, find_cgroup2_root
+
+    root = find_cgroup2_root()
+    if root is None:
+        report.warn(
+            "no cgroup v2 hierarchy mounted (cgroup v1 only): containers and pods are named "
+            "only for CLOSE_WAIT holders (from /proc), not in trace, lifecycles or timewait",
+            "mount -t cgroup2 none /sys/fs/cgroup/unified, or boot with "
+            "systemd.unified_cgroup_hierarchy=1",
+        )
+        return
+    own = cgroup_id_of_pid(os.getpid(), root=root)
+    if not own or Workloads(cgroup_root=root).path_of(own) is None:
+        report.warn(
+            f"cgroup v2 at {root}, but this process's cgroup id does not resolve there "
+            "(another cgroup namespace?): owners' containers and pods stay unnamed",
+            "mount the host's cgroup v2 tree and set TCPTRACE_CGROUP2_ROOT to it",
+        )
+        return
+    hybrid = " (hybrid host: containers whose runtime uses v1 only are not seen there)"
+    unified = os.path.realpath(root) == "/sys/fs/cgroup"
+    report.ok(
+        f"cgroup v2 at {root}: owners' cgroup ids name their containers and pods"
+        + ("" if unified else hybrid)
+    )
+    pods = os.path.join(DEFAULT_LOG_ROOT, "pods")
+    if os.path.isdir(pods):
+        report.ok(f"kubelet pod directories at {pods}: pods get namespace, name and container")
 
 
 def _check_headers(report: Report, release: str, fix: bool) -> None:

@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 from .states import state_name
+from .workloads import NO_WORKLOAD, Workload
 
 # struct tt_event, field by field (bpf/tcptrace.h); a test checks this
 # against the layout BCC compiles.
-EVENT_FORMAT = "<QQQQII16s16sHHHHBBBBBBH16s"
+EVENT_FORMAT = "<QQQQII16s16sHHHHBBBBBBH16sQ"
 EVENT_STRUCT = struct.Struct(EVENT_FORMAT)
-EVENT_SIZE = EVENT_STRUCT.size  # 104
+EVENT_SIZE = EVENT_STRUCT.size  # 112
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -92,6 +94,7 @@ class Event(NamedTuple):
     tw_end: int
     syn_retrans: int
     skaddr: int = 0
+    cgroup_id: int = 0  # the owner's cgroup v2 id, 0 if unknown
 
     @property
     def family_name(self) -> str:
@@ -100,8 +103,9 @@ class Event(NamedTuple):
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)
 
-    def to_json(self) -> dict[str, Any]:
-        """The `trace --json` object: the documented keys, then details."""
+    def to_json(self, workload: Workload = NO_WORKLOAD) -> dict[str, Any]:
+        """The `trace --json` object: the documented keys, then details, then
+        the owner's cgroup id and its container and pod (`workload`)."""
         return {
             "ts": round(self.ts, 6),
             "sock": self.sock,
@@ -121,6 +125,10 @@ class Event(NamedTuple):
             "time_wait_end": TW_END_NAMES.get(self.tw_end),
             "syn_retrans": self.syn_retrans,
             "flags": [name for value, name in FLAG_NAMES.items() if self.flags & value],
+            "cgroup_id": self.cgroup_id or None,
+            "namespace": workload.namespace or None,
+            "pod": workload.pod or None,
+            "container": workload.container or None,
         }
 
     @classmethod
@@ -156,6 +164,7 @@ class Event(NamedTuple):
             owner_source=owners.get(obj.get("owner", "unknown"), 0),
             tw_end=tw_ends.get(obj.get("time_wait_end") or "", 0),
             syn_retrans=int(obj.get("syn_retrans", 0)),
+            cgroup_id=int(obj.get("cgroup_id") or 0),
         )
 
 
@@ -189,6 +198,18 @@ def _flags_json(flags: int) -> str:
     return json.dumps([name for value, name in FLAG_NAMES.items() if flags & value])
 
 
+@lru_cache(maxsize=4096)
+def _workload_json(workload: Workload) -> str:
+    return ",".join(
+        f'"{key}":{json.dumps(value or None)}'
+        for key, value in (
+            ("namespace", workload.namespace),
+            ("pod", workload.pod),
+            ("container", workload.container),
+        )
+    )
+
+
 class Decoder:
     """Turns raw `struct tt_event` bytes into Events with unix timestamps.
 
@@ -197,10 +218,14 @@ class Decoder:
     then so a clock step (NTP) shows up in later events.
     """
 
-    __slots__ = ("clock_offset_ns",)
+    __slots__ = ("clock_offset_ns", "workload_of")
 
-    def __init__(self, clock_offset_ns: int) -> None:
+    def __init__(
+        self, clock_offset_ns: int, workload_of: Callable[[int], Workload] | None = None
+    ) -> None:
         self.clock_offset_ns = clock_offset_ns
+        # cgroup id -> container and pod (workloads.Workloads.of_id); None: not named.
+        self.workload_of = workload_of
 
     def json_line(self, raw: bytes) -> str:
         """The `trace --json` line of a raw event, straight from its bytes.
@@ -212,9 +237,10 @@ class Decoder:
         (
             ts_ns, sock_id, _skaddr, duration_ns, pid, flags, saddr, daddr,
             sport, dport, family, seq, old, new, role, owner_source, tw_end, _pad,
-            syn_retrans, comm,
+            syn_retrans, comm, cgroup_id,
         ) = EVENT_STRUCT.unpack_from(raw)  # fmt: skip
         name = _comm(comm)
+        workload = self.workload_of(cgroup_id) if self.workload_of and cgroup_id else NO_WORKLOAD
         duration = round(duration_ns / 1e9, 9) if flags & F_DURATION_KNOWN else "null"
         return (
             f'{{"ts":{round((ts_ns + self.clock_offset_ns) / 1e9, 6)},"sock":{sock_id},'
@@ -226,14 +252,15 @@ class Decoder:
             f'"duration_s":{duration},"seq":{seq},"role":{_ROLE_JSON.get(role, _ROLE_JSON[0])},'
             f'"owner":{_OWNER_JSON.get(owner_source, _OWNER_JSON[0])},'
             f'"time_wait_end":{_TW_END_JSON.get(tw_end, "null")},"syn_retrans":{syn_retrans},'
-            f'"flags":{_flags_json(flags)}}}'
+            f'"flags":{_flags_json(flags)},"cgroup_id":{cgroup_id or "null"},'
+            f"{_workload_json(workload)}}}"
         )
 
     def decode(self, raw: bytes) -> Event:
         (
             ts_ns, sock_id, skaddr, duration_ns, pid, flags, saddr, daddr,
             sport, dport, family, seq, old, new, role, owner_source, tw_end, _pad,
-            syn_retrans, comm,
+            syn_retrans, comm, cgroup_id,
         ) = EVENT_STRUCT.unpack_from(raw)  # fmt: skip
         return Event(
             ts=(ts_ns + self.clock_offset_ns) / 1e9,
@@ -255,4 +282,11 @@ class Decoder:
             tw_end=tw_end,
             syn_retrans=syn_retrans,
             skaddr=skaddr,
+            cgroup_id=cgroup_id,
         )
+
+    def workload(self, event: Event) -> Workload:
+        """The container and pod of an event's owner (empty when unknown)."""
+        if self.workload_of is None or not event.cgroup_id:
+            return NO_WORKLOAD
+        return self.workload_of(event.cgroup_id)

@@ -30,12 +30,14 @@ from .api import DEFAULT_PATH as DEFAULT_API_PATH
 from .api import ApiServer
 from .errors import UserError
 from .metrics import CloseWaitOwner, KernelReading, NotReady, TcpTraceCollector
-from .preexisting import COUNTED, TUPLE, Preexisting, take_snapshot
+from .preexisting import COUNTED, TUPLE, OldCloseWait, Preexisting, take_snapshot
 from .probe import KernelCloseWait, Tracer, TracerOptions, TupleKey
 from .runner import StopFlag
 from .seed import collect_listener_seeds, own_netns_inum
 from .states import TcpState
 from .webserver import MetricsServer, WebConfig
+from .workloads import Workload
+from .workloads import shared as shared_workloads
 
 Endpoints = tuple[int, str, int, str, int]  # family, laddr, lport, raddr, rport
 
@@ -175,6 +177,9 @@ class Exporter:
         self._last_full_holder_scan = -FULL_HOLDER_SCAN_S
         # CLOSE_WAIT sockets' holders (program names), by address pair, from /proc.
         self._holder_comm: dict[Endpoints, str] = {}
+        # ... and the holders' cgroup paths (their container and pod).
+        self._holder_cgroup: dict[Endpoints, str] = {}
+        self.workloads = shared_workloads()
         self.api = (
             ApiServer(
                 options.api_path,
@@ -366,6 +371,8 @@ class Exporter:
         current = set(tracked).union(old_keys)
         names = {key: comm for key, comm in self._holder_comm.items() if key in current}
         self._holder_comm = names
+        cgroups = {key: path for key, path in self._holder_cgroup.items() if key in current}
+        self._holder_cgroup = cgroups
         missing = holders_due(
             tracked, old_keys, names, time.monotonic_ns(), int(HOLDER_MIN_AGE_S * 1e9)
         )
@@ -395,6 +402,7 @@ class Exporter:
                 info = procfs.process_info(pid)
                 if info is not None:
                     names[wanted[inode]] = info.comm
+                    cgroups[wanted[inode]] = info.cgroup
                     break
 
     def close_wait_list(self) -> list[dict[str, object]]:
@@ -402,18 +410,22 @@ class Exporter:
         offset = time.time() - time.monotonic()
         result: list[dict[str, object]] = []
         for sock in self.tracer.close_wait_sockets():
-            result.append(
-                self._describe(sock.key, sock.since_ns / 1e9 + offset, False, sock.pid, sock.comm)
+            described = self._describe(
+                sock.key, sock.since_ns / 1e9 + offset, False, sock.pid, sock.comm
             )
+            described.update(self._workload_of(sock).to_json())
+            result.append(described)
         if self.preexisting is not None:
             for old in self.preexisting.close_wait():
-                result.append(self._describe(old.key, old.since, True, 0, old.comm))
+                described = self._describe(old.key, old.since, True, 0, old.comm)
+                described.update(self._old_workload_of(old).to_json())
+                result.append(described)
         return result
 
     def time_wait_list(self) -> list[dict[str, object]]:
         """Timewait sockets and the program that made each connection (local API)."""
         result: list[dict[str, object]] = []
-        for key, comm in self.tracer.timewait_owners():
+        for key, comm, cgroup_id in self.tracer.timewait_owners():
             _family, laddr, lport, raddr, rport = endpoints(key)
             result.append(
                 {
@@ -423,6 +435,7 @@ class Exporter:
                     "raddr": raddr,
                     "rport": rport,
                     "comm": comm,
+                    **self.workloads.of_id(cgroup_id).to_json(),
                 }
             )
         return result
@@ -445,8 +458,26 @@ class Exporter:
             "comm": comm,
         }
 
-    def _comm_of(self, sock: KernelCloseWait) -> str:
-        return self._holder_comm.get(endpoints(sock.key), sock.comm)
+    def _workload_of(self, sock: KernelCloseWait, key: Endpoints | None = None) -> Workload:
+        """The container of the process holding it (from /proc), or else of the
+        owner the kernel saw (its cgroup id). `key`: its endpoints, if known."""
+        path = self._holder_cgroup.get(endpoints(sock.key) if key is None else key)
+        if path:
+            return self.workloads.of_path(path)
+        return self.workloads.of_id(sock.cgroup_id)
+
+    def _old_workload_of(self, old: OldCloseWait) -> Workload:
+        path = self._holder_cgroup.get(endpoints(old.key)) or old.cgroup
+        return self.workloads.of_path(path) if path else Workload()
+
+    def _close_wait_owner(self, comm: str, since: float, workload: Workload) -> CloseWaitOwner:
+        return CloseWaitOwner(
+            comm=comm,
+            since=since,
+            namespace=workload.namespace,
+            pod=workload.pod,
+            container=workload.container,
+        )
 
     def _listening_ports(self) -> list[int]:
         table = self.tracer.table("listeners")
@@ -470,18 +501,25 @@ class Exporter:
         counters = self.tracer.counters()
         now = time.time()
         offset = now - time.monotonic()
-        owners = [
-            CloseWaitOwner(comm=self._comm_of(sock), since=sock.since_ns / 1e9 + offset)
-            for sock in self.tracer.close_wait_sockets()
-        ]
+        owners = []
+        for sock in self.tracer.close_wait_sockets():
+            key = endpoints(sock.key)  # formatted once per socket and scrape
+            owners.append(
+                self._close_wait_owner(
+                    self._holder_comm.get(key, sock.comm),
+                    sock.since_ns / 1e9 + offset,
+                    self._workload_of(sock, key),
+                )
+            )
         extra: dict[int, int] = {}
         dests = self.tracer.dest_ports()
         if self.preexisting is not None:
             extra = self.preexisting.counts()
             owners.extend(
-                CloseWaitOwner(
-                    comm=self._holder_comm.get(endpoints(old.key), old.comm) or "unknown",
-                    since=old.since,
+                self._close_wait_owner(
+                    self._holder_comm.get(endpoints(old.key), old.comm) or "unknown",
+                    old.since,
+                    self._old_workload_of(old),
                 )
                 for old in self.preexisting.close_wait()
             )

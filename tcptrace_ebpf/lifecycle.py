@@ -37,6 +37,7 @@ from .events import (
     Event,
 )
 from .states import TcpState, state_name
+from .workloads import NO_WORKLOAD, Workload
 
 CLOSE = int(TcpState.CLOSE)
 LISTEN = int(TcpState.LISTEN)
@@ -86,9 +87,11 @@ class Lifecycle:
     lost: bool = False
     ended: bool = False
     last_ts: float = 0.0
+    cgroup_id: int = 0  # the owner's cgroup v2 id (0: unknown)
 
-    def to_json(self) -> dict[str, Any]:
-        """The `lifecycles --json` object: the documented keys, then details."""
+    def to_json(self, workload: Workload = NO_WORKLOAD) -> dict[str, Any]:
+        """The `lifecycles --json` object: the documented keys, then details,
+        then the owner's cgroup id and its container and pod (`workload`)."""
         return {
             "sock": self.sock,
             "pid": self.pid or None,
@@ -107,6 +110,10 @@ class Lifecycle:
             "syn_retrans": self.syn_retrans,
             "preexisting": self.preexisting,
             "events_lost": self.lost,
+            "cgroup_id": self.cgroup_id or None,
+            "namespace": workload.namespace or None,
+            "pod": workload.pod or None,
+            "container": workload.container or None,
         }
 
 
@@ -242,6 +249,7 @@ class LifecycleEngine:
             raddr=event.raddr,
             rport=event.rport,
             role=ROLE_NAMES.get(event.role, "unknown"),
+            cgroup_id=event.cgroup_id,
         )
         return _Open(life)
 
@@ -313,6 +321,7 @@ class LifecycleEngine:
             life.pid = event.pid
             life.comm = event.comm
             life.owner_source = event.owner_source
+            life.cgroup_id = event.cgroup_id
         if event.lport and not life.lport:
             life.lport = event.lport
             life.laddr = event.laddr

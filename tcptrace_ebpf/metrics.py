@@ -71,7 +71,7 @@ LOST_CAUSES = {
     # program was running on that CPU (an interrupt in the middle of one).
     "kernel_skipped": "kernel_skipped",
 }
-TOP_COMMS = 10  # CLOSE_WAIT gauges per program: the biggest ten, the rest as "other"
+TOP_COMMS = 10  # CLOSE_WAIT gauges per program and container: the biggest ten, then "other"
 # The per-CPU arrays of the BPF program a scrape reads, each named after its
 # metric (tcptrace_<name>).
 METRIC_ARRAYS = (
@@ -97,6 +97,10 @@ class CloseWaitOwner:
 
     comm: str
     since: float  # unix seconds (a lower bound for sockets older than the exporter)
+    # Its container on Kubernetes, with kube-state-metrics' label names ("" elsewhere).
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
 
 
 @dataclass
@@ -330,29 +334,36 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     return families
 
 
+CLOSE_WAIT_LABELS = ["comm", "namespace", "pod", "container"]
+OTHER_OWNER = ("other", "", "", "")
+
+
 def close_wait_families(sockets: Sequence[CloseWaitOwner], now: float) -> list[Metric]:
-    """CLOSE_WAIT sockets and their oldest age per program: the top ten, then "other"."""
-    by_comm: dict[str, list[float]] = {}
+    """CLOSE_WAIT sockets and their oldest age per program and container: the
+    top ten, then "other" (so a node with many pods keeps ten series each)."""
+    by_owner: dict[tuple[str, str, str, str], list[float]] = {}
     for sock in sockets:
-        by_comm.setdefault(sock.comm or "unknown", []).append(sock.since)
-    ranked = sorted(by_comm.items(), key=lambda item: (-len(item[1]), item[0]))
+        owner = (sock.comm or "unknown", sock.namespace, sock.pod, sock.container)
+        by_owner.setdefault(owner, []).append(sock.since)
+    ranked = sorted(by_owner.items(), key=lambda item: (-len(item[1]), item[0]))
     top, rest = ranked[:TOP_COMMS], ranked[TOP_COMMS:]
     if rest:
-        top.append(("other", [since for _, values in rest for since in values]))
+        top.append((OTHER_OWNER, [since for _, values in rest for since in values]))
     count = GaugeMetricFamily(
         PREFIX + "close_wait_sockets",
-        "Sockets in CLOSE_WAIT (the peer closed, the program has not), per program.",
-        labels=["comm"],
+        "Sockets in CLOSE_WAIT (the peer closed, the program has not), per program "
+        "and Kubernetes namespace, pod and container.",
+        labels=CLOSE_WAIT_LABELS,
     )
     oldest = GaugeMetricFamily(
         PREFIX + "close_wait_oldest_seconds",
-        "Age of the oldest CLOSE_WAIT socket per program (a lower bound for sockets "
-        "older than the exporter).",
-        labels=["comm"],
+        "Age of the oldest CLOSE_WAIT socket per program and container (a lower bound "
+        "for sockets older than the exporter).",
+        labels=CLOSE_WAIT_LABELS,
     )
-    for comm, since in top:
-        count.add_metric([comm], len(since))
-        oldest.add_metric([comm], max(0.0, now - min(since)))
+    for owner, since in top:
+        count.add_metric(list(owner), len(since))
+        oldest.add_metric(list(owner), max(0.0, now - min(since)))
     return [count, oldest]
 
 

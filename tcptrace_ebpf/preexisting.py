@@ -91,6 +91,7 @@ class OldCloseWait:
     inode: int
     since: float  # unix time the exporter started: a lower bound of when it entered CLOSE_WAIT
     comm: str  # the program holding it at start-up ("" if none could be found)
+    cgroup: str = ""  # that program's cgroup path: its container and pod
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +141,7 @@ class Preexisting:
         sockets: Iterable[DiagSocket],
         netns: int,
         started: float,
-        comm_of_inode: Callable[[int], str] = lambda inode: "",
+        comm_of_inode: Callable[[int], tuple[str, str]] = lambda inode: ("", ""),
     ) -> Preexisting:
         records, close_wait = compact(list(sockets), netns, started, comm_of_inode)
         return cls(records, started, close_wait)
@@ -227,9 +228,11 @@ def compact(
     sockets: list[DiagSocket],
     netns: int,
     started: float,
-    comm_of_inode: Callable[[int], str],
+    comm_of_inode: Callable[[int], tuple[str, str]],
 ) -> tuple[list[Record], list[OldCloseWait]]:
-    """Records to keep, and the sockets already in CLOSE_WAIT (pure)."""
+    """Records to keep, and the sockets already in CLOSE_WAIT (pure), of one
+    network namespace's sockets. `comm_of_inode` gives the program holding a
+    socket and its cgroup path."""
     listening = {sock.lport for sock in sockets if sock.state == TcpState.LISTEN}
     records = []
     close_wait = []
@@ -242,7 +245,8 @@ def compact(
         expires_ms = sock.expires_ms if sock.is_timewait else 0
         records.append(Record(key, int(sock.state), sock.is_timewait, client, expires_ms))
         if sock.state == TcpState.CLOSE_WAIT and not sock.is_timewait:
-            close_wait.append(OldCloseWait(key, sock.inode, started, comm_of_inode(sock.inode)))
+            comm, cgroup = comm_of_inode(sock.inode)
+            close_wait.append(OldCloseWait(key, sock.inode, started, comm, cgroup))
     return records, close_wait
 
 
@@ -262,29 +266,58 @@ def wanted(
 
 
 def _snapshot_in_child(
-    netns: int, ports: frozenset[int], family: int | None, pid: int | None
+    netns: int,
+    ports: frozenset[int],
+    family: int | None,
+    pid: int | None,
+    every_netns: bool = True,
 ) -> tuple[list[Record], list[OldCloseWait], float]:
-    """Run in a child process: list the sockets, keep what the daemon needs."""
+    """Run in a child process: list the sockets of our network namespace and,
+    with `every_netns`, of every other one (pods have their own), and keep
+    what the daemon needs."""
     from . import procfs, sockdiag
+    from .errors import UserError
+    from .netns import namespaces, run_in
 
-    sockets = sockdiag.snapshot()
+    per_netns = [(netns, sockdiag.snapshot())]
+    if every_netns:
+        for inode, path in namespaces().items():
+            if inode == netns:
+                continue
+            try:
+                per_netns.append((inode, run_in(path, sockdiag.snapshot)))
+            except (UserError, OSError):
+                continue  # gone meanwhile, or not ours to enter: counted from its first change
     started = time.time()
+    every = [sock for _inode, sockets in per_netns for sock in sockets]
     if pid is not None:
-        all_holders = procfs.socket_holders({sock.inode for sock in sockets if sock.inode})
+        all_holders = procfs.socket_holders({sock.inode for sock in every if sock.inode})
     else:
         all_holders = {}
-    sockets = [sock for sock in sockets if wanted(sock, ports, family, pid, all_holders)]
-    leaking = {sock.inode for sock in sockets if sock.state == TcpState.CLOSE_WAIT and sock.inode}
+    leaking = {
+        sock.inode
+        for sock in every
+        if sock.state == TcpState.CLOSE_WAIT
+        and sock.inode
+        and wanted(sock, ports, family, pid, all_holders)
+    }
+    # Socket inodes are unique on the host: one search of /proc for every namespace.
     holders = procfs.socket_holders(leaking) if leaking else {}
 
-    def comm_of_inode(inode: int) -> str:
+    def comm_of_inode(inode: int) -> tuple[str, str]:
         for holder in holders.get(inode, []):
             info = procfs.process_info(holder)
             if info is not None:
-                return info.comm
-        return ""
+                return info.comm, info.cgroup
+        return "", ""
 
-    records, close_wait = compact(sockets, netns, started, comm_of_inode)
+    records: list[Record] = []
+    close_wait: list[OldCloseWait] = []
+    for inode, sockets in per_netns:
+        kept = [sock for sock in sockets if wanted(sock, ports, family, pid, all_holders)]
+        more_records, more_close_wait = compact(kept, inode, started, comm_of_inode)
+        records += more_records
+        close_wait += more_close_wait
     return records, close_wait, started
 
 
@@ -303,8 +336,12 @@ def take_snapshot(
     ports: frozenset[int] = frozenset(),
     family: int | None = None,
     pid: int | None = None,
+    every_netns: bool = True,
 ) -> Preexisting:
-    """sock_diag snapshot of this namespace's TCP sockets the filters want, now,
-    with the programs holding the ones already in CLOSE_WAIT."""
-    records, close_wait, started = in_child(_snapshot_in_child, netns, ports, family, pid)
+    """sock_diag snapshot of the TCP sockets the filters want, now, in this
+    network namespace and (`every_netns`) all others, with the programs
+    holding the ones already in CLOSE_WAIT."""
+    records, close_wait, started = in_child(
+        _snapshot_in_child, netns, ports, family, pid, every_netns
+    )
     return Preexisting(records, started, close_wait)

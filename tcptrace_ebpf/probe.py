@@ -296,6 +296,7 @@ class KernelCloseWait:
     pid: int
     comm: str
     owner_source: int
+    cgroup_id: int = 0  # the owner's cgroup v2 id (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +410,7 @@ class Tracer:
             value.count = seed.count
             value.ambiguous = int(seed.ambiguous)
             value.comm = seed.comm.encode()[:15]
+            value.cgroup_id = seed.cgroup_id
             table[key] = value
             count += 1
         return count
@@ -663,14 +665,15 @@ class Tracer:
                     pid=int(value.pid),
                     comm=bytes(value.comm).split(b"\0", 1)[0].decode(errors="replace"),
                     owner_source=int(value.owner_source),
+                    cgroup_id=int(value.cgroup_id),
                 )
             )
         return result
 
-    def timewait_owners(self) -> list[tuple[TupleKey, str]]:
-        """Each followed timewait socket's address pair and the program that made
-        the connection (no process holds a timewait socket; the kernel program
-        remembers who owned the connection)."""
+    def timewait_owners(self) -> list[tuple[TupleKey, str, int]]:
+        """Each followed timewait socket's address pair, the program that made
+        the connection and its cgroup id (no process holds a timewait socket;
+        the kernel program remembers who owned the connection)."""
         table = self.table("timewait")
         try:
             items = list(table.items_lookup_batch())
@@ -680,6 +683,7 @@ class Tracer:
             (
                 tuple_key(value.tuple),
                 bytes(value.id.comm).split(b"\0", 1)[0].decode(errors="replace"),
+                int(value.id.cgroup_id),
             )
             for _key, value in items
         ]

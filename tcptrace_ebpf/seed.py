@@ -28,6 +28,7 @@ class ListenerSeed:
     comm: str
     count: int  # listening sockets on this port
     ambiguous: bool
+    cgroup_id: int = 0  # the owner's cgroup v2 id, for its children's container and pod
 
 
 def own_netns_inum() -> int:
@@ -43,6 +44,7 @@ def listener_seeds(
     holders: dict[int, list[int]],
     comm_of: Callable[[int], str | None],
     netns: int,
+    cgroup_of: Callable[[int], int] = lambda pid: 0,
 ) -> list[ListenerSeed]:
     """One seed per listening port: its count and, if unambiguous, its owner."""
     by_port: dict[int, list[DiagSocket]] = {}
@@ -54,26 +56,50 @@ def listener_seeds(
         pids = sorted({pid for sock in listening for pid in holders.get(sock.inode, [])})
         comm = comm_of(pids[0]) if len(pids) == 1 else None
         if comm is not None:
-            seeds.append(ListenerSeed(netns, port, pids[0], comm, len(listening), False))
+            seeds.append(
+                ListenerSeed(netns, port, pids[0], comm, len(listening), False, cgroup_of(pids[0]))
+            )
         else:
             seeds.append(ListenerSeed(netns, port, 0, "", len(listening), True))
     return seeds
 
 
-def collect_listener_seeds() -> list[ListenerSeed]:
-    """Snapshot this namespace's listeners and their holders; empty on failure."""
+def collect_listener_seeds(every_netns: bool = True) -> list[ListenerSeed]:
+    """Snapshot the listeners of this network namespace and (`every_netns`)
+    every other one (pods have their own), and their holders; empty on failure."""
     from . import procfs, sockdiag
     from .errors import UserError
+    from .netns import namespaces, run_in
+    from .workloads import cgroup_id_of_pid
 
+    def listed() -> list[DiagSocket]:
+        return sockdiag.snapshot(states=[TcpState.LISTEN])
+
+    own = own_netns_inum()
     try:
-        listening = sockdiag.snapshot(states=[TcpState.LISTEN])
-        holders = procfs.socket_holders({sock.inode for sock in listening if sock.inode})
+        per_netns = [(own, listed())]
     except (UserError, OSError) as err:
         log.warning("could not list existing listeners (%s): their children get no owner", err)
+        return []
+    if every_netns:
+        for inode, path in namespaces().items():
+            if inode != own:
+                try:
+                    per_netns.append((inode, run_in(path, listed)))
+                except (UserError, OSError):
+                    continue  # gone meanwhile
+    inodes = {sock.inode for _netns, sockets in per_netns for sock in sockets if sock.inode}
+    try:
+        holders = procfs.socket_holders(inodes)
+    except OSError as err:
+        log.warning("could not find the owners of existing listeners (%s)", err)
         return []
 
     def comm_of(pid: int) -> str | None:
         info = procfs.process_info(pid)
         return info.comm if info is not None else None
 
-    return listener_seeds(listening, holders, comm_of, own_netns_inum())
+    seeds: list[ListenerSeed] = []
+    for netns, sockets in per_netns:
+        seeds += listener_seeds(sockets, holders, comm_of, netns, cgroup_id_of_pid)
+    return seeds

@@ -50,6 +50,8 @@ class Pressure:
     destinations: list[Destination] = field(default_factory=list)
     service_ports: list[tuple[int, int]] = field(default_factory=list)  # (local port, TIME_WAIT)
     programs: list[tuple[str, int]] = field(default_factory=list)  # (comm, TIME_WAIT)
+    # ((namespace, pod, container), TIME_WAIT) in every network namespace, from the daemon.
+    workloads: list[tuple[tuple[str, str, str], int]] = field(default_factory=list)
 
     @property
     def range_size(self) -> int:
@@ -75,7 +77,12 @@ class Pressure:
                 {"lport": port, "time_wait": count} for port, count in self.service_ports[:top]
             ],
             "programs": [{"comm": comm, "time_wait": count} for comm, count in self.programs[:top]],
-        }
+            "workloads": [
+                {"namespace": ns or None, "pod": pod or None, "container": name or None,
+                 "time_wait": count}
+                for (ns, pod, name), count in self.workloads[:top]
+            ],
+        }  # fmt: skip
 
 
 def pressure(
@@ -116,7 +123,22 @@ def pressure(
     )
 
 
-def gather(owners: Mapping[tuple[str, int, str, int], str] | None) -> Pressure:
+def by_workload(items: Iterable[Mapping[str, Any]]) -> list[tuple[tuple[str, str, str], int]]:
+    """TIME_WAIT per container and pod, from the daemon's list of followed
+    timewait sockets (every network namespace), biggest first (pure)."""
+    counts: Counter[tuple[str, str, str]] = Counter(
+        (item.get("namespace") or "", item.get("pod") or "", item.get("container") or "")
+        for item in items
+    )
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def gather(
+    owners: Mapping[tuple[str, int, str, int], str] | None,
+    daemon_items: Iterable[Mapping[str, Any]] = (),
+) -> Pressure:
     from . import sockdiag
 
-    return pressure(sockdiag.snapshot(), ephemeral_range(), owners)
+    view = pressure(sockdiag.snapshot(), ephemeral_range(), owners)
+    view.workloads = by_workload(daemon_items)
+    return view

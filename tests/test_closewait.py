@@ -21,6 +21,9 @@ from tcptrace_ebpf.closewait import Holder, LeakedSocket, group_by_process, old_
 
 pytestmark = requires_root
 
+# The labels of a program outside any container (as the test processes are).
+NO_POD = {"namespace": "", "pod": "", "container": ""}
+
 LEAKER = textwrap.dedent(
     """
     import os, socket, sys, time
@@ -161,15 +164,23 @@ def test_leaker_is_found_with_ages_and_metrics(tmp_path: Path) -> None:
             ] == []
             # The metrics name the program.
             wait_for(
-                lambda: value(scrape(http), "tcptrace_close_wait_sockets", comm=leak.comm) == n
+                lambda: (
+                    value(scrape(http), "tcptrace_close_wait_sockets", comm=leak.comm, **NO_POD)
+                    == n
+                )
             )
-            oldest = value(scrape(http), "tcptrace_close_wait_oldest_seconds", comm=leak.comm)
+            oldest = value(
+                scrape(http), "tcptrace_close_wait_oldest_seconds", comm=leak.comm, **NO_POD
+            )
             assert abs(oldest - (time.time() - min(closed_at))) < 1.5
             # When the leaker closes them, both drop to zero.
             leak.tell()
             leak.wait("closed")
             wait_for(
-                lambda: value(scrape(http), "tcptrace_close_wait_sockets", comm=leak.comm) == 0
+                lambda: (
+                    value(scrape(http), "tcptrace_close_wait_sockets", comm=leak.comm, **NO_POD)
+                    == 0
+                )
             )
             assert [
                 g for g in closewait("--api.socket", api, "--min-age", "0") if g["pid"] == leak.pid
@@ -204,7 +215,10 @@ def test_sockets_older_than_the_tracer_get_a_lower_bound(tmp_path: Path) -> None
             assert all(s["age_is_lower_bound"] for s in sockets)
             assert all(s["recv_q"] == len(b"unread!") for s in sockets)
             wait_for(
-                lambda: value(scrape(http), "tcptrace_close_wait_sockets", comm=leak.comm) == n
+                lambda: (
+                    value(scrape(http), "tcptrace_close_wait_sockets", comm=leak.comm, **NO_POD)
+                    == n
+                )
             )
             # The human table marks a lower bound with ">".
             table = subprocess.run(

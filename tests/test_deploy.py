@@ -282,6 +282,16 @@ def test_daemonset_mounts() -> None:
     # Nothing is pinned in bpffs (documented in the file).
     assert "/sys/fs/bpf" not in mounts
     assert "Not mounted: /sys/fs/bpf" in DAEMONSET.read_text(encoding="utf-8")
+    # Pods and containers: the cgroup tree away from the container's own
+    # cgroup namespace (the daemon is told where), the kubelet's log
+    # directories (names only) where the kubelet keeps them; all read-only.
+    assert host_path("/host/sys/fs/cgroup") == "/sys/fs/cgroup"
+    env = {item["name"]: item["value"] for item in _container()["env"]}
+    assert env["TCPTRACE_CGROUP2_ROOT"] == "/host/sys/fs/cgroup"
+    for path in ("/host/sys/fs/cgroup", "/var/log/pods", "/var/log/containers"):
+        assert mounts[path]["readOnly"] is True, path
+    assert host_path("/var/log/pods") == "/var/log/pods"
+    assert host_path("/var/log/containers") == "/var/log/containers"
     # Nothing else from the host.
     host_paths = {v["hostPath"]["path"] for v in volumes.values() if "hostPath" in v}
     assert host_paths == {
@@ -290,6 +300,9 @@ def test_daemonset_mounts() -> None:
         "/lib/modules",
         "/usr/src",
         "/run/tcptrace-ebpf",
+        "/sys/fs/cgroup",
+        "/var/log/pods",
+        "/var/log/containers",
     }
 
 

@@ -7,6 +7,7 @@ import random
 import socket
 
 from tcptrace_ebpf.events import EVENT_SIZE, EVENT_STRUCT, Decoder, Event
+from tcptrace_ebpf.workloads import Workload
 
 
 def random_raw(rng: random.Random) -> bytes:
@@ -21,26 +22,30 @@ def random_raw(rng: random.Random) -> bytes:
         rng.getrandbits(16), rng.getrandbits(16), family, rng.getrandbits(16),
         rng.randint(1, 12), rng.randint(1, 12), rng.randint(0, 3), rng.randint(0, 4),
         rng.randint(0, 3), 0, rng.getrandbits(16),
-        comm.encode()[:15].ljust(16, b"\0"),
+        comm.encode()[:15].ljust(16, b"\0"), rng.choice([0, 1, rng.getrandbits(40)]),
     )  # fmt: skip
 
 
 def test_layout_size() -> None:
-    assert EVENT_SIZE == 104
+    assert EVENT_SIZE == 112
 
 
 def test_fast_json_line_equals_the_reference() -> None:
     rng = random.Random(42)
-    decoder = Decoder(clock_offset_ns=1_700_000_000 * 10**9)
+    pods = {1: Workload(namespace="shop", pod='cart-"7"', container="api")}
+    decoder = Decoder(
+        clock_offset_ns=1_700_000_000 * 10**9, workload_of=lambda cgid: pods.get(cgid, Workload())
+    )
     for _ in range(5000):
         raw = random_raw(rng)
         fast = json.loads(decoder.json_line(raw))
-        assert fast == decoder.decode(raw).to_json()
+        event = decoder.decode(raw)
+        assert fast == event.to_json(decoder.workload(event))
 
 
 KEPT = (
     "sock", "seq", "pid", "comm", "family", "laddr", "lport", "raddr", "rport",
-    "old_state", "new_state", "role", "owner_source", "tw_end", "syn_retrans",
+    "old_state", "new_state", "role", "owner_source", "tw_end", "syn_retrans", "cgroup_id",
 )  # fmt: skip
 
 
@@ -69,4 +74,5 @@ def _fields(event: Event) -> tuple[object, ...]:
         packed(event.laddr), packed(event.raddr), event.lport, event.rport, event.family,
         event.seq, event.old_state, event.new_state, event.role, event.owner_source,
         event.tw_end, 0, event.syn_retrans, event.comm.encode()[:15].ljust(16, b"\0"),
+        event.cgroup_id,
     )  # fmt: skip

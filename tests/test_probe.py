@@ -64,7 +64,7 @@ def test_event_layout_matches_bcc() -> None:
     try:
         values = (
             11, 22, 33, 44, 55, 66, bytes(range(16)), bytes(range(16, 32)),
-            1001, 1002, 10, 7, 1, 8, 2, 3, 2, 0, 9, b"comm-name\0\0\0\0\0\0\0",
+            1001, 1002, 10, 7, 1, 8, 2, 3, 2, 0, 9, b"comm-name\0\0\0\0\0\0\0", 77,
         )  # fmt: skip
         raw = ctypes.create_string_buffer(EVENT_STRUCT.pack(*values), EVENT_SIZE)
         event = bpf["events"].event(ctypes.addressof(raw))
@@ -77,6 +77,7 @@ def test_event_layout_matches_bcc() -> None:
         assert (event.old_state, event.new_state, event.role) == (1, 8, 2)
         assert (event.owner_source, event.tw_end, event.syn_retrans) == (3, 2, 9)
         assert bytes(event.comm).rstrip(b"\0") == b"comm-name"
+        assert event.cgroup_id == 77
     finally:
         bpf.cleanup()
 
