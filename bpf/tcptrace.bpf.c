@@ -616,8 +616,8 @@ static __always_inline void end_unseen(void *ctx, u64 sk, struct tt_ident *id,
 				       const struct tt_tuple *t, u64 now, u32 evflags)
 {
 	count(TT_C_MISSED_END);
-	if (id->pair_pending)
-		tell_pending_pair(ctx, sk, id, (struct tt_tuple *)t);
+	/* A child whose pair never came: nothing of it was told; its end is. */
+	id->pair_pending = 0;
 	id->flags |= TT_SF_LOST;
 	id->state_ns = 0;
 	step(ctx, sk, id, t, TT_CLOSE, now, evflags | TT_EVF_END_UNSEEN, TT_TW_END_NONE);
