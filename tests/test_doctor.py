@@ -37,6 +37,9 @@ from tcptrace_ebpf.kernel import (
 )
 from tcptrace_ebpf.probe import Tracer, TracerOptions, build_source
 
+# include/uapi/linux/bpf.h: the map type of a perf buffer.
+BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
+
 # Capabilities a series lacks, from the sources (README, "Kernels"), for the
 # distribution kernels people run, with BTF enabled (CONFIG_DEBUG_INFO_BTF).
 LACKS = {
@@ -199,7 +202,7 @@ def test_events_arrive_through_the_perf_buffer() -> None:
     )
     tracer.start()
     try:
-        assert tracer.bpf.get_table("events").__class__.__name__ == "PerfEventArray"
+        assert tracer.table("events").info.map_type == BPF_MAP_TYPE_PERF_EVENT_ARRAY
         with Peer() as server, Peer() as client:
             server.cmd(f"listen 127.0.0.1 {port}")
             client.cmd(f"connect 127.0.0.1 {port}")
