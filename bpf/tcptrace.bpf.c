@@ -70,6 +70,7 @@ BPF_PERCPU_ARRAY(next_sock_id, u64, 1);
 struct tt_tw_slot {
 	u64 tw;
 	u64 ts_ns;
+	u64 pair_fold;	/* tuple_fold() of its address pair; 0: not known */
 	u8 substate;
 };
 BPF_PERCPU_ARRAY(tw_slot, struct tt_tw_slot, 1);
@@ -753,15 +754,36 @@ static __always_inline void tw_tuple(u64 tw, struct tt_tuple *t)
 }
 
 /* Whether a timewait socket still has this address pair (always, if we cannot read it). */
+static __always_inline bool same_tuple(const struct tt_tuple *x, const struct tt_tuple *y)
+{
+	const u32 *a = (const u32 *)x, *b = (const u32 *)y;
+#pragma unroll
+	for (int i = 0; i < sizeof(*x) / 4; i++)
+		if (a[i] != b[i])
+			return false;
+	return true;
+}
+
+/*
+ * An address pair folded into 64 bits, netns aside: one comparison tells a
+ * timewait socket's pair from a state change's (which has no netns yet).
+ */
+static __always_inline u64 tuple_fold(const struct tt_tuple *t)
+{
+	const u32 *w = (const u32 *)t;
+	u64 fold = 0xcbf29ce484222325ULL;
+	/* Every word but the first (the netns): family, ports, both addresses. */
+#pragma unroll
+	for (int i = 1; i < sizeof(*t) / 4; i++)
+		fold = (fold ^ w[i]) * 0x100000001b3ULL;
+	return fold | 1;
+}
+
 static __always_inline bool tw_has_tuple(u64 tw, struct tt_tuple *t, const struct tt_tuple *pair)
 {
 #if HAVE_TW_TUPLE
 	tw_tuple(tw, t);
-	const u32 *a = (const u32 *)t, *b = (const u32 *)pair;
-#pragma unroll
-	for (int i = 0; i < sizeof(*t) / 4; i++)
-		if (a[i] != b[i])
-			return false;
+	return same_tuple(t, pair);
 #endif
 	return true;
 }
@@ -809,6 +831,7 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 			slot->tw = tw;
 			slot->ts_ns = now;
 			slot->substate = tw_read_substate(tw);
+			slot->pair_fold = 0;
 		}
 		return 0;
 	}
@@ -864,6 +887,12 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 		slot->tw = tw;
 		slot->ts_ns = now;
 		slot->substate = tw_read_substate(tw);
+		slot->pair_fold = 0;
+#if HAVE_TW_TUPLE
+		struct tt_tuple pair = {};
+		tw_tuple(tw, &pair);
+		slot->pair_fold = tuple_fold(&pair);
+#endif
 	}
 	return 0;
 }
@@ -1294,7 +1323,13 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		u32 zero = 0;
 		struct tt_tw_slot *slot = tw_slot.lookup(&zero);
 		if (slot && slot->tw) {
-			if ((old == TT_FIN_WAIT2 || old == TT_CLOSING) && now - slot->ts_ns < 1000000) {
+			/*
+			 * Made just before this close on this CPU: within a
+			 * millisecond, or later with the same pair (a virtual
+			 * CPU can stall for milliseconds between the two).
+			 */
+			if ((old == TT_FIN_WAIT2 || old == TT_CLOSING) &&
+			    (now - slot->ts_ns < 1000000 || slot->pair_fold == tuple_fold(&t))) {
 				tw = slot->tw;
 				tw_substate = slot->substate;
 			}
