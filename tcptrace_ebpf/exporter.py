@@ -172,7 +172,6 @@ class Exporter:
         self._losses_healed = 0  # losses counted when the gauges were last healed
         self._heal_due = False  # the last heal fixed something: check again
         self._last_heal = 0.0
-        self.healed_gone = 0  # sockets found gone whose end the program missed
         self._last_holder_refresh = 0.0
         self._last_full_holder_scan = -FULL_HOLDER_SCAN_S
         # CLOSE_WAIT sockets' holders (program names), by address pair, from /proc.
@@ -295,7 +294,6 @@ class Exporter:
             found = 0
             log.info("start-up snapshot: %d existing sockets", len(snapshot))
         self.preexisting = snapshot
-        self.healed_gone += ended
         if ended or found:
             log.info("gauges healed: %d sockets gone unseen, %d found unfollowed", ended, found)
         self._heal_due = bool(ended or found)
