@@ -303,36 +303,31 @@ def test_without_a_daemon_ages_are_unknown(tmp_path: Path) -> None:
 def test_watch_without_daemon_measures_from_now(tmp_path: Path) -> None:
     """--watch with no daemon traces by itself: new CLOSE_WAITs get real ages."""
     port = free_port()
-    argv = cli_argv(
+    # run_cli waits for "tracing started": the leak begins after the tracer's
+    # start-up snapshot, however long loading takes (a fixed sleep did not hold
+    # on a loaded machine).
+    with run_cli(
         "closewait", "--watch", "--json", "--interval", "0.5", "--min-age", "0",
-        "--api.socket", str(tmp_path / "none.sock"),
-    )  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(4)  # let it load its tracer
+        "--api.socket", str(tmp_path / "none.sock"), timeout=180,
+    ) as run:  # fmt: skip
         with leaker(port, 3) as (leak, closed_at):
-            time.sleep(2.0)
-            found = None
-            deadline = time.monotonic() + 15
-            assert proc.stdout is not None
-            while time.monotonic() < deadline:
-                line = proc.stdout.readline()
-                obj = json.loads(line)
-                if (
-                    obj["pid"] == leak.pid
-                    and obj["oldest_age_s"] is not None
-                    and obj["oldest_age_s"] > 1.5
-                ):
-                    found = obj
-                    break
-            assert found is not None
-            assert found["count"] == 3
-            assert found["oldest_age_is_lower_bound"] is False
-            assert found["oldest_age_s"] <= time.time() - min(closed_at) + 1.0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    assert proc.returncode == 0
+
+            def found() -> dict[str, Any] | None:
+                for line in list(run.stdout):
+                    obj = json.loads(line)
+                    if (
+                        obj["pid"] == leak.pid
+                        and obj["oldest_age_s"] is not None
+                        and obj["oldest_age_s"] > 1.5
+                    ):
+                        return dict(obj)
+                return None
+
+            obj = wait_for(found, timeout=30)
+            assert obj["count"] == 3
+            assert obj["oldest_age_is_lower_bound"] is False
+            assert obj["oldest_age_s"] <= time.time() - min(closed_at) + 1.0
+    assert run.returncode == 0
 
 
 def test_grouping_is_pure() -> None:
