@@ -499,7 +499,7 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         else "no skb:kfree_skb rx_sk (Linux < 6.11): such FINs are dated from the timer",
     )
     # Probed by the kernel's own symbols, never by version: distributions
-    # backport (RHEL 8's 4.18 has the ring buffer and BTF).
+    # backport BPF features into older kernels (RHEL 8's 4.18, for one).
     present = kallsyms_present(("bpf_ringbuf_output", "bpf_prog_test_run_raw_tp"))
     features.note(
         "ringbuf",
@@ -548,7 +548,6 @@ KERNEL_FEATURES = (
 # What the tracer cannot run without: missing either, it refuses to start.
 REQUIRED = ("set_state", "sweepers")
 OLDEST_SUPPORTED = max(f.since for f in KERNEL_FEATURES if f.capability in REQUIRED)
-NEWEST_FEATURE = max(f.since for f in KERNEL_FEATURES)
 
 
 def release_series(release: str) -> tuple[int, int] | None:

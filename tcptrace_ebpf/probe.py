@@ -363,15 +363,15 @@ class Tracer:
             log.warning("tracefs was not mounted: mounted it at /sys/kernel/tracing")
         if self.features is None:
             self.features = detect_features()
+        unsupported = unsupported_reason(self.features)
+        if unsupported:  # before the headers, and the warnings of what it would lose
+            raise UserError(unsupported)
         if find_headers_dir(self.features.release) is None:
             raise UserError(
                 f"no kernel headers for kernel {self.features.release}, which BCC needs to "
                 "compile the BPF program: run 'tcptrace-ebpf doctor --fix' (or install the "
                 f"linux-headers package for {self.features.release})"
             )
-        unsupported = unsupported_reason(self.features)
-        if unsupported:  # before the warnings of what it would lose
-            raise UserError(unsupported)
         for name, cap in self.features.capabilities.items():
             if not cap.available and name not in REQUIRED:
                 log.warning("degraded: %s", cap.detail)
