@@ -714,9 +714,8 @@ def closewait(
     except ApiUnavailable as err:
         if watch:
             own_tracer = _start_own_tracer()
-            # As trace says it: scripts wait for this line (ages count from here).
-            notice("tracing started (no daemon: ages are measured from now)")
             source = "this command's own tracer (no daemon running)"
+            # As trace says it: scripts wait for this line (ages count from here).
             notice(f"tracing started: {source}; ages count from now")
         else:
             hint = (
