@@ -398,7 +398,7 @@ def test_reader_gone_ends_the_command_quietly(tmp_path: Path, args: tuple[str, .
                 wait_started(proc)
                 # Like `head -1`: take one line, then go away.
                 with os.fdopen(read_end, "rb", buffering=0) as reader:
-                    wait_for(lambda: reader.read(1), timeout=deadline(60), what="a first line")
+                    wait_for(lambda: reader.read(1), timeout=60, what="a first line")
             else:
                 time.sleep(0.5)
                 os.close(read_end)
@@ -446,16 +446,22 @@ def test_sigterm_works_with_a_stalled_reader(command: str) -> None:
     try:
         wait_started(proc)
 
+        last = [-1]
+
         def pipe_full() -> bool:
             queued = bytearray(4)
             fcntl.ioctl(read_end, termios.FIONREAD, queued)
-            # A pipe holds 64 KiB: once nearly that much waits, writes block.
-            return int.from_bytes(queued, "little") >= 60_000
+            # A pipe holds 64 KiB: writes block once what waits stops growing
+            # near that (how near depends on the size of the writes).
+            now = int.from_bytes(queued, "little")
+            full = now >= 32_768 and now == last[0]
+            last[0] = now
+            return full
 
         # lifecycles writes a line per connection once it ends: a refused
         # connect ends at once.
         with refused_connects(port):
-            wait_for(pipe_full, timeout=deadline(120), what="the pipe to fill")
+            wait_for(pipe_full, timeout=120, interval=0.5, what="the pipe to fill")
             time.sleep(0.5)  # and the command to be blocked writing
             assert proc.poll() is None
             proc.send_signal(signal.SIGTERM)
