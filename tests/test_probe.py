@@ -60,14 +60,15 @@ def test_event_layout_matches_bcc() -> None:
     from tcptrace_ebpf.probe import import_bcc
 
     text, cflags = build_source(detect_features(), TracerOptions(emit_events=True))
-    bpf = import_bcc().BPF(text=text, cflags=cflags)
+    # Bytes: BCC warns (with the whole program) about str.
+    bpf = import_bcc().BPF(text=text.encode(), cflags=cflags)
     try:
         values = (
             11, 22, 33, 44, 55, 66, bytes(range(16)), bytes(range(16, 32)),
             1001, 1002, 10, 7, 1, 8, 2, 3, 2, 0, 9, b"comm-name\0\0\0\0\0\0\0", 77,
         )  # fmt: skip
         raw = ctypes.create_string_buffer(EVENT_STRUCT.pack(*values), EVENT_SIZE)
-        event = bpf["events"].event(ctypes.addressof(raw))
+        event = bpf[b"events"].event(ctypes.addressof(raw))
         assert ctypes.sizeof(type(event)) == EVENT_SIZE
         assert (event.ts_ns, event.sock_id, event.skaddr, event.duration_ns) == (11, 22, 33, 44)
         assert (event.pid, event.flags) == (55, 66)
