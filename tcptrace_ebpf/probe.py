@@ -372,12 +372,14 @@ class Tracer:
                 "compile the BPF program: run 'tcptrace-ebpf doctor --fix' (or install the "
                 f"linux-headers package for {self.features.release})"
             )
-        for name, cap in self.features.capabilities.items():
-            if not cap.available and name not in REQUIRED:
-                log.warning("degraded: %s", cap.detail)
         text, cflags = build_source(self.features, self.options)
         self._ring = _use_ringbuf(self.features, self.options)
         self._loaded = loader.load(text, cflags, self._plan(), use_cache=self.options.use_cache)
+        # What this kernel lacks, once the program is loaded: an error that
+        # stops the start (no BCC, a refused program) stays one line.
+        for name, cap in self.features.capabilities.items():
+            if not cap.available and name not in REQUIRED:
+                log.warning("degraded: %s", cap.detail)
         for warning in self._loaded.warnings:
             log.warning("%s", warning)
         try:
