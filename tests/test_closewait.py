@@ -155,6 +155,7 @@ def test_leaker_is_found_with_ages_and_metrics(tmp_path: Path) -> None:
                 for s in closewait("--api.socket", api, "--min-age", "0", "--sockets")
                 if s["pid"] == leak.pid
             ]
+            now = time.time()
             assert len(sockets) == n
             for sock in sockets:
                 assert sock["lport"] == port
