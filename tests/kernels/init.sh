@@ -42,6 +42,16 @@ mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work 
 # files, netns mounts): the guest gets empty ones.
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount /run"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/tmp || fail "mount /tmp"
+# A repository that lives there (a CI checkout in /tmp, say) stays at its
+# path: the host's copy under an overlay of its own, writable as the rest.
+case "$KMATRIX_REPO" in
+/tmp/* | /run/*)
+    mkdir -p /rw/repo/upper /rw/repo/work "/newroot$KMATRIX_REPO"
+    mount -t overlay overlay \
+        -o "lowerdir=/lower$KMATRIX_REPO,upperdir=/rw/repo/upper,workdir=/rw/repo/work" \
+        "/newroot$KMATRIX_REPO" || fail "mount the repository at $KMATRIX_REPO"
+    ;;
+esac
 mkdir -p /newroot/run/kmatrix
 mount -t virtiofs results /newroot/run/kmatrix || fail "mount the results share (tag results)"
 cp /kmatrix.conf /newroot/run/kmatrix.conf
