@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from support import (
     Peer,
+    deadline,
     free_port,
     netns_pair,
     netns_single,
@@ -430,8 +431,9 @@ def test_ack_and_fin_in_one_segment(first_closer: str) -> None:
     assert path(passive)[-2:] == ["CLOSE_WAIT", "LAST_ACK"]
     assert active["close"] == "active"
     assert passive["close"] == "passive"
-    # ACK and FIN in one segment: no time in FIN_WAIT2 at all.
-    assert span(active, "FIN_WAIT2")["duration_s"] < 0.001
+    # ACK and FIN in one segment: no time in FIN_WAIT2 at all (the two state
+    # changes of one segment's processing: under a millisecond, unemulated).
+    assert span(active, "FIN_WAIT2")["duration_s"] < deadline(0.001)
     assert active["time_wait_end"] == "reused"
     for life in (active, passive):
         assert life["complete"] is True
