@@ -13,7 +13,7 @@ import dataclasses
 import time
 
 import pytest
-from support import Peer, free_port, requires_root
+from support import Peer, deadline, free_port, requires_root
 
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.events import (
@@ -150,8 +150,8 @@ def test_degraded_kernels_still_trace(missing: tuple[str, ...]) -> None:
             roles = {life.role for life in lives if life.role in ("client", "server")}
             return roles == {"client", "server"} and len(lives) >= 3
 
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not first_ends_done():
+        give_up = time.monotonic() + deadline(10)
+        while time.monotonic() < give_up and not first_ends_done():
             tracer.poll(50)
             tracer.sweep()
         tracer.poll(0)
@@ -202,8 +202,8 @@ def _run_with_events(options: TracerOptions, body, until, timeout: float = 10, t
     tracer.start()
     try:
         body(tracer)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not until(lives):
+        give_up = time.monotonic() + deadline(timeout)
+        while time.monotonic() < give_up and not until(lives):
             tracer.poll(50)
             tracer.sweep()
         tracer.poll(0)
@@ -401,8 +401,8 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
                 server.cmd("close_listener")
                 client.try_cmd(f"connect {host} {port}")  # refused
         # Until the RST-killed timewait sockets are classified in all three.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        give_up = time.monotonic() + deadline(10)
+        while time.monotonic() < give_up:
             for tracer in tracers:
                 tracer.poll(50)
                 tracer.sweep()

@@ -90,13 +90,13 @@ def reuse_pair(client: Peer, server: Peer, host: str, port: int, cport: int) -> 
     reuse its own TIME_WAIT pair on loopback after about 1 s). The new
     connection is then reset so it leaves no TIME_WAIT behind. Returns when
     the connect() succeeded."""
-    deadline = time.monotonic() + 10
+    give_up = time.monotonic() + deadline(10)
     while True:
         ok, value = client.try_cmd(f"connect {host} {port} {cport}")
         if ok:
             connected = time.time()
             break
-        assert time.monotonic() < deadline, f"could not reuse port {cport}: {value}"
+        assert time.monotonic() < give_up, f"could not reuse port {cport}: {value}"
         time.sleep(0.1)
     server.cmd("accept")
     client.cmd("linger0")
