@@ -13,7 +13,8 @@ PY := $(VENV)/bin/python
 ARGS ?=
 KERNELS ?= 6.1 6.12
 # The tests that meet what differs between kernels: every scenario, serve's
-# metrics, sockets older than the tracer, degraded modes, closewait.
+# metrics, sockets older than the tracer, degraded modes, closewait and
+# timewait, the CLI, exactness and the cross-check with the kernel's counters.
 KERNEL_TESTS := tests/test_scenarios.py tests/test_serve.py tests/test_preexisting.py \
 	tests/test_probe.py tests/test_closewait.py tests/test_timewait.py tests/test_cli.py \
 	tests/test_exact.py tests/test_crosscheck.py tests/test_doctor.py
