@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tcptrace_ebpf.metrics import LOST_CAUSES, catalog
+from tcptrace_ebpf.serve.metrics import LOST_CAUSES, catalog
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = REPO / "dashboards"

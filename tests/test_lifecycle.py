@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tcptrace_ebpf.events import F_END_UNSEEN, F_LOST_BEFORE, F_UNTRACKED, Event
-from tcptrace_ebpf.lifecycle import Lifecycle, LifecycleEngine, classify_close
+from tcptrace_ebpf.model.events import F_END_UNSEEN, F_LOST_BEFORE, F_UNTRACKED, Event
+from tcptrace_ebpf.model.lifecycle import Lifecycle, LifecycleEngine, classify_close
 
 STREAMS = Path(__file__).parent / "data" / "streams"
 SCENARIOS = sorted(

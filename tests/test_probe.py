@@ -15,8 +15,11 @@ import time
 import pytest
 from support import Peer, deadline, free_port, requires_root
 
+from tcptrace_ebpf.commands.runner import clock_offset_ns
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.events import (
+from tcptrace_ebpf.kernel.features import Capability, detect_features
+from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source
+from tcptrace_ebpf.model.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
     F_END_UNSEEN,
@@ -24,10 +27,7 @@ from tcptrace_ebpf.events import (
     F_RESET_SENT,
     Decoder,
 )
-from tcptrace_ebpf.kernel import Capability, detect_features
-from tcptrace_ebpf.lifecycle import Lifecycle, LifecycleEngine
-from tcptrace_ebpf.probe import Tracer, TracerOptions, build_source
-from tcptrace_ebpf.runner import clock_offset_ns
+from tcptrace_ebpf.model.lifecycle import Lifecycle, LifecycleEngine
 
 
 def without(*names: str):  # type: ignore[no-untyped-def]
@@ -57,7 +57,7 @@ def test_generated_source_reflects_features() -> None:
 def test_event_layout_matches_bcc() -> None:
     """The Python mirror of struct tt_event has BCC's layout, field by field
     (compiled here with BCC itself: the tracer no longer keeps BCC loaded)."""
-    from tcptrace_ebpf.probe import import_bcc
+    from tcptrace_ebpf.kernel.probe import import_bcc
 
     text, cflags = build_source(detect_features(), TracerOptions(emit_events=True))
     # Bytes: BCC warns (with the whole program) about str.
@@ -445,7 +445,7 @@ def test_a_refused_btf_program_falls_back_to_raw(
     so it cannot be faked in this one)."""
     features = detect_features()
     features.btf_trace_ids = dict.fromkeys(features.btf_trace_ids, 1)
-    monkeypatch.setattr("tcptrace_ebpf.probe.detect_features", lambda: features)
+    monkeypatch.setattr("tcptrace_ebpf.kernel.probe.detect_features", lambda: features)
     port = free_port()
     kinds: dict[str, str] = {}
 

@@ -25,9 +25,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+from ..model.addresses import AddressPair, Destination
+from ..model.owners import ListenerSeed
 from . import bpfsys, buckets, loader
-from .errors import UserError
-from .kernel import (
+from .features import (
     ADDR_FIELDS,
     RAW_TCP_EVENTS,
     REQUIRED,
@@ -37,30 +39,17 @@ from .kernel import (
     detect_features,
     unsupported_reason,
 )
-from .kernel import headers_dir as find_headers_dir
+from .features import headers_dir as find_headers_dir
+from .interface import (
+    COUNTER_NAMES,
+    METRIC_ARRAYS,
+    destination_of,
+    pair_of_tuple,
+)
 from .maps import EventBuffer, Table
-from .metrics import METRIC_ARRAYS
-from .seed import ListenerSeed
 from .tracefs import c_struct, ensure_tracefs
 
 log = logging.getLogger(__name__)
-
-# struct tt_counter indexes (bpf/tcptrace.h) -> names used in metrics and summaries.
-COUNTER_NAMES = {
-    0: "events",
-    1: "lost_ringbuf",
-    2: "lost_socket_map",
-    3: "lost_timewait_map",
-    4: "lost_killed_map",
-    5: "lost_listener_map",
-    6: "lost_close_wait_map",
-    7: "lost_adopted_map",
-    8: "time_wait_skipped",
-    9: "sockets_born",
-    10: "lost_dest_map",
-    11: "missed_transitions",
-    12: "missed_ends",
-}
 
 
 def bpf_source_dir() -> Path:
@@ -68,7 +57,7 @@ def bpf_source_dir() -> Path:
     packaged = resources.files("tcptrace_ebpf") / "bpf"
     if packaged.is_dir():
         return Path(str(packaged))
-    checkout = Path(__file__).resolve().parent.parent / "bpf"
+    checkout = Path(__file__).resolve().parents[2] / "bpf"
     if (checkout / "tcptrace.bpf.c").is_file():
         return checkout
     raise UserError("the BPF sources (tcptrace.bpf.c) are missing from the installation: reinstall")
@@ -268,29 +257,11 @@ def require_root() -> None:
         raise UserError("tcptrace-ebpf must run as root to load its BPF program: run it with sudo")
 
 
-# An address pair as a hashable key: (netns, family, sport, dport, saddr, daddr),
-# addresses as 16 bytes (IPv4 in the first 4), as struct tt_tuple has them.
-TupleKey = tuple[int, int, int, int, bytes, bytes]
-# A destination: (netns, family, dport, daddr), as struct tt_dest.
-DestKey = tuple[int, int, int, bytes]
-
-
-def tuple_key(value: Any) -> TupleKey:
-    return (
-        int(value.netns),
-        int(value.family),
-        int(value.sport),
-        int(value.dport),
-        bytes(value.saddr),
-        bytes(value.daddr),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class KernelCloseWait:
     """A socket in CLOSE_WAIT as the kernel program recorded it."""
 
-    key: TupleKey
+    pair: AddressPair
     since_ns: int  # CLOCK_MONOTONIC
     sock_id: int
     pid: int
@@ -306,7 +277,7 @@ class FollowedSocket:
     address: int  # kernel address: the socks or timewait map's key
     sock_id: int
     state: int
-    key: bytes  # struct tt_tuple, packed (netns included)
+    pair: AddressPair
 
 
 @dataclass
@@ -595,7 +566,7 @@ class Tracer:
                         address=int(getattr(key, "value", key)),
                         sock_id=int(value.id.sock_id),
                         state=int(value.id.state),
-                        key=bytes(value.tuple),
+                        pair=pair_of_tuple(value.tuple),
                     )
                 )
         return result
@@ -661,7 +632,7 @@ class Tracer:
         for _key, value in self.table("close_wait").items():
             result.append(
                 KernelCloseWait(
-                    key=tuple_key(value.tuple),
+                    pair=pair_of_tuple(value.tuple),
                     since_ns=int(value.since_ns),
                     sock_id=int(value.sock_id),
                     pid=int(value.pid),
@@ -672,7 +643,7 @@ class Tracer:
             )
         return result
 
-    def timewait_owners(self) -> list[tuple[TupleKey, str, int]]:
+    def timewait_owners(self) -> list[tuple[AddressPair, str, int]]:
         """Each followed timewait socket's address pair, the program that made
         the connection and its cgroup id (no process holds a timewait socket;
         the kernel program remembers who owned the connection)."""
@@ -683,30 +654,28 @@ class Tracer:
             items = []
         return [
             (
-                tuple_key(value.tuple),
+                pair_of_tuple(value.tuple),
                 bytes(value.id.comm).split(b"\0", 1)[0].decode(errors="replace"),
                 int(value.id.cgroup_id),
             )
             for _key, value in items
         ]
 
-    def dest_ports(self) -> dict[DestKey, int]:
+    def dest_ports(self) -> dict[Destination, int]:
         """Local ports in use per remote address:port (client sockets, TIME_WAIT included)."""
-        result: dict[DestKey, int] = {}
+        result: dict[Destination, int] = {}
         table = self.table("dest_ports")
         try:
             items = list(table.items_lookup_batch())
         except Exception:  # an empty hash map makes the batch call fail with ENOENT
             items = list(table.items())
         for key, value in items:
-            result[(int(key.netns), int(key.family), int(key.dport), bytes(key.daddr))] = int(
-                value.value if hasattr(value, "value") else value
-            )
+            result[destination_of(key)] = int(value.value if hasattr(value, "value") else value)
         return result
 
-    def drain_adopted(self) -> list[tuple[bytes, int]]:
+    def drain_adopted(self) -> list[tuple[AddressPair, int]]:
         """News of pre-existing sockets since the last call (then forgotten):
-        (packed struct tt_tuple, value), the value being the state a socket
+        (address pair, value), the value being the state a socket
         was first seen leaving, or TT_ADOPT_OLD_TIMEWAIT | the state of a
         timewait socket (CLOSE once it is gone)."""
         table = self.table("adopted")
@@ -714,7 +683,7 @@ class Tracer:
         for key, _value in items:
             with contextlib.suppress(KeyError):
                 del table[key]
-        return [(bytes(key), value) for key, value in items]
+        return [(pair_of_tuple(key), value) for key, value in items]
 
     def watch_old_timewait(self, on: bool) -> bool:
         """Have the program report when timewait sockets older than tracing

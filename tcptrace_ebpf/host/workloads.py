@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..model.owners import NO_WORKLOAD, Workload
+
 log = logging.getLogger(__name__)
 
 # Where the kubelet's log directories are (the root holding pods/ and
@@ -78,44 +80,6 @@ class CgroupPlace:
     container_id: str = ""  # 64 hex, "" when not a container
     runtime: str = ""  # containerd, cri-o, docker, podman; "" if unknown
     pod_uid: str = ""  # Kubernetes pod uid (with "-"), "" outside Kubernetes
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    """A socket owner's container and pod. Empty strings where not applicable."""
-
-    cgroup: str = ""  # cgroup v2 path ("" when unknown)
-    container_id: str = ""
-    runtime: str = ""
-    namespace: str = ""  # Kubernetes namespace
-    pod: str = ""
-    container: str = ""  # Kubernetes container name; else the short container id
-    pod_uid: str = ""
-
-    def to_json(self) -> dict[str, str | None]:
-        return {
-            "cgroup": self.cgroup or None,
-            "container_id": self.container_id or None,
-            "namespace": self.namespace or None,
-            "pod": self.pod or None,
-            "container": self.container or None,
-        }
-
-    def matches(self, pod: str | None, container: str | None) -> bool:
-        """The --pod (NAME or NAMESPACE/NAME) and --container (name or id) filters."""
-        if pod is not None and (
-            not self.pod or pod not in (self.pod, f"{self.namespace}/{self.pod}")
-        ):
-            return False
-        if container is None:
-            return True
-        return bool(self.container) and (
-            container == self.container
-            or (len(container) >= 12 and self.container_id.startswith(container))
-        )
-
-
-NO_WORKLOAD = Workload()
 
 
 def parse_cgroup_path(path: str) -> CgroupPlace:

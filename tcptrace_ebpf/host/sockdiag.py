@@ -46,7 +46,7 @@ from pyroute2.netlink.diag import DiagSocket as NetlinkDiagSocket
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.states import TcpState
+from tcptrace_ebpf.model.states import TcpState
 
 __all__ = [
     "ALL_STATES_MASK",

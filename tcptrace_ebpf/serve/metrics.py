@@ -29,8 +29,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import buckets
-from .states import STATE_SLOTS, TcpState
+from ..kernel import buckets
+from ..kernel.interface import METRIC_ARRAYS
+from ..model.states import STATE_SLOTS, TcpState
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +73,6 @@ LOST_CAUSES = {
     "kernel_skipped": "kernel_skipped",
 }
 TOP_COMMS = 10  # CLOSE_WAIT gauges per program and container: the biggest ten, then "other"
-# The per-CPU arrays of the BPF program a scrape reads, each named after its
-# metric (tcptrace_<name>).
-METRIC_ARRAYS = (
-    "state_transitions_total",
-    "sockets",
-    "state_duration_seconds",
-    "handshake_duration_seconds",
-    "connection_duration_seconds",
-    "connections_opened_total",
-    "connections_closed_total",
-    "time_wait_duration_seconds",
-    "close_wait_duration_seconds",
-)
 
 
 class NotReady(Exception):

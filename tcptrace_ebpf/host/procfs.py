@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
 
-from tcptrace_ebpf.errors import UserError
+from ..errors import UserError
+from ..model.owners import ProcessInfo
 
 __all__ = [
     "ProcessInfo",
@@ -45,19 +45,6 @@ _SOCKET_LINK_PREFIX = "socket:["
 _CONTAINER_DIRECTORY = re.compile(
     r"(?:(?:docker|cri-containerd|crio|libpod|nerdctl)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessInfo:
-    pid: int
-    comm: str
-    """Command name (/proc/PID/comm, at most 15 characters)."""
-    cmdline: str
-    """Arguments joined with spaces; "" for kernel threads and zombies."""
-    cgroup: str
-    """cgroup path of the process (see parse_proc_cgroup); "" if unreadable."""
-    container_id: str | None
-    """Full 64-hex id of the container the process runs in, None on the host."""
 
 
 def socket_holders(

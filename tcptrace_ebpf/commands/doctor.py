@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kernel import (
+from ..kernel.features import (
     KERNEL_FEATURES,
     OLDEST_SUPPORTED,
     REQUIRED,
@@ -26,7 +26,7 @@ from .kernel import (
     kernel_summary,
     unsupported_reason,
 )
-from .tracefs import ensure_tracefs, find_tracefs
+from ..kernel.tracefs import ensure_tracefs, find_tracefs
 
 Echo = Callable[[str], None]
 
@@ -194,7 +194,7 @@ def check_kernel(report: Report, features: Features) -> None:
 def _check_cgroups(report: Report) -> None:
     """Whether owners' cgroup ids (bpf_get_current_cgroup_id(), cgroup v2) can
     be named: a v2 hierarchy must be mounted, whole, where we can walk it."""
-    from .workloads import DEFAULT_LOG_ROOT, Workloads, cgroup_id_of_pid, find_cgroup2_root
+    from ..host.workloads import DEFAULT_LOG_ROOT, Workloads, cgroup_id_of_pid, find_cgroup2_root
 
     root = find_cgroup2_root()
     if root is None:
@@ -254,8 +254,8 @@ def _check_headers(report: Report, release: str, fix: bool) -> None:
 
 def _check_load(report: Report) -> None:
     """Compile, load and attach the real program, then detach."""
-    from .errors import UserError
-    from .probe import Tracer, TracerOptions
+    from ..errors import UserError
+    from ..kernel.probe import Tracer, TracerOptions
 
     # Compiled, not taken from the cache: this checks the compiler works.
     tracer = Tracer(TracerOptions(emit_events=True, collect_metrics=True, use_cache=False))

@@ -14,16 +14,14 @@ between the snapshot and the attach.
 On a busy host the snapshot has hundreds of thousands of sockets, and
 reading them through pyroute2 costs far more memory than keeping them: it
 runs in a short-lived child process that hands back compact records, so the
-daemon's memory does not keep the high-water mark. Each address pair is
-kept packed exactly as the kernel's `struct tt_tuple`, so the keys the
-kernel reports match byte for byte.
+daemon's memory does not keep the high-water mark. Sockets are keyed by
+their address pair (network namespace included), the type the tracer turns
+the kernel's reports into, so the two match by equality.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -31,20 +29,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..kernel.interface import ADOPT_OLD_TIMEWAIT
+from ..model.addresses import AddressPair, Destination
+from ..model.states import TcpState
 from .sockdiag import DiagSocket
-from .states import TcpState
 
-# In an `adopted` value: news of a timewait socket (TT_ADOPT_OLD_TIMEWAIT, bpf/tcptrace.h).
-ADOPT_OLD_TIMEWAIT = 0x80
 # A timewait socket's timer runs at most TCP_TIMEWAIT_LEN; past its due time
 # by this much, it is gone even if the kernel's word was lost.
 TIMEWAIT_LEN_S = 60.0
 TIMEWAIT_GRACE_S = 2.0
-
-# struct tt_tuple (bpf/tcptrace.h): netns, family, sport, dport, pad, saddr, daddr.
-TUPLE = struct.Struct("<IHHHH16s16s")
-# A destination, from a tuple: netns + family (bytes 0-6), dport (8-10), daddr (28-44).
-PackedKey = bytes
 
 # States a snapshot socket is counted in. SYN_RECV from sock_diag is a request
 # socket (it never changes state on the tracepoint and lives milliseconds),
@@ -58,36 +51,11 @@ COUNTED = frozenset(
 )  # fmt: skip
 
 
-def packed(family: int, address: str) -> bytes:
-    """An address as struct tt_tuple stores it: 16 bytes, IPv4 in the first 4."""
-    raw = socket.inet_pton(family, address)
-    return raw.ljust(16, b"\0")
-
-
-def key_of_pair(
-    netns: int, family: int, *, laddr: str, lport: int, raddr: str, rport: int
-) -> PackedKey:
-    """struct tt_tuple, packed, of one address pair."""
-    return TUPLE.pack(netns, family, lport, rport, 0, packed(family, laddr), packed(family, raddr))
-
-
-def key_of(sock: DiagSocket, netns: int) -> PackedKey:
-    return key_of_pair(
-        netns, sock.family, laddr=sock.laddr, lport=sock.lport, raddr=sock.raddr, rport=sock.rport
-    )
-
-
-def dest_of(key: PackedKey) -> tuple[int, int, int, bytes]:
-    """(netns, family, dport, daddr) of a packed tuple, as the kernel's dest_ports keys."""
-    netns, family, _sport, dport, _pad, _saddr, daddr = TUPLE.unpack(key)
-    return (netns, family, dport, daddr)
-
-
 @dataclass(frozen=True, slots=True)
 class OldCloseWait:
     """A socket already in CLOSE_WAIT at start-up: its age is only known to be at least this."""
 
-    key: PackedKey
+    pair: AddressPair
     inode: int
     since: float  # unix time the exporter started: a lower bound of when it entered CLOSE_WAIT
     comm: str  # the program holding it at start-up ("" if none could be found)
@@ -98,7 +66,7 @@ class OldCloseWait:
 class Record:
     """What the daemon keeps of one snapshot socket."""
 
-    key: PackedKey
+    pair: AddressPair
     state: int
     timewait: bool
     client: bool  # made by connect(): holds an ephemeral port towards its destination
@@ -114,26 +82,26 @@ class Preexisting:
     ) -> None:
         self.started = started
         self._lock = threading.Lock()
-        self._state: dict[PackedKey, int] = {}
-        self._timewait: dict[PackedKey, int] = {}
+        self._state: dict[AddressPair, int] = {}
+        self._timewait: dict[AddressPair, int] = {}
         # When each timewait socket is surely gone (time.monotonic()).
-        self._timewait_due: dict[PackedKey, float] = {}
-        self._clients: set[PackedKey] = set()
-        self._dests: Counter[tuple[int, int, int, bytes]] = Counter()
+        self._timewait_due: dict[AddressPair, float] = {}
+        self._clients: set[AddressPair] = set()
+        self._dests: Counter[Destination] = Counter()
         # The snapshot's time on the monotonic clock.
         taken = time.monotonic() - max(0.0, time.time() - started)
         for record in records:
             if record.timewait:
-                self._timewait[record.key] = record.state
-                self._timewait_due[record.key] = (
+                self._timewait[record.pair] = record.state
+                self._timewait_due[record.pair] = (
                     taken + min(record.expires_ms / 1000, TIMEWAIT_LEN_S) + TIMEWAIT_GRACE_S
                 )
             else:
-                self._state[record.key] = record.state
+                self._state[record.pair] = record.state
             if record.client:
-                self._clients.add(record.key)
-                self._dests[dest_of(record.key)] += 1
-        self._close_wait = {item.key: item for item in close_wait}
+                self._clients.add(record.pair)
+                self._dests[record.pair.destination] += 1
+        self._close_wait = {item.pair: item for item in close_wait}
 
     @classmethod
     def from_sockets(
@@ -146,7 +114,7 @@ class Preexisting:
         records, close_wait = compact(list(sockets), netns, started, comm_of_inode)
         return cls(records, started, close_wait)
 
-    def adopt(self, news: Iterable[tuple[PackedKey, int]], now: float | None = None) -> None:
+    def adopt(self, news: Iterable[tuple[AddressPair, int]], now: float | None = None) -> None:
         """What the kernel program reported (see Tracer.drain_adopted): sockets
         it now follows, and timewait sockets that went or live on."""
         now = time.monotonic() if now is None else now
@@ -169,24 +137,24 @@ class Preexisting:
             for key in [key for key, due in self._timewait_due.items() if due <= now]:
                 self._forget(key)
 
-    def _forget(self, key: PackedKey) -> None:
+    def _forget(self, key: AddressPair) -> None:
         self._state.pop(key, None)
         self._timewait.pop(key, None)
         self._timewait_due.pop(key, None)
         self._close_wait.pop(key, None)
         if key in self._clients:
             self._clients.discard(key)
-            dest = dest_of(key)
+            dest = key.destination
             self._dests[dest] -= 1
             if self._dests[dest] <= 0:
                 del self._dests[dest]
 
-    def keys(self) -> set[PackedKey]:
+    def keys(self) -> set[AddressPair]:
         """Every socket of the snapshot, timewait ones included."""
         with self._lock:
             return set(self._state) | set(self._timewait)
 
-    def drop(self, keys: Iterable[PackedKey]) -> None:
+    def drop(self, keys: Iterable[AddressPair]) -> None:
         """Forget these sockets: the kernel program follows them already."""
         with self._lock:
             for key in keys:
@@ -215,7 +183,7 @@ class Preexisting:
         with self._lock:
             return list(self._close_wait.values())
 
-    def dests(self) -> Counter[tuple[int, int, int, bytes]]:
+    def dests(self) -> Counter[Destination]:
         with self._lock:
             return Counter(self._dests)
 
@@ -239,7 +207,7 @@ def compact(
     for sock in sockets:
         if sock.state not in COUNTED:
             continue
-        key = key_of(sock, netns)
+        key = AddressPair.of(sock, netns)
         # A connection whose local port is not listening was made by connect().
         client = sock.state != TcpState.LISTEN and sock.lport not in listening
         expires_ms = sock.expires_ms if sock.is_timewait else 0
@@ -275,8 +243,8 @@ def _snapshot_in_child(
     """Run in a child process: list the sockets of our network namespace and,
     with `every_netns`, of every other one (pods have their own), and keep
     what the daemon needs."""
+    from ..errors import UserError
     from . import procfs, sockdiag
-    from .errors import UserError
     from .netns import namespaces, run_in
 
     per_netns = [(netns, sockdiag.snapshot())]

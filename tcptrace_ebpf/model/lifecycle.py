@@ -36,8 +36,8 @@ from .events import (
     TW_END_NAMES,
     Event,
 )
+from .owners import NO_WORKLOAD, Workload
 from .states import TcpState, state_name
-from .workloads import NO_WORKLOAD, Workload
 
 CLOSE = int(TcpState.CLOSE)
 LISTEN = int(TcpState.LISTEN)

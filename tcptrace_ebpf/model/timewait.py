@@ -17,19 +17,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .sockdiag import DiagSocket
+from .addresses import AddressPair, HasEndpoints
 from .states import TcpState
 
 
-def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
-    try:
-        low, high = (int(part) for part in Path(path).read_text().split())
-    except (OSError, ValueError):
-        return (32768, 60999)  # the kernel's default
-    return (low, high)
+class Listed(HasEndpoints, Protocol):
+    """A socket of a sock_diag listing, as far as the view needs it."""
+
+    @property
+    def state(self) -> int: ...
+    @property
+    def is_timewait(self) -> bool: ...
 
 
 @dataclass
@@ -86,13 +86,14 @@ class Pressure:
 
 
 def pressure(
-    sockets: Iterable[DiagSocket],
+    sockets: Iterable[Listed],
     port_range: tuple[int, int],
-    owners: Mapping[tuple[str, int, str, int], str] | None = None,
+    owners: Mapping[AddressPair, str] | None = None,
+    netns: int = 0,
 ) -> Pressure:
-    """Group a snapshot (pure): client-side ports in use per destination,
-    server-side TIME_WAIT per local port, TIME_WAIT per program (from owners,
-    keyed by (laddr, lport, raddr, rport))."""
+    """Group a snapshot of network namespace `netns` (pure): client-side ports
+    in use per destination, server-side TIME_WAIT per local port, TIME_WAIT
+    per program (from owners, by address pair)."""
     low, high = port_range
     sockets = list(sockets)
     listening = {sock.lport for sock in sockets if sock.state == TcpState.LISTEN}
@@ -112,7 +113,7 @@ def pressure(
         elif waiting:
             service[sock.lport] += 1
         if waiting and owners is not None:
-            comm = owners.get((sock.laddr, sock.lport, sock.raddr, sock.rport))
+            comm = owners.get(AddressPair.of(sock, netns))
             programs[comm or "unknown"] += 1
     ranked = sorted(dests.values(), key=lambda dest: (-dest.in_use, dest.raddr, dest.rport))
     return Pressure(
@@ -131,14 +132,3 @@ def by_workload(items: Iterable[Mapping[str, Any]]) -> list[tuple[tuple[str, str
         for item in items
     )
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-
-
-def gather(
-    owners: Mapping[tuple[str, int, str, int], str] | None,
-    daemon_items: Iterable[Mapping[str, Any]] = (),
-) -> Pressure:
-    from . import sockdiag
-
-    view = pressure(sockdiag.snapshot(), ephemeral_range(), owners)
-    view.workloads = by_workload(daemon_items)
-    return view

@@ -2,7 +2,7 @@
 
 BCC's compiler (libLLVM, libclang: over 100 MB mapped and touched) is needed
 once, at start; a daemon that imported bcc would keep it for life. So the
-tracer runs this module as a child process (`python -m tcptrace_ebpf.loader`):
+tracer runs this module as a child process (`python -m tcptrace_ebpf.kernel.loader`):
 it compiles the program text it is given on stdin, creates the maps, loads
 the programs the plan names (tp_btf variants first, where asked), and sends
 back, over a unix socket (SCM_RIGHTS), every map's and program's file
@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from . import bpfsys
-from .errors import UserError
 from .maps import MapInfo
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def _run_loader(
     try:
         with child:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tcptrace_ebpf.loader"],
+                [sys.executable, "-m", "tcptrace_ebpf.kernel.loader"],
                 stdin=subprocess.PIPE,
                 pass_fds=[child.fileno()],
                 env=env,

@@ -12,23 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
+from ..model.owners import ListenerSeed
+from ..model.states import TcpState
 from .sockdiag import DiagSocket
-from .states import TcpState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerSeed:
-    netns: int
-    port: int
-    pid: int  # 0 when not exactly one process holds the listeners of this port
-    comm: str
-    count: int  # listening sockets on this port
-    ambiguous: bool
-    cgroup_id: int = 0  # the owner's cgroup v2 id, for its children's container and pod
 
 
 def own_netns_inum() -> int:
@@ -67,8 +56,8 @@ def listener_seeds(
 def collect_listener_seeds(every_netns: bool = True) -> list[ListenerSeed]:
     """Snapshot the listeners of this network namespace and (`every_netns`)
     every other one (pods have their own), and their holders; empty on failure."""
+    from ..errors import UserError
     from . import procfs, sockdiag
-    from .errors import UserError
     from .netns import namespaces, run_in
     from .workloads import cgroup_id_of_pid
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from .owners import NO_WORKLOAD, Workload
 from .states import state_name
-from .workloads import NO_WORKLOAD, Workload
 
 # struct tt_event, field by field (bpf/tcptrace.h); a test checks this
 # against the layout BCC compiles.
