@@ -354,17 +354,7 @@ class DurationParam(click.ParamType):  # type: ignore[type-arg]
 )
 @click.option("--container", default=None, help="Only sockets held in this container (name or id).")
 @api_socket_option("Where the running `serve` answers with CLOSE_WAIT ages.")
-def closewait(
-    *,
-    min_age: float,
-    per_socket: bool,
-    as_json: bool,
-    watch: bool,
-    interval: float,
-    pod: str | None,
-    container: str | None,
-    api_socket: str,
-) -> None:
+def closewait(**options: Any) -> None:
     """Find CLOSE_WAIT leaks: which process holds sockets whose peer closed, how many, since when.
 
     Ages come from the running `tcptrace-ebpf serve`; without it, --watch
@@ -372,16 +362,7 @@ def closewait(
     """
     from .commands.closewait import run_closewait
 
-    run_closewait(
-        min_age=min_age,
-        per_socket=per_socket,
-        as_json=as_json,
-        watch=watch,
-        interval=interval,
-        pod=pod,
-        container=container,
-        api_socket=api_socket,
-    )
+    run_closewait(**options)
 
 
 @cli.command()

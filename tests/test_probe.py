@@ -18,13 +18,11 @@ from support import Peer, deadline, free_port, requires_root
 from tcptrace_ebpf.commands.runner import clock_offset_ns
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.kernel.features import Capability, detect_features
+from tcptrace_ebpf.kernel.interface import EventFlag
 from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source
 from tcptrace_ebpf.model.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
-    F_END_UNSEEN,
-    F_RESET_RECEIVED,
-    F_RESET_SENT,
     Decoder,
 )
 from tcptrace_ebpf.model.lifecycle import Lifecycle, LifecycleEngine
@@ -293,7 +291,7 @@ def test_missed_end_is_closed_when_the_address_is_reused() -> None:
                     again.cmd("close")
                     server.cmd("close")
             tracer.poll(0)
-            if any(e.sock == sock_id and e.has(F_END_UNSEEN) for e in seen):
+            if any(e.sock == sock_id and e.has(EventFlag.END_UNSEEN) for e in seen):
                 break
         server.cmd("close_listener")
 
@@ -309,7 +307,7 @@ def test_missed_end_is_closed_when_the_address_is_reused() -> None:
     finally:
         for peer in peers.values():
             peer.close()
-    ended_unseen = [e for e in events if e.sock in planted_ids and e.has(F_END_UNSEEN)]
+    ended_unseen = [e for e in events if e.sock in planted_ids and e.has(EventFlag.END_UNSEEN)]
     assert ended_unseen, "no planted record was closed by a new socket at its address"
     (unseen,) = ended_unseen
     assert "end_unseen" in unseen.to_json()["flags"]
@@ -415,7 +413,7 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
     def seen(events: list) -> list:
         return sorted(
             (e.family, e.laddr, e.lport, e.raddr, e.rport, e.old_state, e.new_state, e.tw_end,
-             e.flags & (F_RESET_SENT | F_RESET_RECEIVED))
+             e.flags & (EventFlag.RESET_SENT | EventFlag.RESET_RECEIVED))
             for e in events
         )  # fmt: skip
 
@@ -429,8 +427,8 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
     ]  # fmt: skip
     assert len(streams["btf"]) >= 20
     # The refused connects were told by tcp_receive_reset, the linger-0 closes by tcp_send_reset.
-    assert any(e.has(F_RESET_RECEIVED) for e in streams["btf"])
-    assert any(e.has(F_RESET_SENT) for e in streams["btf"])
+    assert any(e.has(EventFlag.RESET_RECEIVED) for e in streams["btf"])
+    assert any(e.has(EventFlag.RESET_SENT) for e in streams["btf"])
     assert seen(streams["btf"]) == seen(streams["raw"]) == seen(streams["classic"])
 
 

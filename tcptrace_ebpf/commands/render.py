@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 
+from ..kernel.interface import EventFlag
 from ..model.addresses import family_of
 from ..model.closewait import ProcessGroup
-from ..model.events import AF_INET6, F_INFERRED_TIME, Event
+from ..model.events import AF_INET6, Event
 from ..model.lifecycle import Lifecycle
 from ..model.states import short_name, state_name
 from ..model.timewait import Pressure
@@ -89,7 +90,7 @@ def trace_line(event: Event, width: int = WIDTH) -> str:
     """One state change: time, owner, address pair, OLD>NEW, time spent in OLD."""
     transition = f"{short_name(event.old_state)}>{short_name(event.new_state)}"
     duration = format_duration(event.duration_s)
-    if event.flags & F_INFERRED_TIME:
+    if event.flags & EventFlag.INFERRED_TIME:
         duration = "~" + duration
     head = f"{format_clock(event.ts)} {who(event.pid, event.comm)}"
     tail = f"{transition} {duration}"

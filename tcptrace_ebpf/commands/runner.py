@@ -15,6 +15,7 @@ from types import FrameType
 
 from ..host.listeners import collect_listener_seeds
 from ..host.workloads import shared as shared_workloads
+from ..kernel.interface import LOSS_SUMMARY
 from ..kernel.probe import Tracer, TracerOptions
 from ..model.events import Decoder
 from ..model.owners import Workload
@@ -119,20 +120,9 @@ def describe_start(tracer: Tracer) -> str:
 
 
 def lost_summary(counters: dict[str, int]) -> str:
-    labels = {
-        "lost_ringbuf": "buffer full",
-        "lost_socket_map": "socket map full",
-        "lost_timewait_map": "timewait map full",
-        "lost_killed_map": "killed-timewait map full",
-        "lost_listener_map": "listener map full",
-        "lost_close_wait_map": "close-wait map full",
-        "lost_adopted_map": "adopted map full",
-        "lost_dest_map": "destination map full",
-        "kernel_skipped": "skipped by the kernel",
-    }
-    total = sum(counters.get(key, 0) for key in labels)
+    total = sum(counters.get(key, 0) for key in LOSS_SUMMARY)
     detail = ", ".join(
-        f"{label}: {counters[key]}" for key, label in labels.items() if counters.get(key)
+        f"{label}: {counters[key]}" for key, label in LOSS_SUMMARY.items() if counters.get(key)
     )
     return f"{total} lost" + (f" ({detail})" if detail else "")
 

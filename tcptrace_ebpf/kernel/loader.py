@@ -130,6 +130,17 @@ def _bcc_version() -> str:
         return "unknown"
 
 
+def _included_headers(cflags: list[str]) -> dict[str, str]:
+    """The headers in the program's include directories (-I), by name: the
+    program text includes them, so they are part of what it compiles to."""
+    headers = {}
+    for flag in cflags:
+        if flag.startswith("-I"):
+            for path in sorted(Path(flag[2:]).glob("*.h")):
+                headers[str(path)] = path.read_text()
+    return headers
+
+
 def cache_key(text: str, cflags: list[str], requests: list[ProgramRequest]) -> str:
     digest = hashlib.sha256()
     try:
@@ -142,6 +153,7 @@ def cache_key(text: str, cflags: list[str], requests: list[ProgramRequest]) -> s
             {
                 "format": CACHE_FORMAT,
                 "text": text,
+                "headers": _included_headers(cflags),
                 "cflags": cflags,
                 "programs": [asdict(item) for item in requests],
                 "release": uname.release,

@@ -42,6 +42,7 @@ from .features import (
 from .features import headers_dir as find_headers_dir
 from .interface import (
     COUNTER_NAMES,
+    KERNEL_SKIPPED,
     METRIC_ARRAYS,
     destination_of,
     pair_of_tuple,
@@ -614,12 +615,12 @@ class Tracer:
         """Self counters summed over CPUs, by name (see COUNTER_NAMES), plus
         `kernel_skipped`: state changes whose program run the kernel skipped."""
         if self.bpf is None:
-            return dict.fromkeys([*COUNTER_NAMES.values(), "kernel_skipped"], 0)
+            return dict.fromkeys([*COUNTER_NAMES.values(), KERNEL_SKIPPED], 0)
         table = self.table("counters")
         values = {}
         for index, name in COUNTER_NAMES.items():
             values[name] = int(sum(table[ctypes.c_int(index)]))
-        values["kernel_skipped"] = self.program_skips().get("sock:inet_sock_set_state", 0)
+        values[KERNEL_SKIPPED] = self.program_skips().get("sock:inet_sock_set_state", 0)
         return values
 
     def metric_arrays(self) -> dict[str, list[int]]:

@@ -9,67 +9,25 @@ Pure code: no bcc, no I/O.
 from __future__ import annotations
 
 import json
-import socket
-import struct
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from ..kernel import interface
+from ..kernel.interface import EVENT_FLAG_NAMES, EventFlag, OwnerSource, Role, TwEnd
 from .owners import NO_WORKLOAD, Workload
 from .states import state_name
 
-# struct tt_event, field by field (bpf/tcptrace.h); a test checks this
-# against the layout BCC compiles.
-EVENT_FORMAT = "<QQQQII16s16sHHHHBBBBBBH16sQ"
-EVENT_STRUCT = struct.Struct(EVENT_FORMAT)
-EVENT_SIZE = EVENT_STRUCT.size  # 112
+AF_INET = interface.AF_INET
+AF_INET6 = interface.AF_INET6
+EVENT_STRUCT = interface.EVENT_STRUCT
+EVENT_SIZE = interface.EVENT_SIZE  # 112
 
-AF_INET = socket.AF_INET
-AF_INET6 = socket.AF_INET6
-
-# TT_EVF_* flags
-F_DURATION_KNOWN = 1 << 0
-F_PREEXISTING = 1 << 1
-F_LOST_BEFORE = 1 << 2
-F_UNTRACKED = 1 << 3
-F_RESET_SENT = 1 << 4
-F_RESET_RECEIVED = 1 << 5
-F_LAST = 1 << 6
-F_INFERRED_TIME = 1 << 7
-F_TIMEWAIT_SOCK = 1 << 8
-F_NO_TIME_WAIT = 1 << 9
-F_END_UNSEEN = 1 << 10
-F_NO_SYN = 1 << 11
-
-FLAG_NAMES = {
-    F_PREEXISTING: "preexisting",
-    F_LOST_BEFORE: "lost_before",
-    F_UNTRACKED: "untracked",
-    F_RESET_SENT: "reset_sent",
-    F_RESET_RECEIVED: "reset_received",
-    F_LAST: "last",
-    F_INFERRED_TIME: "inferred_time",
-    F_TIMEWAIT_SOCK: "timewait_socket",
-    F_NO_TIME_WAIT: "no_time_wait",
-    F_END_UNSEEN: "end_unseen",
-    F_NO_SYN: "no_syn",
-}
-FLAG_VALUES = {name: value for value, name in FLAG_NAMES.items()}
-
-ROLE_NAMES = {0: "unknown", 1: "client", 2: "server", 3: "listener"}
-OWNER_SOURCE_NAMES = {0: "unknown", 1: "connect", 2: "listen", 3: "listener", 4: "closer"}
-TW_END_NAMES = {0: None, 1: "expired", 2: "reused", 3: "killed"}
-CLOSE_NAMES = {
-    1: "active",
-    2: "passive",
-    3: "simultaneous",
-    4: "reset_sent",
-    5: "reset_received",
-    6: "refused",
-    7: "timeout",
-    8: "connect_failed",
-    9: "listener_closed",
-}
+ROLE_NAMES = {role.value: role.name.lower() for role in Role}
+OWNER_SOURCE_NAMES = {source.value: source.name.lower() for source in OwnerSource}
+TW_END_NAMES = {end.value: end.name.lower() if end else None for end in TwEnd}
+FLAG_VALUES = {name: int(flag) for flag, name in EVENT_FLAG_NAMES.items()}
+_DURATION_KNOWN = int(EventFlag.DURATION_KNOWN)
 
 
 class Event(NamedTuple):
@@ -124,7 +82,7 @@ class Event(NamedTuple):
             "owner": OWNER_SOURCE_NAMES.get(self.owner_source, "unknown"),
             "time_wait_end": TW_END_NAMES.get(self.tw_end),
             "syn_retrans": self.syn_retrans,
-            "flags": [name for value, name in FLAG_NAMES.items() if self.flags & value],
+            "flags": [name for value, name in EVENT_FLAG_NAMES.items() if self.flags & value],
             "cgroup_id": self.cgroup_id or None,
             "namespace": workload.namespace or None,
             "pod": workload.pod or None,
@@ -141,7 +99,7 @@ class Event(NamedTuple):
             flags |= FLAG_VALUES.get(name, 0)
         duration = obj.get("duration_s")
         if duration is not None:
-            flags |= F_DURATION_KNOWN
+            flags |= _DURATION_KNOWN
         roles = {name: value for value, name in ROLE_NAMES.items()}
         owners = {name: value for value, name in OWNER_SOURCE_NAMES.items()}
         tw_ends = {name: value for value, name in TW_END_NAMES.items() if name}
@@ -168,12 +126,7 @@ class Event(NamedTuple):
         )
 
 
-@lru_cache(maxsize=4096)
-def format_address(family: int, raw: bytes) -> str:
-    """Text form of a 16-byte address field (IPv4 in its first 4 bytes)."""
-    if family == AF_INET:
-        return socket.inet_ntop(AF_INET, raw[:4])
-    return socket.inet_ntop(AF_INET6, raw)
+format_address = lru_cache(maxsize=4096)(interface.address_text)
 
 
 @lru_cache(maxsize=1024)
@@ -195,7 +148,7 @@ _TW_END_JSON = {value: json.dumps(name) for value, name in TW_END_NAMES.items()}
 
 @lru_cache(maxsize=4096)
 def _flags_json(flags: int) -> str:
-    return json.dumps([name for value, name in FLAG_NAMES.items() if flags & value])
+    return json.dumps([name for value, name in EVENT_FLAG_NAMES.items() if flags & value])
 
 
 @lru_cache(maxsize=4096)
@@ -241,7 +194,7 @@ class Decoder:
         ) = EVENT_STRUCT.unpack_from(raw)  # fmt: skip
         name = _comm(comm)
         workload = self.workload_of(cgroup_id) if self.workload_of and cgroup_id else NO_WORKLOAD
-        duration = round(duration_ns / 1e9, 9) if flags & F_DURATION_KNOWN else "null"
+        duration = round(duration_ns / 1e9, 9) if flags & _DURATION_KNOWN else "null"
         return (
             f'{{"ts":{round((ts_ns + self.clock_offset_ns) / 1e9, 6)},"sock":{sock_id},'
             f'"pid":{pid or "null"},"comm":{_json_string(name) if name else "null"},'
@@ -275,7 +228,7 @@ class Decoder:
             rport=dport,
             old_state=old,
             new_state=new,
-            duration_s=duration_ns / 1e9 if flags & F_DURATION_KNOWN else None,
+            duration_s=duration_ns / 1e9 if flags & _DURATION_KNOWN else None,
             flags=flags,
             role=role,
             owner_source=owner_source,

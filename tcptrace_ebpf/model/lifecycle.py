@@ -20,17 +20,9 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..kernel.interface import EventFlag
 from .events import (
     AF_INET6,
-    F_END_UNSEEN,
-    F_LAST,
-    F_LOST_BEFORE,
-    F_NO_SYN,
-    F_NO_TIME_WAIT,
-    F_PREEXISTING,
-    F_RESET_RECEIVED,
-    F_RESET_SENT,
-    F_UNTRACKED,
     OWNER_SOURCE_NAMES,
     ROLE_NAMES,
     TW_END_NAMES,
@@ -127,9 +119,15 @@ def classify_close(
     lport: int,
     no_syn: bool = False,
 ) -> str:
-    """How a connection ended (the same rules as close_kind() in the BPF program).
-    `no_syn`: the kernel program saw connect() fail before its SYN left (flag
-    no_syn); kernels without that count leave a missing local port as the sign."""
+    """How a connection ended: the BPF program's close_kind(), which is the
+    rule (it is what tcptrace_connections_closed_total counts), told from
+    events. It stays in Python because lifecycles are rebuilt from events
+    alone: trace and lifecycles load the program without its metrics (where
+    close_kind() runs), and recorded streams carry no close kind;
+    tests/test_interface.py compiles the program's function and checks the two
+    agree on the recorded streams. `no_syn`: the kernel program saw connect()
+    fail before its SYN left (flag no_syn); kernels without that count leave a
+    missing local port as the sign."""
     if role == "listener":
         return "listener_closed"
     if reset_received:
@@ -196,7 +194,7 @@ class LifecycleEngine:
     def feed(self, event: Event) -> list[Lifecycle]:
         """Take one event; return the lifecycles it completes (usually none)."""
         self.stats.events += 1
-        if event.flags & F_UNTRACKED or event.sock == 0:
+        if event.flags & EventFlag.UNTRACKED or event.sock == 0:
             self.stats.untracked += 1
             return []
         sock = event.sock
@@ -213,7 +211,7 @@ class LifecycleEngine:
             self.stats.duplicates += 1
             return []
         entry.pending[event.seq] = event
-        if event.flags & F_LOST_BEFORE:
+        if event.flags & EventFlag.LOST_BEFORE:
             entry.events_lost = True
         done = self._drain(entry, give_up_gaps=entry.events_lost)
         finished = [self._finish(sock, entry)] if done else []
@@ -283,7 +281,7 @@ class LifecycleEngine:
                 life.role = _role_of(event)
             else:
                 # Seen mid-life: born before tracing, or its first events were lost.
-                life.preexisting = bool(event.flags & F_PREEXISTING)
+                life.preexisting = bool(event.flags & EventFlag.PREEXISTING)
                 if event.seq != 0:
                     entry.events_lost = True
                 states.append(StateSpan(event.old_state, None, event.duration_s))
@@ -327,26 +325,26 @@ class LifecycleEngine:
             life.laddr = event.laddr
         life.syn_retrans = max(life.syn_retrans, event.syn_retrans)
         life.last_ts = event.ts
-        if event.flags & F_END_UNSEEN:
+        if event.flags & EventFlag.END_UNSEEN:
             # It ended while the kernel skipped our program: when and how are unknown.
             life.ended = True
             entry.events_lost = True
             states[-1].duration_s = None
             life.close = None
             return
-        if event.flags & F_LAST or event.new_state == CLOSE:
+        if event.flags & EventFlag.LAST or event.new_state == CLOSE:
             life.ended = True
             life.time_wait_end = TW_END_NAMES.get(event.tw_end)
-            if event.flags & F_NO_TIME_WAIT:
+            if event.flags & EventFlag.NO_TIME_WAIT:
                 life.time_wait_end = "skipped"  # the kernel made no timewait socket
             life.close = classify_close(
                 role=life.role,
                 visited=entry.visited,
                 last_old_state=event.old_state,
-                reset_sent=bool(event.flags & F_RESET_SENT),
-                reset_received=bool(event.flags & F_RESET_RECEIVED),
+                reset_sent=bool(event.flags & EventFlag.RESET_SENT),
+                reset_received=bool(event.flags & EventFlag.RESET_RECEIVED),
                 lport=event.lport,
-                no_syn=bool(event.flags & F_NO_SYN),
+                no_syn=bool(event.flags & EventFlag.NO_SYN),
             )
 
     def _finish(self, sock: int, entry: _Open) -> Lifecycle:

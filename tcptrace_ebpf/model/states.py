@@ -26,10 +26,6 @@ class TcpState(enum.IntEnum):
     BOUND_INACTIVE = 13
 
 
-#: Highest state number the kernel may report; arrays indexed by state have
-#: STATE_SLOTS entries so an unknown future state cannot index out of range.
-STATE_SLOTS = 16
-
 SHORT_NAMES: dict[TcpState, str] = {
     TcpState.ESTABLISHED: "ESTAB",
     TcpState.SYN_SENT: "SYN-SENT",

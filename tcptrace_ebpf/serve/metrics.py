@@ -30,48 +30,32 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..kernel import buckets
-from ..kernel.interface import METRIC_ARRAYS
-from ..model.states import STATE_SLOTS, TcpState
+from ..kernel.interface import (
+    CLOSE_SLOTS,
+    CONNECTION_CLOSES,
+    LOST_CAUSES,
+    METRIC_ARRAYS,
+    METRIC_ROLES,
+    STATE_SLOTS,
+    TwEnd,
+    histogram_row_size,
+)
+from ..model.states import TcpState
 
 log = logging.getLogger(__name__)
 
 PREFIX = "tcptrace_"
 
 # Rows of the role-keyed arrays (metric_role() in the BPF program).
-ROLES = ("client", "server", "unknown")
-# enum tt_close, by value; listener_closed (9) is not a connection.
-CLOSES = (
-    "active", "passive", "simultaneous", "reset_sent", "reset_received",
-    "refused", "timeout", "connect_failed",
-)  # fmt: skip
-CLOSE_SLOTS = 10
-# enum tt_tw_end rows of time_wait_duration_seconds.
-TW_ENDS = {1: "expired", 2: "reused", 3: "killed"}
-TW_END_SLOTS = 4
+ROLES = tuple(role.name.lower() for role in METRIC_ROLES)
+# Rows of time_wait_duration_seconds: enum tt_tw_end.
+TW_ENDS = {end.value: end.name.lower() for end in TwEnd if end is not TwEnd.NONE}
 # States a socket can be counted in (CLOSE is not a state one stays in).
 GAUGE_STATES = tuple(
     state
     for state in TcpState
     if state not in (TcpState.CLOSE, TcpState.NEW_SYN_RECV, TcpState.BOUND_INACTIVE)
 )
-LOST_CAUSES = {
-    "lost_ringbuf": "ringbuf_full",
-    "lost_socket_map": "socket_map_full",
-    "lost_timewait_map": "timewait_map_full",
-    "lost_killed_map": "killed_map_full",
-    "lost_listener_map": "listener_map_full",
-    "lost_close_wait_map": "close_wait_map_full",
-    "lost_adopted_map": "adopted_map_full",
-    "lost_dest_map": "dest_map_full",
-    # A change whose old state was not the one recorded: one before it went unseen.
-    "missed_transitions": "missed_transition",
-    # Sockets whose end went unseen, closed when noticed (a new socket in their
-    # place, a timewait socket far past its time, or gone from sock_diag).
-    "missed_ends": "end_unseen",
-    # State changes whose program run the kernel skipped: another tracing BPF
-    # program was running on that CPU (an interrupt in the middle of one).
-    "kernel_skipped": "kernel_skipped",
-}
 TOP_COMMS = 10  # CLOSE_WAIT gauges per program and container: the biggest ten, then "other"
 
 
@@ -124,7 +108,7 @@ def histogram_rows(
     per bucket (le = bound), one for +Inf, then the sum in nanoseconds.
     Rows that never saw an observation are left out."""
     family = HistogramMetricFamily(PREFIX + name, documentation, labels=list(labels))
-    stride = len(bounds) + 2
+    stride = histogram_row_size(len(bounds))
     for row, label_values in rows:
         base = row * stride
         counts = flat[base : base + len(bounds) + 1]
@@ -239,11 +223,11 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     )
     closed_values = arrays.get("connections_closed_total", ())
     for row, label_values in _role_port_rows(port_labels):
-        for close_index, close in enumerate(CLOSES, start=1):
-            index = row * CLOSE_SLOTS + close_index
+        for close in CONNECTION_CLOSES:
+            index = row * CLOSE_SLOTS + close
             value = closed_values[index] if index < len(closed_values) else 0
             if value or label_values[0] != "unknown":
-                closed.add_metric([*label_values, close], value)
+                closed.add_metric([*label_values, close.name.lower()], value)
     families.append(closed)
 
     families.append(

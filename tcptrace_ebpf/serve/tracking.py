@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from ..errors import UserError
 from ..host.snapshot import COUNTED, Preexisting, take_snapshot
+from ..kernel.interface import LOST_CAUSES
 from ..kernel.probe import Tracer, TracerOptions
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 # often, until a check finds nothing to fix: tcptrace_sockets is back to the
 # truth within this interval plus one snapshot (well under 60 s).
 HEAL_INTERVAL_S = 30.0
-# Counters that say the program missed something (lost_* and kernel_skipped too).
-LOSS_COUNTERS = ("missed_transitions", "missed_ends", "kernel_skipped")
 
 
 class SocketTracking:
@@ -118,12 +117,9 @@ class SocketTracking:
         self._losses_healed = losses
 
     def losses(self) -> int:
+        """Everything counted as lost so far (the counters with a loss cause)."""
         counters = self.tracer.counters()
-        return sum(
-            value
-            for name, value in counters.items()
-            if name.startswith("lost_") or name in LOSS_COUNTERS
-        )
+        return sum(counters.get(name, 0) for name in LOST_CAUSES)
 
     def tick(self) -> None:
         """Housekeeping, once a second: sweep what waits in the kernel, heal
