@@ -2,6 +2,7 @@
 #   make serve   install, then run the Prometheus exporter on :10072 (the main job)
 #   make test    install, then run the whole test suite
 #   make lint    ruff and mypy
+#   make interface   regenerate bpf/tcptrace_interface.h from tcptrace_ebpf/kernel/interface.py
 #   make bench   install, then run the benchmark (several minutes)
 #   make test-kernels   install, then run the tests that meet kernel differences
 #                (KERNEL_TESTS) inside Debian's 6.1 and 6.12 kernels in qemu
@@ -28,7 +29,7 @@ KERNEL_TESTS_OPEN := \
 # (the last: under emulation the heal's sock_diag checks run past 60 s and the
 # test's TIME_WAIT sockets expire first; it runs on this kernel)
 
-.PHONY: setup setup-test serve test test-kernels ci lint bench clean
+.PHONY: setup setup-test serve test test-kernels ci lint interface bench clean
 
 setup:
 	sh scripts/setup.sh
@@ -49,6 +50,9 @@ test-kernels: setup-test
 # Not `ci: test test-kernels`: ARGS would go to both.
 ci: test
 	$(MAKE) test-kernels ARGS=
+
+interface: setup
+	$(PY) -m tcptrace_ebpf.kernel.interface --write bpf
 
 lint: setup-test
 	$(VENV)/bin/ruff check .

@@ -1839,7 +1839,7 @@ def source_digest() -> str:
     changed them is flagged."""
     digest = hashlib.sha256()
     for folder in (REPO / "tcptrace_ebpf", REPO / "bpf"):
-        for path in sorted(folder.glob("*")):
+        for path in sorted(folder.rglob("*")):
             if path.is_file() and path.suffix in (".py", ".c", ".h"):
                 digest.update(path.name.encode())
                 digest.update(path.read_bytes())

@@ -36,7 +36,7 @@ from pathlib import Path
 SERVER = """
 import sys
 from prometheus_client import CollectorRegistry, Gauge
-from tcptrace_ebpf.webserver import MetricsServer
+from tcptrace_ebpf.web.server import MetricsServer
 registry = CollectorRegistry()
 gauge = Gauge("bench_value", "A value.", ["n"], registry=registry)
 for n in range(1000):

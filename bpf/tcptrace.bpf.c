@@ -3,7 +3,7 @@
  * tcptrace.bpf.c - every TCP state change, each socket's lifecycle, and how
  * long TIME_WAIT really lasts.
  *
- * Compiled at run time by BCC. The loader (tcptrace_ebpf/probe.py) prepends a
+ * Compiled at run time by BCC. The loader (tcptrace_ebpf/kernel/probe.py) prepends a
  * generated preamble with:
  *   - HAVE_* feature macros for what the running kernel offers;
  *   - struct tp_<event> tracepoint argument layouts, generated from the
@@ -124,7 +124,6 @@ BPF_PERF_OUTPUT(events);
  * arrays: for each label row, NB buckets (le = bound), one +Inf bucket and
  * the sum in nanoseconds.
  */
-#define HIST_ROW(nb) ((nb) + 2)
 BPF_PERCPU_ARRAY(state_transitions_total, u64, TT_STATE_SLOTS * TT_STATE_SLOTS);
 BPF_PERCPU_ARRAY(sockets, s64, TT_STATE_SLOTS);
 BPF_PERCPU_ARRAY(state_duration_seconds, u64, TT_STATE_SLOTS * HIST_ROW(NB_STATE));
@@ -252,7 +251,8 @@ static __always_inline void set_owner_current(struct tt_ident *id, u8 source)
 /*
  * Which side closed first is whichever closing state came first: FIN_WAIT1,
  * FIN_WAIT2, TIME_WAIT (we did) or CLOSE_WAIT, LAST_ACK (the peer did).
- * Same rules as classify_close() in tcptrace_ebpf/lifecycle.py.
+ * The rule: tcptrace_ebpf/model/lifecycle.py's classify_close() keeps to it
+ * (tests/test_interface.py compiles this and checks the two agree).
  */
 static __always_inline void note_close_path(struct tt_ident *id, u8 state)
 {

@@ -29,9 +29,11 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 PEER = TESTS / "peer.py"
 
-requires_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root: loads a BPF program into the kernel"
-)
+# Tests that load the BPF program or drive sockets in namespaces they create:
+# marked `root` (select them with -m root, or leave them out with -m 'not
+# root'); conftest.py skips them, with this reason, when not run as root.
+requires_root = pytest.mark.root
+ROOT_SKIP_REASON = "needs root: loads a BPF program into the kernel"
 
 
 # What _spin() and _start() take on the development machine (2 vCPUs, idle), in

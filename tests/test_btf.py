@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tcptrace_ebpf.btf import Btf, BtfError
+from tcptrace_ebpf.kernel.btf import Btf, BtfError
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, wait_for
 
-from tcptrace_ebpf.cli import _skipped_tcp_runs
+from tcptrace_ebpf.commands.runner import skipped_tcp_runs
 
 
 def run(
@@ -145,14 +145,14 @@ def test_duration_stops_by_itself() -> None:
     assert elapsed < deadline(30)
 
 
-def test_stop_summary_names_skipped_tcp_runs() -> None:
+def test_stop_summary_namesskipped_tcp_runs() -> None:
     """Skipped reset and retransmission runs are named; timer and state-change
     skips are not (those are counted elsewhere, or concern other timers)."""
-    assert _skipped_tcp_runs({}) == ""
+    assert skipped_tcp_runs({}) == ""
     quiet = {"tcp:tcp_retransmit_skb": 0, "timer:timer_start": 7, "sock:inet_sock_set_state": 2}
-    assert _skipped_tcp_runs(quiet) == ""
+    assert skipped_tcp_runs(quiet) == ""
     skips = {**quiet, "tcp:tcp_send_reset": 1, "tcp:tcp_retransmit_skb": 3}
-    assert _skipped_tcp_runs(skips) == (
+    assert skipped_tcp_runs(skips) == (
         "; runs skipped by the kernel (tcp:tcp_retransmit_skb: 3, tcp:tcp_send_reset: 1)"
     )
 

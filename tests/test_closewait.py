@@ -17,7 +17,9 @@ from typing import Any
 from support import cli_argv, deadline, free_port, requires_root, run_cli, sh, wait_for
 from test_serve import scrape, value
 
-from tcptrace_ebpf.closewait import Holder, LeakedSocket, group_by_process, old_enough
+from tcptrace_ebpf.model.addresses import AddressPair
+from tcptrace_ebpf.model.closewait import LeakedSocket, group_by_process, old_enough
+from tcptrace_ebpf.model.owners import ProcessInfo
 
 pytestmark = requires_root
 
@@ -333,17 +335,16 @@ def test_watch_without_daemon_measures_from_now(tmp_path: Path) -> None:
 
 def test_grouping_is_pure() -> None:
     """Grouping without I/O: shared sockets under each holder, unknown ages kept."""
-    a = Holder(1, "a", "a --x", "/", None)
-    b = Holder(2, "b", "b", "/", None)
+    a = ProcessInfo(1, "a", "a --x", "/", None)
+    b = ProcessInfo(2, "b", "b", "/", None)
 
-    def sock(rport: int, age: float | None, holders: tuple[Holder, ...]) -> LeakedSocket:
-        return LeakedSocket(
-            socket.AF_INET, "10.0.0.1", 80, "10.0.0.2", rport, rport, 0, age, False, holders
-        )
+    def sock(rport: int, age: float | None, holders: tuple[ProcessInfo, ...]) -> LeakedSocket:
+        pair = AddressPair(0, socket.AF_INET, "10.0.0.1", 80, "10.0.0.2", rport)
+        return LeakedSocket(pair, rport, 0, age, False, holders)
 
     sockets = [sock(1, 100.0, (a,)), sock(2, 5.0, (a, b)), sock(3, None, ()), sock(4, 50.0, (a,))]
     kept = old_enough(sockets, 10.0)
-    assert [s.rport for s in kept] == [1, 3, 4]
+    assert [s.pair.rport for s in kept] == [1, 3, 4]
     groups = group_by_process(sockets)
     assert [(g.holder.pid if g.holder else None, g.count) for g in groups] == [
         (1, 3),

@@ -23,7 +23,7 @@ from support import cli_argv, free_port, requires_root, run_cli, sh, wait_for
 from test_closewait import LEAKER
 from test_serve import Samples, scrape
 
-from tcptrace_ebpf.workloads import find_cgroup2_root
+from tcptrace_ebpf.host.workloads import find_cgroup2_root
 
 CGROUP2 = find_cgroup2_root()
 

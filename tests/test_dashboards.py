@@ -32,7 +32,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tcptrace_ebpf.metrics import LOST_CAUSES, catalog
+from tcptrace_ebpf.kernel.interface import LOST_CAUSES
+from tcptrace_ebpf.serve.metrics import catalog
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = REPO / "dashboards"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from test_dashboards import DASHBOARD_FILES, require_tool
 
-from tcptrace_ebpf.webserver import parse_listen_address
+from tcptrace_ebpf.web.config import parse_listen_address
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from support import Peer, cli_argv, free_port, requires_root
 
-from tcptrace_ebpf.doctor import Report, check_kernel
+from tcptrace_ebpf.commands.doctor import Report, check_kernel
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.kernel import (
+from tcptrace_ebpf.kernel.features import (
     KERNEL_FEATURES,
     OLDEST_SUPPORTED,
     REQUIRED,
@@ -35,7 +35,7 @@ from tcptrace_ebpf.kernel import (
     release_series,
     unsupported_reason,
 )
-from tcptrace_ebpf.probe import Tracer, TracerOptions, build_source
+from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source
 
 # include/uapi/linux/bpf.h: the map type of a perf buffer.
 BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4

@@ -6,8 +6,8 @@ import json
 import random
 import socket
 
-from tcptrace_ebpf.events import EVENT_SIZE, EVENT_STRUCT, Decoder, Event
-from tcptrace_ebpf.workloads import Workload
+from tcptrace_ebpf.model.events import EVENT_SIZE, EVENT_STRUCT, Decoder, Event
+from tcptrace_ebpf.model.owners import Workload
 
 
 def random_raw(rng: random.Random) -> bytes:

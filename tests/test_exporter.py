@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import socket
 
-from tcptrace_ebpf.exporter import Endpoints, endpoints, holders_due
-from tcptrace_ebpf.probe import KernelCloseWait
+from tcptrace_ebpf.kernel.probe import KernelCloseWait
+from tcptrace_ebpf.model.addresses import AddressPair
+from tcptrace_ebpf.serve.holders import holders_due
 
 SECOND_NS = 1_000_000_000
+NETNS = 4026531840
 
 
 def close_wait(rport: int, since_ns: int, pid: int) -> KernelCloseWait:
-    key = (4026531840, socket.AF_INET, 80, rport, socket.inet_aton("127.0.0.1"),
-           socket.inet_aton("127.0.0.2"))  # fmt: skip
-    return KernelCloseWait(key, since_ns, sock_id=rport, pid=pid, comm="srv", owner_source=0)
+    pair = AddressPair(NETNS, socket.AF_INET, "127.0.0.1", 80, "127.0.0.2", rport)
+    return KernelCloseWait(pair, since_ns, sock_id=rport, pid=pid, comm="srv", owner_source=0)
 
 
-def keyed(*socks: KernelCloseWait) -> dict[Endpoints, KernelCloseWait]:
-    return {endpoints(sock.key): sock for sock in socks}
+def keyed(*socks: KernelCloseWait) -> dict[AddressPair, KernelCloseWait]:
+    return {sock.pair: sock for sock in socks}
 
 
 def test_only_sockets_past_the_minimum_age_are_looked_up() -> None:
@@ -27,17 +28,17 @@ def test_only_sockets_past_the_minimum_age_are_looked_up() -> None:
     exactly = close_wait(1002, now - SECOND_NS, pid=7)
     old = close_wait(1003, now - 30 * SECOND_NS, pid=8)
     due = holders_due(keyed(young, exactly, old), [], {}, now, SECOND_NS)
-    assert due == {endpoints(exactly.key): 7, endpoints(old.key): 8}
+    assert due == {exactly.pair: 7, old.pair: 8}
     # The young one is due once it has aged.
     later = holders_due(keyed(young), [], {}, now + SECOND_NS, SECOND_NS)
-    assert later == {endpoints(young.key): 7}
+    assert later == {young.pair: 7}
 
 
 def test_named_sockets_are_not_looked_up_again_and_old_ones_always_are() -> None:
     now = 100 * SECOND_NS
     named = close_wait(1001, 0, pid=7)
-    older_than_tracing = (socket.AF_INET, "127.0.0.1", 80, "127.0.0.2", 2000)
-    due = holders_due(keyed(named), [older_than_tracing], {endpoints(named.key): "srv"}, now,
+    older_than_tracing = AddressPair(NETNS, socket.AF_INET, "127.0.0.1", 80, "127.0.0.2", 2000)
+    due = holders_due(keyed(named), [older_than_tracing], {named.pair: "srv"}, now,
                       SECOND_NS)  # fmt: skip
     # No kernel-recorded owner for a socket older than tracing: pid 0.
     assert due == {older_than_tracing: 0}

@@ -13,8 +13,8 @@ import pytest
 from support import Peer, free_port, requires_root, wait_for
 from test_serve import scrape, serving, value
 
-from tcptrace_ebpf import loader, maps
 from tcptrace_ebpf.errors import UserError
+from tcptrace_ebpf.kernel import loader, maps
 
 # Issue 17: a node agent stays within tens of megabytes.
 MAX_RSS_MB = 50
@@ -51,7 +51,7 @@ def test_serve_keeps_no_compiler_and_stays_small() -> None:
         pid = serve_pid(run)
         mapped = Path(f"/proc/{pid}/maps").read_text()
         assert [name for name in COMPILER_LIBRARIES if name in mapped] == []
-        assert [cmd for cmd in children_commands(pid) if "tcptrace_ebpf.loader" in cmd] == []
+        assert [cmd for cmd in children_commands(pid) if "tcptrace_ebpf.kernel.loader" in cmd] == []
         # It still reads the kernel's maps: connections made now are counted.
         before = value(scrape(port), "tcptrace_connections_opened_total", role="client")
         target = free_port()
@@ -129,7 +129,7 @@ int sweep_count(struct bpf_raw_tracepoint_args *ctx) {
 
 def _run_and_count(loaded: loader.Loaded) -> int:
     """Run the program once through its fd; what it counted, through the map's."""
-    from tcptrace_ebpf import bpfsys
+    from tcptrace_ebpf.kernel import bpfsys
 
     bpfsys.prog_test_run(loaded.programs["count"][0])
     fd, info = loaded.maps["hits"]

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from support import cli_argv, deadline, free_port, requires_root, wait_for
 
-from tcptrace_ebpf.api import ApiServer, ApiUnavailable, check_path, query
 from tcptrace_ebpf.errors import UserError
+from tcptrace_ebpf.serve.api import ApiServer, ApiUnavailable, check_path, query
 
 # As nobody, but able to read the checkout and its virtual environment, which
 # may sit under a directory only root can enter (as in test_cli.test_not_root).

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from tcptrace_ebpf.events import F_END_UNSEEN, F_LOST_BEFORE, F_UNTRACKED, Event
-from tcptrace_ebpf.lifecycle import Lifecycle, LifecycleEngine, classify_close
+from tcptrace_ebpf.kernel.interface import EventFlag
+from tcptrace_ebpf.model.events import Event
+from tcptrace_ebpf.model.lifecycle import Lifecycle, LifecycleEngine, classify_close
 
 STREAMS = Path(__file__).parent / "data" / "streams"
 SCENARIOS = sorted(
@@ -137,7 +138,7 @@ def test_lost_event_marks_incomplete(scenario: str) -> None:
             continue
         victim = mine[len(mine) // 2 - 1] if len(mine) > 2 else mine[0]
         stream = [
-            event._replace(flags=event.flags | F_LOST_BEFORE)
+            event._replace(flags=event.flags | EventFlag.LOST_BEFORE)
             if event.sock == sock and event.seq > victim.seq
             else event
             for event in events
@@ -171,7 +172,11 @@ def test_unseen_end_closes_incomplete() -> None:
     sock = events[0].sock
     mine = [e for e in events if e.sock == sock][:2]  # CLOSE>SYN_SENT, SYN_SENT>ESTABLISHED
     unseen = mine[-1]._replace(
-        seq=2, old_state=1, new_state=7, duration_s=None, flags=F_END_UNSEEN | F_LOST_BEFORE
+        seq=2,
+        old_state=1,
+        new_state=7,
+        duration_s=None,
+        flags=EventFlag.END_UNSEEN | EventFlag.LOST_BEFORE,
     )
     lives, engine = run([*mine, unseen])
     (life,) = lives
@@ -186,7 +191,7 @@ def test_unseen_end_closes_incomplete() -> None:
 def test_untracked_events_are_counted_not_rebuilt() -> None:
     event = load_events("test_connection_refused")[0]
     engine = LifecycleEngine()
-    assert engine.feed(event._replace(sock=0, flags=F_UNTRACKED)) == []
+    assert engine.feed(event._replace(sock=0, flags=EventFlag.UNTRACKED)) == []
     assert engine.stats.untracked == 1
     assert engine.flush() == []
 

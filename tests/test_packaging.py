@@ -29,7 +29,7 @@ def test_wheel_ships_bpf_sources_and_finds_them(tmp_path: Path) -> None:
     target = tmp_path / "site"
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
     subprocess.run([*install, str(wheel)], check=True, capture_output=True, timeout=300)
-    code = "from tcptrace_ebpf.probe import bpf_source_dir; print(bpf_source_dir())"
+    code = "from tcptrace_ebpf.kernel.probe import bpf_source_dir; print(bpf_source_dir())"
     found = subprocess.run(
         [sys.executable, "-c", code],
         check=True, capture_output=True, text=True, timeout=60, cwd=tmp_path,

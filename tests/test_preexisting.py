@@ -6,23 +6,21 @@ from __future__ import annotations
 import socket
 import time
 
-from tcptrace_ebpf.preexisting import (
-    ADOPT_OLD_TIMEWAIT,
+from tcptrace_ebpf.host.snapshot import (
     TIMEWAIT_GRACE_S,
     TIMEWAIT_LEN_S,
     Preexisting,
     Record,
-    key_of_pair,
 )
-from tcptrace_ebpf.states import TcpState
+from tcptrace_ebpf.kernel.interface import ADOPT_OLD_TIMEWAIT
+from tcptrace_ebpf.model.addresses import AddressPair
+from tcptrace_ebpf.model.states import TcpState
 
 NETNS = 4026531840
 
 
-def key(lport: int, rport: int = 80) -> bytes:
-    return key_of_pair(
-        NETNS, socket.AF_INET, laddr="127.0.0.1", lport=lport, raddr="127.0.0.2", rport=rport
-    )
+def key(lport: int, rport: int = 80) -> AddressPair:
+    return AddressPair(NETNS, socket.AF_INET, "127.0.0.1", lport, "127.0.0.2", rport)
 
 
 def snapshot(*records: Record) -> Preexisting:

@@ -15,19 +15,17 @@ import time
 import pytest
 from support import Peer, deadline, free_port, requires_root
 
+from tcptrace_ebpf.commands.runner import clock_offset_ns
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.events import (
+from tcptrace_ebpf.kernel.features import Capability, detect_features
+from tcptrace_ebpf.kernel.interface import EventFlag
+from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source
+from tcptrace_ebpf.model.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
-    F_END_UNSEEN,
-    F_RESET_RECEIVED,
-    F_RESET_SENT,
     Decoder,
 )
-from tcptrace_ebpf.kernel import Capability, detect_features
-from tcptrace_ebpf.lifecycle import Lifecycle, LifecycleEngine
-from tcptrace_ebpf.probe import Tracer, TracerOptions, build_source
-from tcptrace_ebpf.runner import clock_offset_ns
+from tcptrace_ebpf.model.lifecycle import Lifecycle, LifecycleEngine
 
 
 def without(*names: str):  # type: ignore[no-untyped-def]
@@ -57,7 +55,7 @@ def test_generated_source_reflects_features() -> None:
 def test_event_layout_matches_bcc() -> None:
     """The Python mirror of struct tt_event has BCC's layout, field by field
     (compiled here with BCC itself: the tracer no longer keeps BCC loaded)."""
-    from tcptrace_ebpf.probe import import_bcc
+    from tcptrace_ebpf.kernel.probe import import_bcc
 
     text, cflags = build_source(detect_features(), TracerOptions(emit_events=True))
     # Bytes: BCC warns (with the whole program) about str.
@@ -293,7 +291,7 @@ def test_missed_end_is_closed_when_the_address_is_reused() -> None:
                     again.cmd("close")
                     server.cmd("close")
             tracer.poll(0)
-            if any(e.sock == sock_id and e.has(F_END_UNSEEN) for e in seen):
+            if any(e.sock == sock_id and e.has(EventFlag.END_UNSEEN) for e in seen):
                 break
         server.cmd("close_listener")
 
@@ -309,7 +307,7 @@ def test_missed_end_is_closed_when_the_address_is_reused() -> None:
     finally:
         for peer in peers.values():
             peer.close()
-    ended_unseen = [e for e in events if e.sock in planted_ids and e.has(F_END_UNSEEN)]
+    ended_unseen = [e for e in events if e.sock in planted_ids and e.has(EventFlag.END_UNSEEN)]
     assert ended_unseen, "no planted record was closed by a new socket at its address"
     (unseen,) = ended_unseen
     assert "end_unseen" in unseen.to_json()["flags"]
@@ -415,7 +413,7 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
     def seen(events: list) -> list:
         return sorted(
             (e.family, e.laddr, e.lport, e.raddr, e.rport, e.old_state, e.new_state, e.tw_end,
-             e.flags & (F_RESET_SENT | F_RESET_RECEIVED))
+             e.flags & (EventFlag.RESET_SENT | EventFlag.RESET_RECEIVED))
             for e in events
         )  # fmt: skip
 
@@ -429,8 +427,8 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
     ]  # fmt: skip
     assert len(streams["btf"]) >= 20
     # The refused connects were told by tcp_receive_reset, the linger-0 closes by tcp_send_reset.
-    assert any(e.has(F_RESET_RECEIVED) for e in streams["btf"])
-    assert any(e.has(F_RESET_SENT) for e in streams["btf"])
+    assert any(e.has(EventFlag.RESET_RECEIVED) for e in streams["btf"])
+    assert any(e.has(EventFlag.RESET_SENT) for e in streams["btf"])
     assert seen(streams["btf"]) == seen(streams["raw"]) == seen(streams["classic"])
 
 
@@ -445,7 +443,7 @@ def test_a_refused_btf_program_falls_back_to_raw(
     so it cannot be faked in this one)."""
     features = detect_features()
     features.btf_trace_ids = dict.fromkeys(features.btf_trace_ids, 1)
-    monkeypatch.setattr("tcptrace_ebpf.probe.detect_features", lambda: features)
+    monkeypatch.setattr("tcptrace_ebpf.kernel.probe.detect_features", lambda: features)
     port = free_port()
     kinds: dict[str, str] = {}
 

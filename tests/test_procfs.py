@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tcptrace_ebpf import procfs
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.procfs import ProcessInfo, container_id_from_cgroup, parse_proc_cgroup
+from tcptrace_ebpf.host import procfs
+from tcptrace_ebpf.host.procfs import container_id_from_cgroup, parse_proc_cgroup
+from tcptrace_ebpf.model.owners import ProcessInfo
 
 # Child: optionally renames itself, reports "<inode>\n" of the socket it holds
 # (its own listener, or the fd number given as argv[2]), then waits for EOF.

@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tcptrace_ebpf import sockdiag
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.sockdiag import DiagSocket
-from tcptrace_ebpf.states import SHORT_NAMES, TcpState
+from tcptrace_ebpf.host import sockdiag
+from tcptrace_ebpf.host.sockdiag import DiagSocket
+from tcptrace_ebpf.model.states import SHORT_NAMES, TcpState
 
 T = TypeVar("T")
 

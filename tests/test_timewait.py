@@ -10,8 +10,9 @@ from pathlib import Path
 from support import cli_argv, deadline, free_port, requires_root
 from test_closewait import daemon
 
-from tcptrace_ebpf.sockdiag import DiagSocket
-from tcptrace_ebpf.timewait import pressure
+from tcptrace_ebpf.host.sockdiag import DiagSocket
+from tcptrace_ebpf.model.addresses import AddressPair
+from tcptrace_ebpf.model.timewait import pressure
 
 
 def diag(state: int, lport: int, raddr: str, rport: int, timewait: bool = False) -> DiagSocket:
@@ -30,8 +31,12 @@ def test_pressure_is_per_destination() -> None:
         *[diag(6, 42000 + n, "10.0.0.8", 443, timewait=True) for n in range(5)],
         *[diag(6, 80, "10.0.0.7", 50000 + n, timewait=True) for n in range(7)],  # server side
     ]
-    owners = {("10.0.0.1", 40000 + n, "10.0.0.9", 5432): "api" for n in range(30)}
-    view = pressure(sockets, (32768, 60999), owners)
+    netns = 4026531840
+    owners = {
+        AddressPair(netns, socket.AF_INET, "10.0.0.1", 40000 + n, "10.0.0.9", 5432): "api"
+        for n in range(30)
+    }
+    view = pressure(sockets, (32768, 60999), owners, netns)
     first, second = view.destinations[:2]
     assert (first.raddr, first.rport, first.time_wait, first.other) == ("10.0.0.9", 5432, 30, 10)
     assert (second.raddr, second.in_use) == ("10.0.0.8", 5)

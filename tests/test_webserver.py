@@ -33,9 +33,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from tcptrace_ebpf import webserver
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.webserver import MetricsServer, WebConfig, load_web_config, parse_listen_address
+from tcptrace_ebpf.web import server as webserver
+from tcptrace_ebpf.web.config import WebConfig, load_web_config, parse_listen_address
+from tcptrace_ebpf.web.server import MetricsServer
 
 PASSWORD = "correct horse"
 LOOPBACK = ("127.0.0.1", 0)
@@ -497,7 +498,7 @@ def test_collector_exception_gives_500_and_server_survives(
 ) -> None:
     server = start_server()
     flaky_collector.failing = True
-    with caplog.at_level(logging.ERROR, logger="tcptrace_ebpf.webserver"):
+    with caplog.at_level(logging.ERROR, logger="tcptrace_ebpf.web"):
         failed = fetch(server)
     assert failed.status == 500
     assert failed.headers["Content-Type"].startswith("text/plain")
@@ -512,7 +513,7 @@ def test_scrapes_are_not_logged_at_info(
     start_server: Callable[..., MetricsServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     server = start_server()
-    with caplog.at_level(logging.INFO, logger="tcptrace_ebpf.webserver"):
+    with caplog.at_level(logging.INFO, logger="tcptrace_ebpf.web"):
         caplog.clear()
         for _ in range(3):
             fetch(server)
@@ -1337,7 +1338,7 @@ def _pids_cgroup_parent() -> Path | None:
 _SERVER_SCRIPT = """
 import sys, time
 from prometheus_client import CollectorRegistry, Gauge
-from tcptrace_ebpf.webserver import MetricsServer
+from tcptrace_ebpf.web.server import MetricsServer
 registry = CollectorRegistry()
 Gauge("test_up", "Up.", registry=registry).set(1)
 server = MetricsServer(registry, ("127.0.0.1", 0))

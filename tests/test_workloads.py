@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tcptrace_ebpf.workloads import (
+from tcptrace_ebpf.host.workloads import (
     CgroupPlace,
     Workloads,
     cgroup2_mounts,
@@ -115,7 +115,7 @@ def test_resolver_names_pods_from_kubelet_logs(tmp_path: Path) -> None:
 
 
 def test_doctor_says_whether_cgroup_ids_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tcptrace_ebpf.doctor import Report, _check_cgroups
+    from tcptrace_ebpf.commands.doctor import Report, _check_cgroups
 
     lines: list[str] = []
     monkeypatch.setenv("TCPTRACE_CGROUP2_ROOT", "/nonexistent/cgroup2")
@@ -131,7 +131,7 @@ def test_doctor_says_whether_cgroup_ids_resolve(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_pod_and_container_filters() -> None:
-    from tcptrace_ebpf.workloads import Workload
+    from tcptrace_ebpf.model.owners import Workload
 
     api = Workload("/k/pod/x", CID, "containerd", "shop", "cart-5b6c", "api", UID)
     assert api.matches(None, None)
@@ -154,7 +154,7 @@ def test_a_container_named_later_is_named_again(
 ) -> None:
     """The kubelet links a container's log after it starts: until then it goes
     by its short id, then by its name (not stuck with the first answer)."""
-    import tcptrace_ebpf.workloads as workloads_module
+    import tcptrace_ebpf.host.workloads as workloads_module
 
     monkeypatch.setattr(workloads_module, "WALK_MIN_INTERVAL_S", 0.0)
     tree = tmp_path / "cgroup"

@@ -1,0 +1,3 @@
+"""What the host tells outside BPF: sock_diag listings, /proc (socket holders,
+processes, cgroups), network namespaces, container and pod names, and the
+start-up snapshot of sockets older than the tracer."""

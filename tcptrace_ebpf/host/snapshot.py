@@ -1,0 +1,315 @@
+"""Sockets that existed before the exporter started, until the kernel sees them.
+
+The BPF program counts a socket once it sees it change state. Sockets that
+were already there are counted from a sock_diag snapshot taken at start-up
+(before the probes attach): each stays counted here, in the state the
+snapshot saw, until the program reports seeing it (the `adopted` map).
+Timewait sockets never change state on the tracepoint: the program watches
+their timers instead and reports when one goes (early, by reuse of its
+address pair or a RST, or at its timer). Each is also forgotten once its
+timer, as the snapshot gave it, is well past due: the last word where the
+kernel cannot tell (see `tw_tuple` in `doctor`), and for one that went
+between the snapshot and the attach.
+
+On a busy host the snapshot has hundreds of thousands of sockets, and
+reading them through pyroute2 costs far more memory than keeping them: it
+runs in a short-lived child process that hands back compact records, so the
+daemon's memory does not keep the high-water mark. Sockets are keyed by
+their address pair (network namespace included), the type the tracer turns
+the kernel's reports into, so the two match by equality.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..kernel.interface import ADOPT_OLD_TIMEWAIT
+from ..model.addresses import AddressPair, Destination
+from ..model.states import TcpState
+from .sockdiag import DiagSocket
+
+# A timewait socket's timer runs at most TCP_TIMEWAIT_LEN; past its due time
+# by this much, it is gone even if the kernel's word was lost.
+TIMEWAIT_LEN_S = 60.0
+TIMEWAIT_GRACE_S = 2.0
+
+# States a snapshot socket is counted in. SYN_RECV from sock_diag is a request
+# socket (it never changes state on the tracepoint and lives milliseconds),
+# CLOSE a socket that is bound but unused: neither is counted.
+COUNTED = frozenset(
+    {
+        TcpState.ESTABLISHED, TcpState.SYN_SENT, TcpState.FIN_WAIT1, TcpState.FIN_WAIT2,
+        TcpState.TIME_WAIT, TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.LISTEN,
+        TcpState.CLOSING,
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class OldCloseWait:
+    """A socket already in CLOSE_WAIT at start-up: its age is only known to be at least this."""
+
+    pair: AddressPair
+    inode: int
+    since: float  # unix time the exporter started: a lower bound of when it entered CLOSE_WAIT
+    comm: str  # the program holding it at start-up ("" if none could be found)
+    cgroup: str = ""  # that program's cgroup path: its container and pod
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the daemon keeps of one snapshot socket."""
+
+    pair: AddressPair
+    state: int
+    timewait: bool
+    client: bool  # made by connect(): holds an ephemeral port towards its destination
+    expires_ms: int = 0  # a timewait socket's timer: milliseconds left at the snapshot
+
+
+class Preexisting:
+    def __init__(
+        self,
+        records: Iterable[Record],
+        started: float,
+        close_wait: Sequence[OldCloseWait] = (),
+    ) -> None:
+        self.started = started
+        self._lock = threading.Lock()
+        self._state: dict[AddressPair, int] = {}
+        self._timewait: dict[AddressPair, int] = {}
+        # When each timewait socket is surely gone (time.monotonic()).
+        self._timewait_due: dict[AddressPair, float] = {}
+        self._clients: set[AddressPair] = set()
+        self._dests: Counter[Destination] = Counter()
+        # The snapshot's time on the monotonic clock.
+        taken = time.monotonic() - max(0.0, time.time() - started)
+        for record in records:
+            if record.timewait:
+                self._timewait[record.pair] = record.state
+                self._timewait_due[record.pair] = (
+                    taken + min(record.expires_ms / 1000, TIMEWAIT_LEN_S) + TIMEWAIT_GRACE_S
+                )
+            else:
+                self._state[record.pair] = record.state
+            if record.client:
+                self._clients.add(record.pair)
+                self._dests[record.pair.destination] += 1
+        self._close_wait = {item.pair: item for item in close_wait}
+
+    @classmethod
+    def from_sockets(
+        cls,
+        sockets: Iterable[DiagSocket],
+        netns: int,
+        started: float,
+        comm_of_inode: Callable[[int], tuple[str, str]] = lambda inode: ("", ""),
+    ) -> Preexisting:
+        records, close_wait = compact(list(sockets), netns, started, comm_of_inode)
+        return cls(records, started, close_wait)
+
+    def adopt(self, news: Iterable[tuple[AddressPair, int]], now: float | None = None) -> None:
+        """What the kernel program reported (see Tracer.drain_adopted): sockets
+        it now follows, and timewait sockets that went or live on."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for key, value in news:
+                if not value & ADOPT_OLD_TIMEWAIT:
+                    self._forget(key)  # followed by the kernel from now on
+                elif value & ~ADOPT_OLD_TIMEWAIT == TcpState.CLOSE:
+                    if key in self._timewait:
+                        self._forget(key)
+                elif key in self._timewait:
+                    # Re-armed (the peer's FIN): a full TIME_WAIT from now.
+                    self._timewait[key] = value & ~ADOPT_OLD_TIMEWAIT
+                    self._timewait_due[key] = now + TIMEWAIT_LEN_S + TIMEWAIT_GRACE_S
+
+    def expire_timewait(self, now: float | None = None) -> None:
+        """Forget timewait sockets whose timer is well past due."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for key in [key for key, due in self._timewait_due.items() if due <= now]:
+                self._forget(key)
+
+    def _forget(self, key: AddressPair) -> None:
+        self._state.pop(key, None)
+        self._timewait.pop(key, None)
+        self._timewait_due.pop(key, None)
+        self._close_wait.pop(key, None)
+        if key in self._clients:
+            self._clients.discard(key)
+            dest = key.destination
+            self._dests[dest] -= 1
+            if self._dests[dest] <= 0:
+                del self._dests[dest]
+
+    def keys(self) -> set[AddressPair]:
+        """Every socket of the snapshot, timewait ones included."""
+        with self._lock:
+            return set(self._state) | set(self._timewait)
+
+    def drop(self, keys: Iterable[AddressPair]) -> None:
+        """Forget these sockets: the kernel program follows them already."""
+        with self._lock:
+            for key in keys:
+                self._forget(key)
+
+    def keep_ages_from(self, earlier: Preexisting) -> None:
+        """CLOSE_WAIT sockets an earlier snapshot had keep its (older) lower bound."""
+        with earlier._lock:
+            older = dict(earlier._close_wait)
+        with self._lock:
+            for key, item in self._close_wait.items():
+                if key in older and older[key].since < item.since:
+                    self._close_wait[key] = older[key]
+
+    @property
+    def has_timewait(self) -> bool:
+        return bool(self._timewait)
+
+    def counts(self) -> dict[int, int]:
+        with self._lock:
+            result = Counter(self._state.values())
+            result.update(self._timewait.values())
+            return dict(result)
+
+    def close_wait(self) -> list[OldCloseWait]:
+        with self._lock:
+            return list(self._close_wait.values())
+
+    def dests(self) -> Counter[Destination]:
+        with self._lock:
+            return Counter(self._dests)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._state) + len(self._timewait)
+
+
+def compact(
+    sockets: list[DiagSocket],
+    netns: int,
+    started: float,
+    comm_of_inode: Callable[[int], tuple[str, str]],
+) -> tuple[list[Record], list[OldCloseWait]]:
+    """Records to keep, and the sockets already in CLOSE_WAIT (pure), of one
+    network namespace's sockets. `comm_of_inode` gives the program holding a
+    socket and its cgroup path."""
+    listening = {sock.lport for sock in sockets if sock.state == TcpState.LISTEN}
+    records = []
+    close_wait = []
+    for sock in sockets:
+        if sock.state not in COUNTED:
+            continue
+        key = AddressPair.of(sock, netns)
+        # A connection whose local port is not listening was made by connect().
+        client = sock.state != TcpState.LISTEN and sock.lport not in listening
+        expires_ms = sock.expires_ms if sock.is_timewait else 0
+        records.append(Record(key, int(sock.state), sock.is_timewait, client, expires_ms))
+        if sock.state == TcpState.CLOSE_WAIT and not sock.is_timewait:
+            comm, cgroup = comm_of_inode(sock.inode)
+            close_wait.append(OldCloseWait(key, sock.inode, started, comm, cgroup))
+    return records, close_wait
+
+
+def wanted(
+    sock: DiagSocket,
+    ports: frozenset[int],
+    family: int | None,
+    pid: int | None,
+    holders: dict[int, list[int]],
+) -> bool:
+    """The tracer's filters, applied to a snapshot socket."""
+    if ports and sock.lport not in ports and sock.rport not in ports:
+        return False
+    if family is not None and sock.family != family:
+        return False
+    return pid is None or pid in holders.get(sock.inode, ())
+
+
+def _snapshot_in_child(
+    netns: int,
+    ports: frozenset[int],
+    family: int | None,
+    pid: int | None,
+    every_netns: bool = True,
+) -> tuple[list[Record], list[OldCloseWait], float]:
+    """Run in a child process: list the sockets of our network namespace and,
+    with `every_netns`, of every other one (pods have their own), and keep
+    what the daemon needs."""
+    from ..errors import UserError
+    from . import procfs, sockdiag
+    from .netns import namespaces, run_in
+
+    per_netns = [(netns, sockdiag.snapshot())]
+    if every_netns:
+        for inode, path in namespaces().items():
+            if inode == netns:
+                continue
+            try:
+                per_netns.append((inode, run_in(path, sockdiag.snapshot)))
+            except (UserError, OSError):
+                continue  # gone meanwhile, or not ours to enter: counted from its first change
+    started = time.time()
+    every = [sock for _inode, sockets in per_netns for sock in sockets]
+    if pid is not None:
+        all_holders = procfs.socket_holders({sock.inode for sock in every if sock.inode})
+    else:
+        all_holders = {}
+    leaking = {
+        sock.inode
+        for sock in every
+        if sock.state == TcpState.CLOSE_WAIT
+        and sock.inode
+        and wanted(sock, ports, family, pid, all_holders)
+    }
+    # Socket inodes are unique on the host: one search of /proc for every namespace.
+    holders = procfs.socket_holders(leaking) if leaking else {}
+
+    def comm_of_inode(inode: int) -> tuple[str, str]:
+        for holder in holders.get(inode, []):
+            info = procfs.process_info(holder)
+            if info is not None:
+                return info.comm, info.cgroup
+        return "", ""
+
+    records: list[Record] = []
+    close_wait: list[OldCloseWait] = []
+    for inode, sockets in per_netns:
+        kept = [sock for sock in sockets if wanted(sock, ports, family, pid, all_holders)]
+        more_records, more_close_wait = compact(kept, inode, started, comm_of_inode)
+        records += more_records
+        close_wait += more_close_wait
+    return records, close_wait, started
+
+
+def in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """Run `function(*args)` in a fresh child interpreter and return its result.
+
+    Its memory (every intermediate object of a big netlink dump) goes away
+    with it. Errors come back as exceptions of their own type."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def take_snapshot(
+    netns: int,
+    ports: frozenset[int] = frozenset(),
+    family: int | None = None,
+    pid: int | None = None,
+    every_netns: bool = True,
+) -> Preexisting:
+    """sock_diag snapshot of the TCP sockets the filters want, now, in this
+    network namespace and (`every_netns`) all others, with the programs
+    holding the ones already in CLOSE_WAIT."""
+    records, close_wait, started = in_child(
+        _snapshot_in_child, netns, ports, family, pid, every_netns
+    )
+    return Preexisting(records, started, close_wait)

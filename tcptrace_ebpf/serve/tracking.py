@@ -1,0 +1,138 @@
+"""Every TCP socket, counted: those the kernel program follows, plus those
+older than it (the start-up snapshot) until the program sees them.
+
+Start-up order matters: the probes attach first, and only then are existing
+sockets snapshotted: a socket that changes state between the two is seen by
+the program, and the snapshot's copy of a socket the program already follows
+is dropped (the program's wins), so none falls between them. After a
+recorded loss the counts are healed against sock_diag (see `heal`).
+
+The daemon builds its metrics on this; `closewait --watch` uses it alone,
+without the daemon's HTTP server, API or metrics, for CLOSE_WAIT ages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from ..errors import UserError
+from ..host.snapshot import COUNTED, Preexisting, take_snapshot
+from ..kernel.interface import LOST_CAUSES
+from ..kernel.probe import Tracer, TracerOptions
+
+log = logging.getLogger(__name__)
+
+# After a recorded loss, the gauges are checked against sock_diag at most this
+# often, until a check finds nothing to fix: tcptrace_sockets is back to the
+# truth within this interval plus one snapshot (well under 60 s).
+HEAL_INTERVAL_S = 30.0
+
+
+class SocketTracking:
+    """The loaded tracer and the snapshot of the sockets older than it."""
+
+    def __init__(
+        self,
+        options: TracerOptions,
+        netns: int,
+        prepare: Callable[[Tracer], None] | None = None,
+    ) -> None:
+        self.netns = netns
+        self.tracer = Tracer(options, prepare=prepare)
+        self.preexisting: Preexisting | None = None
+        self._watching_old_timewait = False
+        self._losses_healed = 0  # losses counted when the gauges were last healed
+        self._heal_due = False  # the last heal fixed something: check again
+        self._last_heal = 0.0
+
+    def start(self) -> None:
+        """Load and attach the program, then count the sockets already there."""
+        try:
+            self.tracer.start()
+            self.heal()
+        except BaseException:
+            self.tracer.close()
+            raise
+
+    def close(self) -> None:
+        self.tracer.close()
+
+    def heal(self) -> None:
+        """Make the counted sockets what sock_diag lists (this namespace).
+
+        Run once the probes are attached, then after any recorded loss. A
+        socket the program follows but sock_diag no longer lists ended
+        unseen: the program closes it (counted as end_unseen). A listed
+        socket the program does not follow (older than tracing, or missed
+        for a full map) is counted from this snapshot until the program sees
+        it change state. Followed sockets are read before the snapshot for
+        the first (all of them existed before it), after it for the second
+        (a socket born meanwhile is in both: the program's count wins).
+        """
+        self._last_heal = time.monotonic()
+        losses = self.losses()
+        followed_before = self.tracer.followed()
+        filters = self.tracer.options
+        if not self._watching_old_timewait:
+            # Before the snapshot: one of its timewait sockets may go right after it.
+            self._watching_old_timewait = self.tracer.watch_old_timewait(True)
+        try:
+            snapshot = take_snapshot(self.netns, filters.ports, filters.family, filters.pid)
+        except (UserError, OSError) as err:
+            if self.preexisting is None:
+                log.warning(
+                    "no start-up snapshot (%s): sockets older than the exporter are not counted",
+                    err,
+                )
+                self.preexisting = Preexisting([], time.time())
+            return
+        listed = snapshot.keys()
+        # With --pid the listing has only that process's sockets: not its
+        # orphans or timewait sockets, which no process holds. Not a proof
+        # of death, then.
+        gone = [
+            sock
+            for sock in followed_before
+            if filters.pid is None
+            and sock.pair.netns == self.netns
+            and sock.state in COUNTED
+            and sock.pair not in listed
+        ]
+        ended = self.tracer.end_gone(gone)
+        snapshot.drop(sock.pair for sock in self.tracer.followed())
+        previous = self.preexisting
+        if previous is not None:
+            snapshot.keep_ages_from(previous)
+            # Found now, not counted before: missed by the program (a loss).
+            found = len(snapshot.keys() - previous.keys())
+        else:
+            found = 0
+            log.info("start-up snapshot: %d existing sockets", len(snapshot))
+        self.preexisting = snapshot
+        if ended or found:
+            log.info("gauges healed: %d sockets gone unseen, %d found unfollowed", ended, found)
+        self._heal_due = bool(ended or found)
+        self._losses_healed = losses
+
+    def losses(self) -> int:
+        """Everything counted as lost so far (the counters with a loss cause)."""
+        counters = self.tracer.counters()
+        return sum(counters.get(name, 0) for name in LOST_CAUSES)
+
+    def tick(self) -> None:
+        """Housekeeping, once a second: sweep what waits in the kernel, heal
+        after a loss, take in what the kernel saw of the older sockets."""
+        self.tracer.sweep()
+        if time.monotonic() - self._last_heal >= HEAL_INTERVAL_S and (
+            self._heal_due or self.losses() != self._losses_healed
+        ):
+            self.heal()
+        if self.preexisting is not None:
+            self.preexisting.adopt(self.tracer.drain_adopted())
+            self.preexisting.expire_timewait()
+            if self._watching_old_timewait and not self.preexisting.has_timewait:
+                # All gone: spare every timer cancel in the system the check.
+                self.tracer.watch_old_timewait(False)
+                self._watching_old_timewait = False
