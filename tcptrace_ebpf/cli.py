@@ -301,6 +301,7 @@ def _lost_summary(counters: dict[str, int]) -> str:
         "lost_close_wait_map": "close-wait map full",
         "lost_adopted_map": "adopted map full",
         "lost_dest_map": "destination map full",
+        "lost_fin_wait2_map": "FIN_WAIT2 check map full",
         "kernel_skipped": "skipped by the kernel",
     }
     total = sum(counters.get(key, 0) for key in labels)

@@ -62,6 +62,7 @@ LOST_CAUSES = {
     "lost_close_wait_map": "close_wait_map_full",
     "lost_adopted_map": "adopted_map_full",
     "lost_dest_map": "dest_map_full",
+    "lost_fin_wait2_map": "fin_wait2_map_full",
     # A change whose old state was not the one recorded: one before it went unseen.
     "missed_transitions": "missed_transition",
     # Sockets whose end went unseen, closed when noticed (a new socket in their
@@ -290,6 +291,15 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     skipped.add_metric([], reading.counters.get("time_wait_skipped", 0))
     families.append(skipped)
 
+    syn_retransmits = CounterMetricFamily(
+        PREFIX + "syn_retransmits_total",
+        "SYNs that connect() calls sent again, unanswered in time: dropped by a full "
+        "accept queue or a firewall, or lost (kernel counter TCPSynRetrans, which also "
+        "counts SYN-ACKs sent again).",
+    )
+    syn_retransmits.add_metric([], reading.counters.get("syn_retransmits", 0))
+    families.append(syn_retransmits)
+
     families.append(
         GaugeMetricFamily(
             PREFIX + "ephemeral_ports",
@@ -380,7 +390,7 @@ def catalog(port_label: bool = True) -> list[MetricInfo]:
     from a reading where everything is non-zero."""
     reading = KernelReading(
         arrays={name: [1] * 4096 for name in METRIC_ARRAYS},
-        counters=dict.fromkeys([*LOST_CAUSES, "events", "time_wait_skipped"], 1),
+        counters=dict.fromkeys([*LOST_CAUSES, "events", "time_wait_skipped", "syn_retransmits"], 1),
         close_wait=[CloseWaitOwner("comm", 0.0)],
         program_skips={"sock:inet_sock_set_state": 1},
         now=1.0,
