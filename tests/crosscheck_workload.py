@@ -67,6 +67,16 @@ def client(family: int = socket.AF_INET, bind_port: int | None = None) -> socket
     return sock
 
 
+def connect_failing(port: int, errors: list[int]) -> None:
+    """A connect() to 127.0.0.1:`port` that fails: its errno goes to `errors`."""
+    c = client()
+    try:
+        c.connect(("127.0.0.1", port))
+    except OSError as err:
+        errors.append(err.errno or 0)
+    c.close()
+
+
 def close_orders(server: socket.socket, host: str, port: int, family: int, first: str) -> None:
     """One connection closed by `first` ("client" or "server"), the other after."""
     c = client(family)
@@ -100,17 +110,8 @@ def main() -> None:
 
     # SYN timeouts (the test's nftables rule drops SYNs to base + 5): in the
     # background, they take a few seconds each.
-    timeouts = []
-
-    def syn_timeout() -> None:
-        c = client()
-        try:
-            c.connect(("127.0.0.1", base + 5))
-        except OSError as err:
-            timeouts.append(err.errno or 0)
-        c.close()
-
-    timers = [threading.Thread(target=syn_timeout) for _ in range(2)]
+    timeouts: list[int] = []
+    timers = [threading.Thread(target=connect_failing, args=(base + 5, timeouts)) for _ in range(2)]
     for thread in timers:
         thread.start()
 
@@ -127,16 +128,9 @@ def main() -> None:
         queued.append(c)
         poll(lambda count=count: accept_queue(full) == count, "the accept queue to fill")
     dropped: list[int] = []
-
-    def full_queue_timeout() -> None:
-        c = client()
-        try:
-            c.connect(("127.0.0.1", base + 8))
-        except OSError as err:
-            dropped.append(err.errno or 0)
-        c.close()
-
-    overflowing = [threading.Thread(target=full_queue_timeout) for _ in range(DROPPED)]
+    overflowing = [
+        threading.Thread(target=connect_failing, args=(base + 8, dropped)) for _ in range(DROPPED)
+    ]
     for thread in overflowing:
         thread.start()
 
