@@ -853,8 +853,16 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 		}
 		return 0;
 	}
+	/*
+	 * A cancel of one of ours is matched however long this CPU took to
+	 * get from it to this start (our own programs included, a virtual CPU
+	 * under emulation or preempted by its host can take far more than
+	 * 100 us): a move keeps the pair and finds its parked record, which a
+	 * new connection on that pair claims (tw_match_reuse) long before it
+	 * can close into a new timewait socket in the same memory.
+	 */
 	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
-	if (cs && cs->tw == tw && now - cs->ts_ns < 100000) {
+	if (cs && cs->tw == tw && (cs->followed || now - cs->ts_ns < 100000)) {
 		cs->tw = 0;
 		struct tt_tuple t = {};
 		/*
