@@ -19,15 +19,14 @@ KERNELS ?= 6.1 6.12
 KERNEL_TESTS := tests/test_scenarios.py tests/test_serve.py tests/test_preexisting.py \
 	tests/test_probe.py tests/test_closewait.py tests/test_timewait.py tests/test_cli.py \
 	tests/test_exact.py tests/test_crosscheck.py tests/test_doctor.py
-# Not yet right on 6.1 (the TIME_WAIT gauge misses timewait sockets there;
-# open, see README "Kernels"): run on this kernel only, until fixed.
+# Run on this kernel only. The heal test: under emulation the heal's sock_diag
+# checks run past 60 s and the test's TIME_WAIT sockets expire first. The
+# socket gauge with sockets older than serve: on 6.1 the gauge still does not
+# agree with ss within its bound (open, see README "Kernels"; not run on 6.12
+# since the fixes).
 KERNEL_TESTS_OPEN := \
-	--deselect tests/test_serve.py::test_socket_gauge_matches_ss \
-	--deselect tests/test_exact.py::test_back_to_back_time_wait_reuse_loses_no_timewait_socket \
-	--deselect tests/test_exact.py::test_killed_timewait_sockets_leave_the_gauge_at_once \
-	--deselect tests/test_exact.py::test_gauges_heal_after_a_loss
-# (the last: under emulation the heal's sock_diag checks run past 60 s and the
-# test's TIME_WAIT sockets expire first; it runs on this kernel)
+	--deselect tests/test_exact.py::test_gauges_heal_after_a_loss \
+	--deselect tests/test_serve.py::test_socket_gauge_matches_ss
 
 .PHONY: setup setup-test serve test test-kernels ci lint interface bench clean
 

@@ -89,6 +89,18 @@ struct tt_cancel_slot {
 };
 BPF_PERCPU_ARRAY(cancel_slot, struct tt_cancel_slot, 1);
 
+#if CHECK_TW_FIN
+/*
+ * Without skb:kfree_skb's rx_sk (before 6.11) the peer's FIN reaching a
+ * timewait socket in FIN_WAIT2 is not seen when it comes: the kernel
+ * re-arms the socket's timer, but a re-arm that stays in the same bucket of
+ * the timer wheel is not traced, and most do (a 60 s timer's bucket spans
+ * 512 jiffies). The timer starts of such sockets are kept here, and user
+ * space has each checked every second (sweep_fin_wait2).
+ */
+BPF_F_TABLE("hash", u64, u64, tw_fin_wait2, MAX_TIMEWAIT, BPF_F_NO_PREALLOC);
+#endif
+
 BPF_PERCPU_ARRAY(counters, u64, TT_COUNTER_SLOTS);
 
 #if FILTER_PORTS
@@ -652,6 +664,29 @@ static __always_inline bool rst_may_follow_close(u8 old)
 
 #if HAVE_TIMEWAIT
 /*
+ * The peer's FIN reached timewait socket e, in FIN_WAIT2, while nobody
+ * looked: we learn it at now_ns (jiffies_now). On its arrival the kernel
+ * re-armed the timer for TCP_TIMEWAIT_LEN, so the timer's expiry tells when
+ * TIME_WAIT began, to the jiffy.
+ */
+static __always_inline void tw_fin_came(void *ctx, struct tt_timewait *e, u64 now_ns,
+					u64 expires_j, u64 jiffies_now)
+{
+	u64 began_ns = now_ns;
+	u64 began_j = expires_j - TIMEWAIT_LEN_JIFFIES;
+	if (expires_j && (s64)(jiffies_now - began_j) >= 0) {
+		u64 ago_ns = (jiffies_now - began_j) * NS_PER_JIFFY;
+		began_ns = ago_ns < now_ns ? now_ns - ago_ns : 0;
+	}
+	if (began_ns < e->id.state_ns)
+		began_ns = e->id.state_ns;
+	if (began_ns > now_ns)
+		began_ns = now_ns;
+	step(ctx, e->skaddr, &e->id, &e->tuple, TT_TIME_WAIT, began_ns,
+	     TT_EVF_TIMEWAIT_SOCK | TT_EVF_INFERRED_TIME, TT_TW_END_NONE);
+}
+
+/*
  * A timewait socket of ours has ended (timer fired, or a new connection
  * reused its address pair, or it was killed), at end_ns. Finishes its
  * FIN_WAIT2 -> TIME_WAIT step first if the peer's FIN reached it unseen.
@@ -660,25 +695,8 @@ static __always_inline bool rst_may_follow_close(u8 old)
 static __always_inline void tw_finish(void *ctx, struct tt_timewait *e, u64 end_ns, u8 tw_end,
 				      u8 substate, u64 expires_j, u64 jiffies_now)
 {
-	if (e->id.state == TT_FIN_WAIT2 && substate == TT_TIME_WAIT) {
-		/*
-		 * The FIN arrived while nobody looked; on its arrival the kernel
-		 * re-armed the timer for TCP_TIMEWAIT_LEN, so the timer's expiry
-		 * tells when TIME_WAIT began.
-		 */
-		u64 began_ns = end_ns;
-		u64 began_j = expires_j - TIMEWAIT_LEN_JIFFIES;
-		if (expires_j && (s64)(jiffies_now - began_j) >= 0) {
-			u64 ago_ns = (jiffies_now - began_j) * NS_PER_JIFFY;
-			began_ns = ago_ns < end_ns ? end_ns - ago_ns : 0;
-		}
-		if (began_ns < e->id.state_ns)
-			began_ns = e->id.state_ns;
-		if (began_ns > end_ns)
-			began_ns = end_ns;
-		step(ctx, e->skaddr, &e->id, &e->tuple, TT_TIME_WAIT, began_ns,
-		     TT_EVF_TIMEWAIT_SOCK | TT_EVF_INFERRED_TIME, TT_TW_END_NONE);
-	}
+	if (e->id.state == TT_FIN_WAIT2 && substate == TT_TIME_WAIT)
+		tw_fin_came(ctx, e, end_ns, expires_j, jiffies_now);
 	step(ctx, e->skaddr, &e->id, &e->tuple, TT_CLOSE, end_ns, TT_EVF_TIMEWAIT_SOCK, tw_end);
 }
 
@@ -835,8 +853,16 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 		}
 		return 0;
 	}
+	/*
+	 * A cancel of one of ours is matched however long this CPU took to
+	 * get from it to this start (our own programs included, a virtual CPU
+	 * under emulation or preempted by its host can take far more than
+	 * 100 us): a move keeps the pair and finds its parked record, which a
+	 * new connection on that pair claims (tw_match_reuse) long before it
+	 * can close into a new timewait socket in the same memory.
+	 */
 	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
-	if (cs && cs->tw == tw && now - cs->ts_ns < 100000) {
+	if (cs && cs->tw == tw && (cs->followed || now - cs->ts_ns < 100000)) {
 		cs->tw = 0;
 		struct tt_tuple t = {};
 		/*
@@ -892,6 +918,13 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 		struct tt_tuple pair = {};
 		tw_tuple(tw, &pair);
 		slot->pair_fold = tuple_fold(&pair);
+#if CHECK_TW_FIN
+		/* (Any pid: a timer starts in whatever process runs.) */
+		if (slot->substate == TT_FIN_WAIT2 && wanted(&pair, FILTER_PID)) {
+			if (tw_fin_wait2.update(&tw, &now) != 0)
+				count(TT_C_LOST_FIN_WAIT2_MAP);
+		}
+#endif
 #endif
 	}
 	return 0;
@@ -1118,6 +1151,37 @@ int sweep_killed(struct bpf_raw_tracepoint_args *ctx)
 	tw_killed.delete(&key);
 	return 1;
 }
+#if CHECK_TW_FIN
+/*
+ * Run by user space (BPF_PROG_TEST_RUN) every second for each socket in
+ * tw_fin_wait2, whose address is the run's argument: a timewait socket of
+ * ours still in FIN_WAIT2 for all we saw. If the peer's FIN has come, it
+ * moves to TIME_WAIT as of then. Returns 1 if so.
+ */
+int sweep_fin_wait2(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 tw = ctx->args[0];
+	u64 now = bpf_ktime_get_ns();
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (e && e->id.state == TT_FIN_WAIT2) {
+		if (tw_read_substate(tw) != TT_TIME_WAIT)
+			return 0;	/* still waiting: checked again next time */
+		tw_fin_came(ctx, e, now, tw_read_expires(tw), bpf_jiffies64());
+		tw_fin_wait2.delete(&tw);
+		return 1;
+	}
+	/*
+	 * Gone, in TIME_WAIT already, or never ours; or its full socket's
+	 * close, which makes it ours, has not run yet on the other CPU.
+	 */
+	u64 *started = tw_fin_wait2.lookup(&tw);
+	if (!e && started && now - *started < 1000000000)
+		return 0;
+	tw_fin_wait2.delete(&tw);
+	return 0;
+}
+#endif
+
 /*
  * Run by user space (BPF_PROG_TEST_RUN): a timewait socket followed for far
  * longer than TIME_WAIT lasts, whose end we must have missed.
@@ -1677,6 +1741,7 @@ int on_tcp_send_reset(struct tp_tcp_send_reset *args)
 static __always_inline void syn_retransmitted(void *ctx, struct tt_sock *s, struct tt_tuple *t)
 {
 	s->id.syn_retrans += 1;
+	count(TT_C_SYN_RETRANS);
 #if HAVE_TIMEWAIT
 	/* The pair is known now even if the connect never completes. */
 	t->netns = s->tuple.netns;

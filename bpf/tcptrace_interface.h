@@ -105,6 +105,8 @@ enum tt_counter {
 	TT_C_LOST_DEST_MAP = 10,	/* client sockets not counted per destination: map full */
 	TT_C_MISSED_TRANSITION = 11,	/* a change's old state was not the one we recorded */
 	TT_C_MISSED_END = 12,	/* lifecycles whose end we never saw */
+	TT_C_LOST_FIN_WAIT2_MAP = 13,	/* timewait sockets in FIN_WAIT2 not checked: map full */
+	TT_C_SYN_RETRANS = 14,	/* SYNs sent again by connecting sockets we follow */
 };
 #define TT_COUNTER_SLOTS 16
 

@@ -18,6 +18,12 @@ import pytest
 from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, sh, wait_for
 from test_serve import delta, scrape, serving, ss_counts, value
 
+from tcptrace_ebpf.kernel import Capability, detect_features
+from tcptrace_ebpf.probe import Tracer, TracerOptions
+from tcptrace_ebpf.states import STATE_SLOTS, TcpState
+
+FIN_WAIT2, TIME_WAIT = TcpState.FIN_WAIT2, TcpState.TIME_WAIT
+
 CLOSED = "tcptrace_connections_closed_total"
 
 
@@ -147,6 +153,45 @@ def test_back_to_back_time_wait_reuse_loses_no_timewait_socket() -> None:
     assert delta(before, after, "tcptrace_time_wait_skipped_total") == 0
     assert delta(before, after, TW_DURATION_COUNT, end="reused") == k
     assert value(after, "tcptrace_sockets", state="FIN_WAIT2") == 0
+
+
+@requires_root
+def test_without_rx_sk_the_fin_reaching_a_fin_wait2_timewait_socket_is_found() -> None:
+    """Kernels before 6.11 (kfree_skb without rx_sk, imitated here) do not
+    show the peer's FIN reaching a timewait socket in FIN_WAIT2: the kernel
+    re-arms its timer, traced only when the re-arm changes timer-wheel
+    bucket, which few do. Every sweep (each second) checks those sockets:
+    after one, the gauge has them all in TIME_WAIT, as ss does, and their
+    FIN_WAIT2 -> TIME_WAIT changes are dated from the re-armed timer."""
+    k = 20
+    port = free_port()
+    features = detect_features()
+    features.capabilities["kfree_rx_sk"] = Capability("kfree_rx_sk", False, "taken away")
+    options = TracerOptions(emit_events=False, collect_metrics=True, ports=frozenset({port}))
+    with Tracer(options, features=features) as tracer:
+        server = listener_on(port)
+        pairs = []
+        try:
+            for _ in range(k):
+                client = socket.create_connection(("127.0.0.1", port))
+                pairs.append((client, server.accept()[0]))
+            for client, _ in pairs:
+                client.close()
+            # The servers' ACKs (delayed ones) came: timewait sockets in FIN_WAIT2.
+            wait_for(lambda: ss_counts(port)["FIN_WAIT2"] == k)
+            for _, child in pairs:
+                child.close()  # its FIN reaches the timewait socket
+        finally:
+            for client, child in pairs:
+                client.close()
+                child.close()
+            server.close()
+        wait_for(lambda: ss_counts(port)["TIME_WAIT"] == k)
+        tracer.sweep()
+        gauge = tracer.percpu_array("sockets")
+        transitions = tracer.percpu_array("state_transitions_total")
+    assert (gauge[FIN_WAIT2], gauge[TIME_WAIT]) == (0, k)
+    assert transitions[FIN_WAIT2 * STATE_SLOTS + TIME_WAIT] == k
 
 
 @requires_root

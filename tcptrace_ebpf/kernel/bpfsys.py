@@ -174,13 +174,15 @@ class _InfoAttr(ctypes.Structure):
     ]
 
 
-def prog_test_run(prog_fd: int) -> None:
-    """Run a loaded raw_tracepoint program once, now (BPF_PROG_TEST_RUN)."""
-    ctx = (ctypes.c_uint64 * 1)()
+def prog_test_run(prog_fd: int, arg: int = 0) -> int:
+    """Run a loaded raw_tracepoint program once, now (BPF_PROG_TEST_RUN),
+    with `arg` as its ctx->args[0]. Returns what the program returned."""
+    ctx = (ctypes.c_uint64 * 1)(arg)
     attr = _TestRunAttr(prog_fd=prog_fd)
     attr.ctx_in = ctypes.addressof(ctx)
     attr.ctx_size_in = ctypes.sizeof(ctx)
     _bpf(BPF_PROG_TEST_RUN, attr)
+    return int(attr.retval)
 
 
 def recursion_misses(prog_fd: int) -> int:

@@ -187,6 +187,11 @@ COUNTERS: Final = (
     # Sockets whose end went unseen, closed when noticed (a new socket in their
     # place, a timewait socket far past its time, or gone from sock_diag).
     Counter(12, "MISSED_END", "missed_ends", "lifecycles whose end we never saw", "end_unseen"),
+    Counter(13, "LOST_FIN_WAIT2_MAP", "lost_fin_wait2_map",
+            "timewait sockets in FIN_WAIT2 not checked: map full", "fin_wait2_map_full",
+            "FIN_WAIT2 check map full"),
+    Counter(14, "SYN_RETRANS", "syn_retransmits",
+            "SYNs sent again by connecting sockets we follow"),
 )  # fmt: skip
 COUNTER_SLOTS: Final = 16
 COUNTER_NAMES: Final = {counter.index: counter.name for counter in COUNTERS}

@@ -115,6 +115,18 @@ def _use_ringbuf(features: Features, options: TracerOptions) -> bool:
     return features.has("ringbuf") and not options.force_perf_buffer
 
 
+def _check_tw_fin(features: Features) -> bool:
+    """Whether the peer's FIN reaching a timewait socket in FIN_WAIT2 must be
+    looked for (sweep_fin_wait2): the kernel shows it live only through
+    kfree_skb's rx_sk (6.11)."""
+    return (
+        features.has("timewait")
+        and features.has("tw_substate")
+        and features.has("tw_tuple")
+        and not features.has("kfree_rx_sk")
+    )
+
+
 def build_source(features: Features, options: TracerOptions) -> tuple[str, list[str]]:
     """The program text (generated preamble + tcptrace.bpf.c) and cflags."""
     unsupported = unsupported_reason(features)
@@ -164,6 +176,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
             and "OFF_TIMER_FUNCTION" in features.offsets
         ),
         "KFREE_SKB_RX_SK_ARG": max(0, features.kfree_skb_rx_sk_arg),
+        "CHECK_TW_FIN": int(_check_tw_fin(features)),
     }
     for name, offset in features.offsets.items():
         defines[name] = offset
@@ -318,6 +331,7 @@ class Tracer:
     _sweep_close_fd: int = field(default=-1, init=False)
     _sweep_timewait_fd: int = field(default=-1, init=False)
     _sweep_gone_fd: int = field(default=-1, init=False)
+    _sweep_fin_wait2_fd: int = field(default=-1, init=False)
     _next_stale_check_ns: int = field(default=0, init=False)
     _loaded: loader.Loaded | None = field(default=None, init=False)
     # Attachments (raw tracepoint and tp_btf links, perf events): closing one detaches.
@@ -416,7 +430,10 @@ class Tracer:
                 tracepoint(f"timer:{event}", raw_timers)
             if features.has("kfree_rx_sk"):
                 tracepoint("skb:kfree_skb", features.has("raw_kfree"))
-            for sweeper in ("sweep_killed", "sweep_timewait"):
+            sweepers = ["sweep_killed", "sweep_timewait"]
+            if _check_tw_fin(features):
+                sweepers.append("sweep_fin_wait2")
+            for sweeper in sweepers:
                 plan.append(loader.ProgramRequest(key=sweeper, name=sweeper, sweeper=True))
         raw_tcp = _raw_tcp_events(features)
         for name, feature in RAW_TCP_EVENTS.items():
@@ -437,6 +454,8 @@ class Tracer:
                     self._sweep_timewait_fd = prog_fd
                 elif key == "sweep_gone":
                     self._sweep_gone_fd = prog_fd
+                elif key == "sweep_fin_wait2":
+                    self._sweep_fin_wait2_fd = prog_fd
                 else:
                     self._sweep_close_fd = prog_fd
                 continue
@@ -513,6 +532,8 @@ class Tracer:
                 request_sk[ctypes.c_int(0)] = ctypes.c_uint64(skaddr)
                 bpfsys.prog_test_run(self._sweep_close_fd)
             done += len(held)
+        if self._sweep_fin_wait2_fd >= 0:
+            done += self._sweep_fin_wait2()
         if self._sweep_timewait_fd >= 0 and now_ns >= self._next_stale_check_ns:
             self._next_stale_check_ns = now_ns + self.options.stale_check_interval_ns
             done += self._sweep_stale_timewait(now_ns)
@@ -529,6 +550,16 @@ class Tracer:
             request[ctypes.c_int(0)] = key
             bpfsys.prog_test_run(self._sweep_fd)
         return done + len(due)
+
+    def _sweep_fin_wait2(self) -> int:
+        """Timewait sockets in FIN_WAIT2 that the peer's FIN reached unseen
+        (kernels before 6.11): moved to TIME_WAIT. Returns how many."""
+        table = self.table("tw_fin_wait2")
+        try:
+            addresses = [int(getattr(key, "value", key)) for key, _ in table.items_lookup_batch()]
+        except Exception:  # empty map: the batch call reports ENOENT
+            return 0
+        return sum(bpfsys.prog_test_run(self._sweep_fin_wait2_fd, address) for address in addresses)
 
     def _sweep_stale_timewait(self, now_ns: int) -> int:
         table = self.table("timewait")
@@ -726,6 +757,7 @@ class Tracer:
             self._loaded.close()
             self._loaded = None
         self._sweep_fd = self._sweep_close_fd = self._sweep_timewait_fd = -1
+        self._sweep_fin_wait2_fd = -1
         self.bpf = None
         self.attached.clear()
         self.attach_kinds.clear()

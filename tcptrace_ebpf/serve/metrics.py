@@ -262,6 +262,15 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     skipped.add_metric([], reading.counters.get("time_wait_skipped", 0))
     families.append(skipped)
 
+    syn_retransmits = CounterMetricFamily(
+        PREFIX + "syn_retransmits_total",
+        "SYNs that connect() calls sent again, unanswered in time: dropped by a full "
+        "accept queue or a firewall, or lost (kernel counter TCPSynRetrans, which also "
+        "counts SYN-ACKs sent again).",
+    )
+    syn_retransmits.add_metric([], reading.counters.get("syn_retransmits", 0))
+    families.append(syn_retransmits)
+
     families.append(
         GaugeMetricFamily(
             PREFIX + "ephemeral_ports",
@@ -352,7 +361,7 @@ def catalog(port_label: bool = True) -> list[MetricInfo]:
     from a reading where everything is non-zero."""
     reading = KernelReading(
         arrays={name: [1] * 4096 for name in METRIC_ARRAYS},
-        counters=dict.fromkeys([*LOST_CAUSES, "events", "time_wait_skipped"], 1),
+        counters=dict.fromkeys([*LOST_CAUSES, "events", "time_wait_skipped", "syn_retransmits"], 1),
         close_wait=[CloseWaitOwner("comm", 0.0)],
         program_skips={"sock:inet_sock_set_state": 1},
         now=1.0,
