@@ -15,7 +15,17 @@ import urllib.request
 from typing import Any
 
 import pytest
-from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, sh, wait_for
+from support import (
+    Peer,
+    cli_argv,
+    close_pipes,
+    deadline,
+    free_port,
+    requires_root,
+    run_cli,
+    sh,
+    wait_for,
+)
 from test_serve import delta, scrape, serving, ss_counts, value
 
 CLOSED = "tcptrace_connections_closed_total"
@@ -252,6 +262,7 @@ def test_no_start_up_gap() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        close_pipes(proc)
         for client, child in pairs:
             client.close()
             child.close()
