@@ -1,5 +1,5 @@
 from .cli import main
 
-# Guarded: multiprocessing children (spawn) import the main module again.
+# Guarded: importing the module runs nothing.
 if __name__ == "__main__":
     main()

@@ -86,6 +86,15 @@ def deadline(seconds: float) -> float:
     return seconds * slowdown()
 
 
+def close_pipes(proc: subprocess.Popen[Any]) -> None:
+    """Close our ends of an ended process's pipes (left to the garbage
+    collector, each is a ResourceWarning)."""
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):  # a write the process never read
+                pipe.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port outside the ephemeral range that nothing listens on right now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -147,6 +156,7 @@ class Peer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        close_pipes(self.proc)
 
     def __enter__(self) -> Peer:
         return self
@@ -188,7 +198,9 @@ class CliRun:
 
 
 def cli_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tcptrace_ebpf", *args]
+    # -W error: a Python warning in the CLI (or in the loader process, which
+    # takes the same warning options) fails the test instead of going unseen.
+    return [sys.executable, "-W", "error", "-m", "tcptrace_ebpf", *args]
 
 
 def _record_paths(args: tuple[str, ...]) -> tuple[Path, Path] | None:
@@ -239,6 +251,7 @@ def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> 
         run.stop()
         for thread in threads:
             thread.join(timeout=5)
+        close_pipes(proc)
         if record is not None:
             record[1].write_text(
                 "".join(line + "\n" for line in run.stdout if line.startswith("{"))

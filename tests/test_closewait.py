@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from support import cli_argv, deadline, free_port, requires_root, run_cli, sh, wait_for
+from support import cli_argv, close_pipes, deadline, free_port, requires_root, run_cli, sh, wait_for
 from test_serve import scrape, value
 
 from tcptrace_ebpf.model.addresses import AddressPair
@@ -78,6 +78,7 @@ class Leaker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        close_pipes(self.proc)
         # a forked child holds the sockets too
         with contextlib.suppress(subprocess.CalledProcessError):
             sh("pkill", "-f", str(self.script))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import cli_argv, free_port, requires_root, run_cli, sh, wait_for
+from support import cli_argv, close_pipes, free_port, requires_root, run_cli, sh, wait_for
 from test_closewait import LEAKER
 from test_serve import Samples, scrape
 
@@ -150,6 +150,7 @@ class PodLeaker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        close_pipes(self.proc)
 
 
 @contextlib.contextmanager

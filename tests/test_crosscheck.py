@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from support import netns_single, nft, requires_root, sh, wait_for
+from support import close_pipes, netns_single, nft, requires_root, sh, wait_for
 from test_serve import Samples, delta, scrape, serving, value
 
 WORKLOAD = Path(__file__).resolve().parent / "crosscheck_workload.py"
@@ -260,3 +260,4 @@ def test_counters_equal_the_kernels() -> None:
                 if workload.poll() is None:
                     workload.kill()
                     workload.wait()
+                close_pipes(workload)

@@ -15,12 +15,22 @@ import urllib.request
 from typing import Any
 
 import pytest
-from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, sh, wait_for
+from support import (
+    Peer,
+    cli_argv,
+    close_pipes,
+    deadline,
+    free_port,
+    requires_root,
+    run_cli,
+    sh,
+    wait_for,
+)
 from test_serve import delta, scrape, serving, ss_counts, value
 
-from tcptrace_ebpf.kernel import Capability, detect_features
-from tcptrace_ebpf.probe import Tracer, TracerOptions
-from tcptrace_ebpf.states import STATE_SLOTS, TcpState
+from tcptrace_ebpf.kernel.features import Capability, detect_features
+from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions
+from tcptrace_ebpf.model.states import STATE_SLOTS, TcpState
 
 FIN_WAIT2, TIME_WAIT = TcpState.FIN_WAIT2, TcpState.TIME_WAIT
 
@@ -297,6 +307,7 @@ def test_no_start_up_gap() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        close_pipes(proc)
         for client, child in pairs:
             client.close()
             child.close()

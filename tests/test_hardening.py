@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import cli_argv, deadline, free_port, requires_root, wait_for
+from support import cli_argv, close_pipes, deadline, free_port, requires_root, wait_for
 
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.serve.api import ApiServer, ApiUnavailable, check_path, query
@@ -364,10 +364,15 @@ def wait_started(proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"no 'tracing started' (exit {proc.poll()})")
 
 
-def end(proc: subprocess.Popen[bytes]) -> None:
+def end(proc: subprocess.Popen[bytes]) -> str:
+    """Make sure the command ended; what it wrote on stderr."""
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+    assert proc.stderr is not None
+    errors = proc.stderr.read().decode()
+    close_pipes(proc)
+    return errors
 
 
 @requires_root
@@ -408,9 +413,7 @@ def test_reader_gone_ends_the_command_quietly(tmp_path: Path, args: tuple[str, .
             proc.wait(timeout=deadline(120))
             took = time.monotonic() - gone
     finally:
-        end(proc)
-    assert proc.stderr is not None
-    errors = proc.stderr.read().decode()
+        errors = end(proc)
     assert proc.returncode == 141, errors
     assert "Traceback" not in errors, errors
     assert "Broken pipe" not in errors, errors
@@ -429,11 +432,11 @@ def test_write_error_is_one_line_and_a_failure() -> None:
         with refused_connects(port):
             proc.wait(timeout=deadline(60))
     finally:
-        end(proc)
-    assert proc.stderr is not None
-    errors = proc.stderr.read().decode().strip().splitlines()
+        errors = end(proc)
     assert proc.returncode == 1
-    assert errors == ["tcptrace-ebpf: error: cannot write the output: No space left on device"]
+    assert errors.strip().splitlines() == [
+        "tcptrace-ebpf: error: cannot write the output: No space left on device"
+    ]
 
 
 @requires_root
@@ -469,10 +472,8 @@ def test_sigterm_works_with_a_stalled_reader(command: str) -> None:
             proc.wait(timeout=deadline(60))
             took = time.monotonic() - sent
     finally:
-        end(proc)
+        errors = end(proc)
         os.close(read_end)
-    assert proc.stderr is not None
-    errors = proc.stderr.read().decode()
     assert proc.returncode == 0, errors
     assert "stopped:" in errors
     assert "Traceback" not in errors

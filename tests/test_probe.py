@@ -296,11 +296,16 @@ def test_missed_end_is_closed_when_the_address_is_reused() -> None:
         server.cmd("close_listener")
 
     seen: list = []
+
+    def every_planted_end_has_its_lifecycle(lives: list) -> bool:
+        ended = {e.sock for e in seen if e.sock in planted_ids and e.has(EventFlag.END_UNSEEN)}
+        return bool(ended) and ended <= {life.sock for life in lives}
+
     try:
         events, lives, counters = _run_with_events(
             TracerOptions(emit_events=True, ports=frozenset({port})),
             body,
-            until=lambda lives: any(life.sock in planted_ids for life in lives),
+            until=every_planted_end_has_its_lifecycle,
             timeout=20,
             tap=seen,
         )
@@ -309,13 +314,15 @@ def test_missed_end_is_closed_when_the_address_is_reused() -> None:
             peer.close()
     ended_unseen = [e for e in events if e.sock in planted_ids and e.has(EventFlag.END_UNSEEN)]
     assert ended_unseen, "no planted record was closed by a new socket at its address"
-    (unseen,) = ended_unseen
-    assert "end_unseen" in unseen.to_json()["flags"]
-    planted = next(life for life in lives if life.sock == unseen.sock)
-    assert planted.ended
-    assert planted.close is None
-    assert planted.lost is True
-    assert planted.complete is False
+    # More than one when a round's event came after its check and the plant
+    # was repeated: each is judged.
+    for unseen in ended_unseen:
+        assert "end_unseen" in unseen.to_json()["flags"]
+        planted = next(life for life in lives if life.sock == unseen.sock)
+        assert planted.ended
+        assert planted.close is None
+        assert planted.lost is True
+        assert planted.complete is False
     assert counters["missed_ends"] >= 1
     # Every connection of ours still reads right.
     for life in lives:

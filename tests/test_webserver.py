@@ -32,6 +32,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from support import close_pipes
 
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.web import server as webserver
@@ -1401,6 +1402,7 @@ def test_slow_clients_under_a_task_limit_do_not_stop_scrapes() -> None:
         if proc is not None:
             proc.kill()
             proc.wait()
+            close_pipes(proc)
         for _ in range(50):
             try:
                 cgroup.rmdir()

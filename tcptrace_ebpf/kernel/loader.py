@@ -269,7 +269,13 @@ def _run_loader(
     try:
         with child:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tcptrace_ebpf.kernel.loader"],
+                # The caller's warning options (python -W) hold in the loader too.
+                [
+                    sys.executable,
+                    *(f"-W{option}" for option in sys.warnoptions),
+                    "-m",
+                    "tcptrace_ebpf.kernel.loader",
+                ],
                 stdin=subprocess.PIPE,
                 pass_fds=[child.fileno()],
                 env=env,
@@ -374,7 +380,8 @@ def _load_programs(
             function = f"btf_{request.name}"
             try:
                 # The license of bpf/tcptrace.bpf.c (GPL helpers need it).
-                fd = bpfsys.load_tp_btf(bpf.dump_func(function), function, "GPL", request.btf_id)
+                code = bpf.dump_func(function.encode())
+                fd = bpfsys.load_tp_btf(code, function, "GPL", request.btf_id)
                 loaded.append((fd, LoadedProgram(request.key, function, "btf")))
                 continue
             except bpfsys.BpfError as err:
@@ -390,7 +397,7 @@ def _load_programs(
             function, kind, prog_type = f"on_{request.name}", "classic", BPF_PROG_TYPE_TRACEPOINT
         with _capture_stderr() as output:
             try:
-                fd = int(bpf.load_func(function, prog_type).fd)
+                fd = int(bpf.load_func(function.encode(), prog_type).fd)
             except Exception as err:
                 raise UserError(
                     f"could not load {function}: {_first_error(output()) or err}"
@@ -414,7 +421,7 @@ def _write_cache(  # noqa: PLR0917 (one call site, all parts of one entry)
     btf_ids = {request.key: request.btf_id for request in requests}
     entry_programs = []
     for _fd, program in programs:
-        code = bpf.dump_func(program.function)
+        code = bpf.dump_func(program.function.encode())
         relocs = []
         for index in range(len(code) // 8):
             if code[index * 8] == LD_IMM64 and code[index * 8 + 1] >> 4 == PSEUDO_MAP_FD:
@@ -471,7 +478,8 @@ def _child() -> int:
         bcc = import_bcc()
         with _capture_stderr() as output:
             try:
-                bpf = bcc.BPF(text=request["text"], cflags=request["cflags"])
+                # BCC takes bytes (a str costs a DeprecationWarning that quotes the whole program).
+                bpf = bcc.BPF(text=request["text"].encode(), cflags=request["cflags"])
             except Exception:
                 raise UserError(
                     f"the BPF program did not compile: {_first_error(output())} "
@@ -501,6 +509,8 @@ def _child() -> int:
     except Exception as err:  # reported by the caller as one line
         reply({"error": f"the BPF loader failed: {type(err).__name__}: {err}"}, [])
         return 1
+    finally:
+        channel.close()
     return 0
 
 
