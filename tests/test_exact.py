@@ -29,8 +29,9 @@ from support import (
 from test_serve import delta, scrape, serving, ss_counts, value
 
 from tcptrace_ebpf.kernel.features import Capability, detect_features
+from tcptrace_ebpf.kernel.interface import STATE_SLOTS
 from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions
-from tcptrace_ebpf.model.states import STATE_SLOTS, TcpState
+from tcptrace_ebpf.model.states import TcpState
 
 FIN_WAIT2, TIME_WAIT = TcpState.FIN_WAIT2, TcpState.TIME_WAIT
 
