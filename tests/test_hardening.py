@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import socket
 import stat
@@ -439,6 +440,23 @@ def test_write_error_is_one_line_and_a_failure() -> None:
     ]
 
 
+def wait_for_a_full_pipe(read_end: int) -> None:
+    """Until the writer of a pipe is blocked: what waits in it has stopped
+    growing near a pipe's 64 KiB (how near depends on the size of the writes)."""
+    last = [-1]
+
+    def pipe_full() -> bool:
+        queued = bytearray(4)
+        fcntl.ioctl(read_end, termios.FIONREAD, queued)
+        now = int.from_bytes(queued, "little")
+        full = now >= 32_768 and now == last[0]
+        last[0] = now
+        return full
+
+    wait_for(pipe_full, timeout=120, interval=0.5, what="the pipe to fill")
+    time.sleep(0.5)  # and the command to be blocked writing
+
+
 @requires_root
 @pytest.mark.parametrize("command", ["trace", "lifecycles"])
 def test_sigterm_works_with_a_stalled_reader(command: str) -> None:
@@ -448,24 +466,10 @@ def test_sigterm_works_with_a_stalled_reader(command: str) -> None:
     os.close(write_end)
     try:
         wait_started(proc)
-
-        last = [-1]
-
-        def pipe_full() -> bool:
-            queued = bytearray(4)
-            fcntl.ioctl(read_end, termios.FIONREAD, queued)
-            # A pipe holds 64 KiB: writes block once what waits stops growing
-            # near that (how near depends on the size of the writes).
-            now = int.from_bytes(queued, "little")
-            full = now >= 32_768 and now == last[0]
-            last[0] = now
-            return full
-
         # lifecycles writes a line per connection once it ends: a refused
         # connect ends at once.
         with refused_connects(port):
-            wait_for(pipe_full, timeout=120, interval=0.5, what="the pipe to fill")
-            time.sleep(0.5)  # and the command to be blocked writing
+            wait_for_a_full_pipe(read_end)
             assert proc.poll() is None
             proc.send_signal(signal.SIGTERM)
             sent = time.monotonic()
@@ -477,9 +481,46 @@ def test_sigterm_works_with_a_stalled_reader(command: str) -> None:
     assert proc.returncode == 0, errors
     assert "stopped:" in errors
     assert "Traceback" not in errors
+    # What could not be written is said, not dropped silently.
+    assert re.search(r"output given up .*: up to [1-9]\d* lines not written$", errors.strip())
     # Within a second (detaching included) on the development machine.
     print(f"SIGTERM to exit: {took:.2f}s")
     assert took < deadline(1.5), took
+
+
+@requires_root
+def test_sigterm_keeps_writing_while_a_slow_reader_reads() -> None:
+    """Stopped while its output waits on a reader that is slow but reading (a
+    busy or emulated machine), lifecycles still writes every lifecycle its
+    summary counts, the ones still open at the stop included: only a stalled
+    reader's output is given up."""
+    port = free_port()
+    read_end, write_end = os.pipe()
+    proc = start_cli("lifecycles", "--json", "--port", str(port), stdout=write_end)
+    os.close(write_end)
+    received = bytearray()
+    try:
+        wait_started(proc)
+        with refused_connects(port):
+            wait_for_a_full_pipe(read_end)
+            proc.send_signal(signal.SIGTERM)
+        # 4 KiB every 20 ms: a blocked write of the command's waits a few
+        # tens of milliseconds at a time, never the half second of a stall.
+        with os.fdopen(read_end, "rb", buffering=0) as reader:
+            while chunk := reader.read(4096):
+                received += chunk
+                time.sleep(0.02)
+        proc.wait(timeout=deadline(60))
+    finally:
+        errors = end(proc)
+    assert proc.returncode == 0, errors
+    summary = errors.strip().splitlines()[-1]
+    assert "given up" not in summary, summary
+    counted = re.search(r"; (\d+) lifecycles, \d+ still open", summary)
+    assert counted, summary
+    lines = received.decode().splitlines()
+    assert len(lines) == int(counted.group(1)) > 0, summary
+    assert all(line.startswith("{") and line.endswith("}") for line in lines)
 
 
 # ---------------------------------------------------------------------------

@@ -228,6 +228,8 @@ def run_closewait(
         if own_tracer is not None:
             own_tracer.close()
     out.raise_failure()
+    if given_up := out.stop_note():
+        notice(f"stopped{given_up}")
 
 
 def show_close_wait(

@@ -8,8 +8,10 @@ import contextlib
 import io
 import os
 import select
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, TextIO
 
 import click
@@ -29,13 +31,17 @@ class ReaderGone(Exception):
 
 
 class OutputInterrupted(Exception):
-    """A signal arrived while a write was blocked on a stalled reader."""
+    """The command was stopped while a write stayed blocked on a stalled reader."""
 
 
 # What a shell reports for a program killed by SIGPIPE (128 + 13): `yes | head`
 # ends `yes` so. Python ignores SIGPIPE and gets EPIPE instead, so we exit with
 # the same status ourselves.
 EXIT_READER_GONE = 141
+
+# Once stopped, a write that stays blocked this long means the reader has
+# stalled: the output is given up (and the summary says so).
+STALLED_READER_S = 0.5
 
 
 class Output:
@@ -44,9 +50,12 @@ class Output:
     A write that fails ends the command: a reader gone (EPIPE) quietly with
     ``ReaderGone``, anything else (a full disk, ``> /dev/full``) with one
     line. ``failed`` says so; ``on_failure`` (the command's stop) is called
-    once. While a write is blocked on a stalled reader, ``interrupt()``
-    (called from a SIGINT/SIGTERM handler) abandons it, so that signals
-    work whatever the output does.
+    once. Once the command is stopped (``interrupt()``, called from its
+    SIGINT/SIGTERM handler) the output is still written while the reader
+    takes it: a slow reader (a busy or emulated machine) gets every line.
+    Only a write that stays blocked for ``STALLED_READER_S`` is given up,
+    so that signals work whatever the reader does; what was not written
+    then is counted (``stop_note()``), never dropped silently.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
@@ -56,6 +65,14 @@ class Output:
         self.error: OSError | None = None
         self.on_failure: Callable[[], None] | None = None
         self._writing = False
+        # Writes finished, and (that count, writing) at the last check of a
+        # stopped command's reader: the same write still blocked is a stall.
+        self._writes_done = 0
+        self._last_check: tuple[int, bool] | None = None
+        self.stalled = False
+        self._lines_unflushed = 0
+        self.lines_not_written = 0
+        self._previous_alarm: Any = signal.SIG_DFL
 
     @property
     def failed(self) -> bool:
@@ -63,18 +80,27 @@ class Output:
 
     def write(self, line: str) -> None:
         if self.closed:
+            if self.stalled:
+                self.lines_not_written += 1
             return
+        self._lines_unflushed += 1
         self._guarded(self.stream.write, line + "\n")
 
     def flush(self) -> None:
         if self.closed:
             return
         self._guarded(self.stream.flush)
+        if not self.closed:
+            self._lines_unflushed = 0
 
     def _guarded(self, operation: Callable[..., Any], *args: Any) -> None:
-        self._writing = True
         try:
-            operation(*args)
+            self._writing = True
+            try:
+                operation(*args)
+            finally:
+                self._writing = False
+            self._writes_done += 1
         except BrokenPipeError:
             self.reader_gone = True
             self._close()
@@ -82,15 +108,41 @@ class Output:
             self.error = err
             self._close()
         except OutputInterrupted:
+            self.stalled = True
+            # Lines since the last flush may or may not have left.
+            self.lines_not_written += self._lines_unflushed
             self._close()
-        finally:
-            self._writing = False
 
     def interrupt(self) -> None:
-        """From a signal handler: abandon a write blocked on the reader."""
-        if self._writing:
+        """From a signal handler (the command is stopping): from now on, give
+        up a write that stays blocked on the reader for STALLED_READER_S."""
+        if self._last_check is not None or self.closed:
+            return
+        self._last_check = (self._writes_done, self._writing)
+        self._previous_alarm = signal.signal(signal.SIGALRM, self._check_reader)
+        signal.setitimer(signal.ITIMER_REAL, STALLED_READER_S, STALLED_READER_S)
+
+    def _check_reader(self, _signum: int, _frame: FrameType | None) -> None:
+        """SIGALRM, every STALLED_READER_S once stopping: the same write
+        blocked since the last check means the reader took nothing meanwhile."""
+        now = (self._writes_done, self._writing)
+        if self._writing and now == self._last_check:
             self._writing = False
             raise OutputInterrupted
+        self._last_check = now
+
+    def stop_note(self) -> str:
+        """After the command stopped: stop checking the reader, and say what
+        was not written because it stalled ('' when everything was)."""
+        if self._last_check is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous_alarm)
+        if not self.stalled:
+            return ""
+        return (
+            f"; output given up (the reader took nothing for {STALLED_READER_S:g} s): "
+            f"up to {self.lines_not_written} lines not written"
+        )
 
     def watch_reader(self) -> None:
         """Notice a reader that went away even when there is nothing to write."""

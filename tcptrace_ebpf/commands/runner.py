@@ -187,5 +187,5 @@ def run_event_command(
     extra = finish(lost_socks)
     notice(
         f"stopped: {delivered[0]} events reported ({counters['events']} TCP state changes "
-        f"seen on the host), {lost_summary(counters)}{skipped}{extra}"
+        f"seen on the host), {lost_summary(counters)}{skipped}{extra}{out.stop_note()}"
     )
