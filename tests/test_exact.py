@@ -351,8 +351,12 @@ def test_gauges_heal_after_a_loss() -> None:
                 what=lambda: f"gauge {seen.get('gauge')} vs ss {seen.get('ss')}",
             )
             assert time.monotonic() - made <= deadline(60)
-            for sock in held:
-                sock.close()  # clients first: they keep the TIME_WAIT
+            # Every client first, then every child: the clients keep the
+            # TIME_WAIT. (Each child right after its client would sometimes
+            # close before the client's FIN was processed, on a slow
+            # machine: a simultaneous close, both sides in TIME_WAIT.)
+            for sock in held[0::2] + held[1::2]:
+                sock.close()
             held = []
             closed = time.monotonic()
             wait_for(
