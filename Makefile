@@ -19,14 +19,6 @@ KERNELS ?= 6.1 6.12
 KERNEL_TESTS := tests/test_scenarios.py tests/test_serve.py tests/test_preexisting.py \
 	tests/test_probe.py tests/test_closewait.py tests/test_timewait.py tests/test_cli.py \
 	tests/test_exact.py tests/test_crosscheck.py tests/test_doctor.py
-# Run on this kernel only. The heal test: under emulation the heal's sock_diag
-# checks run past 60 s and the test's TIME_WAIT sockets expire first. The
-# socket gauge with sockets older than serve: on 6.1 the gauge still does not
-# agree with ss within its bound (open, see README "Kernels"; not run on 6.12
-# since the fixes).
-KERNEL_TESTS_OPEN := \
-	--deselect tests/test_exact.py::test_gauges_heal_after_a_loss \
-	--deselect tests/test_serve.py::test_socket_gauge_matches_ss
 
 .PHONY: setup setup-test serve test test-kernels ci lint interface bench clean
 
@@ -44,7 +36,7 @@ test: setup-test
 
 # ARGS, when given, replaces the default selection (KERNEL_TESTS) in the guests.
 test-kernels: setup-test
-	$(PY) tests/kernels/matrix.py --kernels '$(KERNELS)' -- $(or $(ARGS),-v $(KERNEL_TESTS) $(KERNEL_TESTS_OPEN))
+	$(PY) tests/kernels/matrix.py --kernels '$(KERNELS)' -- $(or $(ARGS),-v $(KERNEL_TESTS))
 
 # Not `ci: test test-kernels`: ARGS would go to both.
 ci: test
