@@ -13,12 +13,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import random
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from support import close_pipes, netns_single, nft, requires_root, sh, wait_for
 from test_serve import Samples, delta, scrape, serving, value
 
@@ -174,8 +176,15 @@ def rules(
     ]
 
 
+# Runs of the cross-check in one pytest session (issue 13 asks for 20 in a
+# row on every kernel): TCPTRACE_CROSSCHECK_RUNS=20, which the kernel
+# matrix passes into its guests, where one boot and one compile serve all.
+RUNS = int(os.environ.get("TCPTRACE_CROSSCHECK_RUNS", "1"))
+
+
 @requires_root
-def test_counters_equal_the_kernels() -> None:
+@pytest.mark.parametrize("run", range(1, RUNS + 1))
+def test_counters_equal_the_kernels(run: int) -> None:  # each run the same
     base = random.randrange(61000, 64000, 10)  # outside the ephemeral range
     ports = [*range(base, base + 10)]
     with netns_single() as ns:
@@ -216,10 +225,15 @@ def test_counters_equal_the_kernels() -> None:
                    f"( sport = :{base + 1} )")  # fmt: skip
                 table: list[tuple[str, float, float]] = []
                 losses: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+                moved: dict[str, int] = {}
 
                 def exact() -> bool:
                     after = scrape(http_port)
                     now = mib(ns)
+                    moved.clear()
+                    moved.update(
+                        {k: v - mib_before[k] for k, v in now.items() if v != mib_before[k]}
+                    )
                     table[:] = rules(
                         before, after, lambda name: now[name] - mib_before[name], firewall_drops(ns)
                     )
@@ -231,7 +245,10 @@ def test_counters_equal_the_kernels() -> None:
                     exact,
                     timeout=60,
                     interval=0.5,
-                    what=lambda: f"rules {[r for r in table if r[1] != r[2]]} (losses {losses})",
+                    what=lambda: (
+                        f"rules {[r for r in table if r[1] != r[2]]} (losses {losses};"
+                        f" kernel counters that moved {moved})"
+                    ),
                 )
                 print(*table, sep="\n")  # what was compared (pytest -s)
                 gauge: dict[str, float] = {}

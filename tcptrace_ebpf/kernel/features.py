@@ -181,6 +181,9 @@ BTF_OFFSETS = {
     "OFF_TCP_SRTT_US": ("tcp_sock", "srtt_us"),
     # Segments a socket sent: 0 at SYN_SENT -> CLOSE means connect() failed before its SYN.
     "OFF_TCP_SEGS_OUT": ("tcp_sock", "segs_out"),
+    # The kernel's own count of a socket's retransmissions, raised where it
+    # counts TCPSynRetrans: in SYN_SENT, the SYNs sent again.
+    "OFF_TCP_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
 }
 # Raw tracepoints whose programs can be BTF-typed (tp_btf).
 TP_BTF_TRACEPOINTS = (
@@ -339,6 +342,22 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         if segs_out_size == 4
         else "no 4-byte tcp_sock.segs_out in BTF: a connect() that fails before its SYN "
         "from an explicitly bound port reads as a timeout",
+    )
+
+    total_retrans_size = 0
+    if btf is not None and "OFF_TCP_TOTAL_RETRANS" in features.offsets:
+        try:
+            total_retrans_size = btf.member_size("tcp_sock", "total_retrans")
+        except BtfError:
+            total_retrans_size = 0
+    features.note(
+        "total_retrans",
+        total_retrans_size == 4,
+        "SYN retransmissions counted as the kernel counts them (tcp_sock.total_retrans)"
+        if total_retrans_size == 4
+        else "no 4-byte tcp_sock.total_retrans in BTF: SYN retransmissions counted per "
+        "tcp:tcp_retransmit_skb event (since 6.18 also attempts given up before the SYN "
+        "left, before 6.18 not a SYN whose transmission failed)",
     )
 
     features.tw_timer_handler = kallsyms_address("tw_timer_handler")
