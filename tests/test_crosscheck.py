@@ -73,6 +73,22 @@ def lost_or_skipped(samples: Samples) -> dict[tuple[str, tuple[tuple[str, str], 
     return {key: v for key, v in samples.items() if key[0] in counted and v}
 
 
+def connection_counts(before: Samples, after: Samples) -> dict[str, float]:
+    """Our connections opened and closed since `before`, and the socket
+    gauge now, by labels, where not zero (said when a rule does not hold)."""
+    counts: dict[str, float] = {}
+    for (name, labels), v in after.items():
+        if name == "tcptrace_sockets":
+            moved = v
+        elif name in (OPENED, CLOSED):
+            moved = v - before.get((name, labels), 0)
+        else:
+            continue
+        if moved:
+            counts[f"{name}{dict(labels)}"] = moved
+    return counts
+
+
 def ss_states(netns: str) -> collections.Counter[str]:
     out = sh("ip", "netns", "exec", netns, "ss", "-tanH").stdout
     return collections.Counter(SS_NAMES[line.split()[0]] for line in out.splitlines() if line)
@@ -226,6 +242,7 @@ def test_counters_equal_the_kernels(run: int) -> None:  # each run the same
                 table: list[tuple[str, float, float]] = []
                 losses: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
                 moved: dict[str, int] = {}
+                ours_moved: dict[str, float] = {}
 
                 def exact() -> bool:
                     after = scrape(http_port)
@@ -234,6 +251,8 @@ def test_counters_equal_the_kernels(run: int) -> None:  # each run the same
                     moved.update(
                         {k: v - mib_before[k] for k, v in now.items() if v != mib_before[k]}
                     )
+                    ours_moved.clear()
+                    ours_moved.update(connection_counts(before, after))
                     table[:] = rules(
                         before, after, lambda name: now[name] - mib_before[name], firewall_drops(ns)
                     )
@@ -247,7 +266,7 @@ def test_counters_equal_the_kernels(run: int) -> None:  # each run the same
                     interval=0.5,
                     what=lambda: (
                         f"rules {[r for r in table if r[1] != r[2]]} (losses {losses};"
-                        f" kernel counters that moved {moved})"
+                        f" kernel counters that moved {moved}; ours {ours_moved})"
                     ),
                 )
                 print(*table, sep="\n")  # what was compared (pytest -s)
