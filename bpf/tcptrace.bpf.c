@@ -1309,6 +1309,22 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 }
 
 /*
+ * The u32 at `offset` in tcp_sock sk: a plain load through a BTF-typed
+ * pointer (`typed`), else bpf_probe_read_kernel(). Inlined, so `offset` is
+ * the constant the verifier needs for the plain load.
+ */
+static __always_inline u32 tcp_sock_u32(u64 sk, u32 offset, bool typed)
+{
+#if USE_TP_BTF
+	if (typed)
+		return BTF_LOAD(u32, sk, offset);
+#endif
+	u32 value = 0;
+	bpf_probe_read_kernel(&value, sizeof(value), (void *)(sk + offset));
+	return value;
+}
+
+/*
  * An accepted socket is born in SYN_RECV when the client's last ACK comes
  * (until then the kernel keeps a request sock, which no tracepoint shows),
  * so its SYN_RECV began a round trip before we saw it: when the SYN came and
@@ -1321,13 +1337,7 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool typed, u64 now)
 {
 #if HAVE_SYNACK_RTT
-	u32 srtt_us = 0;
-#if USE_TP_BTF
-	if (typed)
-		srtt_us = BTF_LOAD(u32, sk, OFF_TCP_SRTT_US);
-#endif
-	if (!typed)
-		bpf_probe_read_kernel(&srtt_us, sizeof(srtt_us), (void *)(sk + OFF_TCP_SRTT_US));
+	u32 srtt_us = tcp_sock_u32(sk, OFF_TCP_SRTT_US, typed);
 	u64 rtt_ns = (u64)(srtt_us >> 3) * 1000;
 	if (!rtt_ns || rtt_ns >= now || !id->state_ns)
 		return;
@@ -1350,14 +1360,7 @@ static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool
 static __always_inline bool syn_sent(u64 sk, bool typed)
 {
 #if HAVE_SEGS_OUT
-	u32 segs_out = 0;
-#if USE_TP_BTF
-	if (typed)
-		segs_out = BTF_LOAD(u32, sk, OFF_TCP_SEGS_OUT);
-#endif
-	if (!typed)
-		bpf_probe_read_kernel(&segs_out, sizeof(segs_out), (void *)(sk + OFF_TCP_SEGS_OUT));
-	return segs_out != 0;
+	return tcp_sock_u32(sk, OFF_TCP_SEGS_OUT, typed) != 0;
 #else
 	return true;
 #endif
@@ -1378,13 +1381,7 @@ static __always_inline bool syn_sent(u64 sk, bool typed)
  */
 static __always_inline void syn_retrans_catch_up(struct tt_ident *id, u64 sk, bool typed)
 {
-	u32 total = 0;
-#if USE_TP_BTF
-	if (typed)
-		total = BTF_LOAD(u32, sk, OFF_TCP_TOTAL_RETRANS);
-#endif
-	if (!typed)
-		bpf_probe_read_kernel(&total, sizeof(total), (void *)(sk + OFF_TCP_TOTAL_RETRANS));
+	u32 total = tcp_sock_u32(sk, OFF_TCP_TOTAL_RETRANS, typed);
 	if (total > 0xffff)
 		total = 0xffff;
 	if (total <= id->syn_retrans)
@@ -1407,15 +1404,8 @@ static __always_inline void syn_sent_ends(struct tt_ident *id, u64 sk, bool type
 	/* 1 if old is SYN_SENT and the socket is not older than tracing, else 0. */
 	u64 ends = ((other_state - 1) >> 63) & (~(u64)id->flags & TT_SF_PREEXISTING);
 	u32 total = 0;
-	if (ends) {
-#if USE_TP_BTF
-		if (typed)
-			total = BTF_LOAD(u32, sk, OFF_TCP_TOTAL_RETRANS);
-#endif
-		if (!typed)
-			bpf_probe_read_kernel(&total, sizeof(total),
-					      (void *)(sk + OFF_TCP_TOTAL_RETRANS));
-	}
+	if (ends)
+		total = tcp_sock_u32(sk, OFF_TCP_TOTAL_RETRANS, typed);
 	u64 diff = (u64)total - id->syn_retrans;
 	asm volatile("" : "+r"(diff));
 	/* diff if not negative, else 0 (total is 0 unless SYN_SENT ends). */
