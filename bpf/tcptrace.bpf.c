@@ -172,11 +172,16 @@ BPF_HASH(port_slots, u16, u8, PORT_SLOTS);
 
 /* ------------------------------------------------------------- helpers -- */
 
-static __always_inline void count(u32 index)
+static __always_inline void count_n(u32 index, u64 n)
 {
 	u64 *value = counters.lookup(&index);
 	if (value)
-		*value += 1;
+		*value += n;
+}
+
+static __always_inline void count(u32 index)
+{
+	count_n(index, 1);
 }
 
 /* The socket a sweep program is run for (user space wrote it); 0 if none. */
@@ -1304,6 +1309,22 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 }
 
 /*
+ * The u32 at `offset` in tcp_sock sk: a plain load through a BTF-typed
+ * pointer (`typed`), else bpf_probe_read_kernel(). Inlined, so `offset` is
+ * the constant the verifier needs for the plain load.
+ */
+static __always_inline u32 tcp_sock_u32(u64 sk, u32 offset, bool typed)
+{
+#if USE_TP_BTF
+	if (typed)
+		return BTF_LOAD(u32, sk, offset);
+#endif
+	u32 value = 0;
+	bpf_probe_read_kernel(&value, sizeof(value), (void *)(sk + offset));
+	return value;
+}
+
+/*
  * An accepted socket is born in SYN_RECV when the client's last ACK comes
  * (until then the kernel keeps a request sock, which no tracepoint shows),
  * so its SYN_RECV began a round trip before we saw it: when the SYN came and
@@ -1316,13 +1337,7 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool typed, u64 now)
 {
 #if HAVE_SYNACK_RTT
-	u32 srtt_us = 0;
-#if USE_TP_BTF
-	if (typed)
-		srtt_us = BTF_LOAD(u32, sk, OFF_TCP_SRTT_US);
-#endif
-	if (!typed)
-		bpf_probe_read_kernel(&srtt_us, sizeof(srtt_us), (void *)(sk + OFF_TCP_SRTT_US));
+	u32 srtt_us = tcp_sock_u32(sk, OFF_TCP_SRTT_US, typed);
 	u64 rtt_ns = (u64)(srtt_us >> 3) * 1000;
 	if (!rtt_ns || rtt_ns >= now || !id->state_ns)
 		return;
@@ -1345,18 +1360,62 @@ static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool
 static __always_inline bool syn_sent(u64 sk, bool typed)
 {
 #if HAVE_SEGS_OUT
-	u32 segs_out = 0;
-#if USE_TP_BTF
-	if (typed)
-		segs_out = BTF_LOAD(u32, sk, OFF_TCP_SEGS_OUT);
-#endif
-	if (!typed)
-		bpf_probe_read_kernel(&segs_out, sizeof(segs_out), (void *)(sk + OFF_TCP_SEGS_OUT));
-	return segs_out != 0;
+	return tcp_sock_u32(sk, OFF_TCP_SEGS_OUT, typed) != 0;
 #else
 	return true;
 #endif
 }
+
+#if HAVE_SYN_RETRANS && HAVE_TOTAL_RETRANS
+/*
+ * Count the SYNs connecting socket sk sent again that the kernel counted
+ * (TCPSynRetrans) and we have not yet: tcp_sock.total_retrans is raised
+ * next to TCPSynRetrans in __tcp_retransmit_skb, and in SYN_SENT only SYNs
+ * are sent again. The tcp_retransmit_skb tracepoint alone is not that
+ * count: since 6.18 it also fires for attempts given up before the SYN left
+ * (no route; its last copy still queued below TCP), which the kernel does
+ * not count, and before 6.18 it does not fire for a SYN the kernel counted
+ * whose transmission then failed (a firewall's drop on the way out). Run on
+ * each of those events and when SYN_SENT ends, which also makes up for an
+ * event that never reached us. id->syn_retrans holds what was counted.
+ */
+static __always_inline void syn_retrans_catch_up(struct tt_ident *id, u64 sk, bool typed)
+{
+	u32 total = tcp_sock_u32(sk, OFF_TCP_TOTAL_RETRANS, typed);
+	if (total > 0xffff)
+		total = 0xffff;
+	if (total <= id->syn_retrans)
+		return;
+	count_n(TT_C_SYN_RETRANS, total - id->syn_retrans);
+	id->syn_retrans = total;
+}
+
+/*
+ * The same when a connecting socket leaves SYN_SENT (its SYNs are all sent),
+ * for one we followed from its connect(). Written without a branch on `old`:
+ * set_state is near the verifier's limit, and a test of `old` here would
+ * split every path after it in two (the verifier tracks `old` precisely, it
+ * indexes the metric arrays), while these values are never compared.
+ */
+static __always_inline void syn_sent_ends(struct tt_ident *id, u64 sk, bool typed, u8 old)
+{
+	u64 other_state = old ^ TT_SYN_SENT;
+	asm volatile("" : "+r"(other_state));
+	/* 1 if old is SYN_SENT and the socket is not older than tracing, else 0. */
+	u64 ends = ((other_state - 1) >> 63) & (~(u64)id->flags & TT_SF_PREEXISTING);
+	u32 total = 0;
+	if (ends)
+		total = tcp_sock_u32(sk, OFF_TCP_TOTAL_RETRANS, typed);
+	u64 diff = (u64)total - id->syn_retrans;
+	asm volatile("" : "+r"(diff));
+	/* diff if not negative, else 0 (total is 0 unless SYN_SENT ends). */
+	u64 more = diff & ((diff >> 63) - 1);
+	if (more) {
+		count_n(TT_C_SYN_RETRANS, more);
+		id->syn_retrans += more;
+	}
+}
+#endif
 
 /*
  * One TCP state change of socket sk: old -> new, t its address pair now.
@@ -1451,6 +1510,9 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 			return 0;
 	}
 	struct tt_ident *id = &s->id;
+#if HAVE_SYN_RETRANS && HAVE_TOTAL_RETRANS
+	syn_sent_ends(id, sk, typed, old);
+#endif
 	t.netns = s->tuple.netns;
 	s->tuple = t;
 	if (id->pair_pending && t.dport)
@@ -1737,11 +1799,16 @@ int on_tcp_send_reset(struct tp_tcp_send_reset *args)
 #endif
 
 #if HAVE_SYN_RETRANS
-/* Connecting socket s (address pair t) sent its SYN again. */
-static __always_inline void syn_retransmitted(void *ctx, struct tt_sock *s, struct tt_tuple *t)
+/* Connecting socket s (sk, address pair t) tried to send its SYN again. */
+static __always_inline void syn_retransmitted(void *ctx, struct tt_sock *s, u64 sk,
+					      struct tt_tuple *t)
 {
+#if HAVE_TOTAL_RETRANS
+	syn_retrans_catch_up(&s->id, sk, false);
+#else
 	s->id.syn_retrans += 1;
 	count(TT_C_SYN_RETRANS);
+#endif
 #if HAVE_TIMEWAIT
 	/* The pair is known now even if the connect never completes. */
 	t->netns = s->tuple.netns;
@@ -1758,7 +1825,7 @@ int raw_tcp_retransmit_skb(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	struct tt_tuple t = {};
 	tuple_from_sk(sk, &t);
-	syn_retransmitted(ctx, s, &t);
+	syn_retransmitted(ctx, s, sk, &t);
 	return 0;
 }
 #else
@@ -1781,7 +1848,7 @@ int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
 		__builtin_memcpy(t.saddr, args->saddr_v6, 16);
 		__builtin_memcpy(t.daddr, args->daddr_v6, 16);
 	}
-	syn_retransmitted(args, s, &t);
+	syn_retransmitted(args, s, sk, &t);
 	return 0;
 }
 #endif

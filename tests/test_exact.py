@@ -7,8 +7,10 @@ counters (nstat) for what happened.
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,11 +23,14 @@ from support import (
     close_pipes,
     deadline,
     free_port,
+    netns_single,
+    nft,
     requires_root,
     run_cli,
     sh,
     wait_for,
 )
+from test_crosscheck import SYN_RETRANSMITS, mib
 from test_serve import delta, scrape, serving, ss_counts, value
 
 from tcptrace_ebpf.kernel.features import Capability, detect_features
@@ -371,3 +376,91 @@ def test_gauges_heal_after_a_loss() -> None:
             for sock in held:
                 sock.close()
             server.close()
+
+
+# Run inside the test's namespace: two connects that never complete. One to
+# 127.0.0.1:PORT, whose SYNs the namespace's firewall drops on their way out
+# (each is counted by the kernel, then its transmission fails); one to
+# 10.77.0.2:PORT+1, out of a veth where nothing answers, whose route is removed once
+# the first SYN has left (every later attempt is given up before the SYN is
+# sent: no route). Prints the errno each connect() ended with.
+SYN_FAILURES = """
+import select, socket, subprocess, sys, time
+port = int(sys.argv[1])
+socks = []
+for address in (("127.0.0.1", port), ("10.77.0.2", port + 1)):
+    s = socket.socket()
+    s.setblocking(False)
+    assert s.connect_ex(address) == 115  # EINPROGRESS
+    socks.append(s)
+time.sleep(0.2)
+subprocess.run(["ip", "route", "del", "10.77.0.0/24", "dev", "v0"], check=True)
+limit = time.monotonic() + float(sys.argv[2])
+pending = list(socks)
+while pending and time.monotonic() < limit:
+    _, done, _ = select.select([], pending, [], 0.5)
+    pending = [s for s in pending if s not in done]
+print(" ".join(str(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)) for s in socks))
+"""
+
+
+@requires_root
+def test_syn_retransmissions_are_those_the_kernel_counts() -> None:
+    """TCPSynRetrans counts a SYN sent again once the kernel has counted it,
+    which is not every tcp:tcp_retransmit_skb event: since 6.18 the tracepoint
+    also fires for attempts given up before the SYN was sent (no route: the
+    kernel counts nothing), and before 6.18 it does not fire for a SYN the
+    kernel counted whose transmission then failed (dropped on its way out)."""
+    port = free_port()
+    with netns_single() as ns:
+        # Where 10.77.0.2's SYNs go unanswered: out of a veth whose peer, in
+        # the same namespace, has another link-layer address and no IP.
+        for command in (
+            "link add v0 type veth peer name v1",
+            "addr add 10.77.0.1/24 dev v0",
+            "link set v0 up",
+            "link set v1 up",
+            "neigh add 10.77.0.2 lladdr 02:00:00:00:77:02 dev v0",
+        ):
+            sh("ip", "-n", ns, *command.split())
+        nft(
+            ns,
+            f"""
+            table inet tcptrace_syn_out {{
+                chain output {{
+                    type filter hook output priority 0;
+                    tcp dport {port} tcp flags & (syn | ack) == syn counter drop
+                }}
+            }}
+            """,
+        )
+        sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
+        with serving("--port", str(port), "--port", str(port + 1)) as (_run, http_port):
+            before = scrape(http_port)
+            mib_before = mib(ns)
+            script = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", SYN_FAILURES, str(port),
+                 str(deadline(20))],
+                check=True, capture_output=True, text=True, timeout=deadline(40),
+            )  # fmt: skip
+            errors = script.stdout.split()
+            assert len(errors) == 2, script.stdout
+            assert "0" not in errors, script.stdout  # neither connect() succeeded
+            kernel: dict[str, int] = {}
+            ours: list[float] = []
+
+            def agree() -> bool:
+                now = mib(ns)
+                kernel.update(
+                    {k: now[k] - mib_before[k] for k in ("TCPSynRetrans", "TCPRetransFail")}
+                )
+                ours[:] = [delta(before, scrape(http_port), SYN_RETRANSMITS)]
+                return ours[0] == kernel["TCPSynRetrans"]
+
+            wait_for(agree, timeout=30, what=lambda: f"kernel {kernel}, ours {ours}")
+            # Both kinds of failure happened: the firewall's SYNs were counted,
+            # then failed; the unroutable ones were given up uncounted, and
+            # that connect() ended for want of a route, not by timing out.
+            assert kernel["TCPSynRetrans"] >= 1
+            assert kernel["TCPRetransFail"] == kernel["TCPSynRetrans"]
+            assert int(errors[1]) in (errno.ENETUNREACH, errno.EHOSTUNREACH), errors

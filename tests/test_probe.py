@@ -93,6 +93,7 @@ DEGRADED = [
     ("netns",),
     ("synack_rtt",),  # server handshakes from the accepted socket's birth
     ("segs_out",),  # a connect() failing before its SYN told by its missing port only
+    ("total_retrans",),  # SYN retransmissions counted per tracepoint event
     ("reset_received", "reset_sent", "syn_retrans"),
     ("timewait", "netns", "reset_received", "reset_sent", "syn_retrans", "btf", "tp_btf"),
 ]

@@ -181,6 +181,9 @@ BTF_OFFSETS = {
     "OFF_TCP_SRTT_US": ("tcp_sock", "srtt_us"),
     # Segments a socket sent: 0 at SYN_SENT -> CLOSE means connect() failed before its SYN.
     "OFF_TCP_SEGS_OUT": ("tcp_sock", "segs_out"),
+    # The kernel's own count of a socket's retransmissions, raised where it
+    # counts TCPSynRetrans: in SYN_SENT, the SYNs sent again.
+    "OFF_TCP_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
 }
 # Raw tracepoints whose programs can be BTF-typed (tp_btf).
 TP_BTF_TRACEPOINTS = (
@@ -225,6 +228,16 @@ def _raw_sock_arg_problem(btf: Btf | None, tracepoint: str, otherwise: str) -> s
     except BtfError as err:
         return str(err)
     return otherwise
+
+
+def _member_size(btf: Btf | None, features: Features, macro: str) -> int:
+    """Size in bytes of the member BTF_OFFSETS[macro] names; 0 if not known."""
+    if btf is None or macro not in features.offsets:
+        return 0
+    try:
+        return btf.member_size(*BTF_OFFSETS[macro])
+    except BtfError:
+        return 0
 
 
 def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
@@ -311,35 +324,33 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         else "no netns offsets in BTF: listener owners are matched by port only",
     )
 
-    srtt_size = 0
-    if btf is not None and "OFF_TCP_SRTT_US" in features.offsets:
-        try:
-            srtt_size = btf.member_size("tcp_sock", "srtt_us")
-        except BtfError:
-            srtt_size = 0
-    features.note(
-        "synack_rtt",
-        srtt_size == 4,
-        "server handshakes from the SYN: the SYN-ACK round trip read from tcp_sock.srtt_us"
-        if srtt_size == 4
-        else "no 4-byte tcp_sock.srtt_us in BTF: server handshakes start at the client's "
-        "last ACK (the accepted socket's birth)",
-    )
-
-    segs_out_size = 0
-    if btf is not None and "OFF_TCP_SEGS_OUT" in features.offsets:
-        try:
-            segs_out_size = btf.member_size("tcp_sock", "segs_out")
-        except BtfError:
-            segs_out_size = 0
-    features.note(
-        "segs_out",
-        segs_out_size == 4,
-        "connect() failing before its SYN told from a SYN timeout (tcp_sock.segs_out)"
-        if segs_out_size == 4
-        else "no 4-byte tcp_sock.segs_out in BTF: a connect() that fails before its SYN "
-        "from an explicitly bound port reads as a timeout",
-    )
+    # tcp_sock fields read as u32, each the feature of its own.
+    for name, macro, good, bad in (
+        (
+            "synack_rtt",
+            "OFF_TCP_SRTT_US",
+            "server handshakes from the SYN: the SYN-ACK round trip read from tcp_sock.srtt_us",
+            "no 4-byte tcp_sock.srtt_us in BTF: server handshakes start at the client's "
+            "last ACK (the accepted socket's birth)",
+        ),
+        (
+            "segs_out",
+            "OFF_TCP_SEGS_OUT",
+            "connect() failing before its SYN told from a SYN timeout (tcp_sock.segs_out)",
+            "no 4-byte tcp_sock.segs_out in BTF: a connect() that fails before its SYN "
+            "from an explicitly bound port reads as a timeout",
+        ),
+        (
+            "total_retrans",
+            "OFF_TCP_TOTAL_RETRANS",
+            "SYN retransmissions counted as the kernel counts them (tcp_sock.total_retrans)",
+            "no 4-byte tcp_sock.total_retrans in BTF: SYN retransmissions counted per "
+            "tcp:tcp_retransmit_skb event (since 6.18 also attempts given up before the SYN "
+            "left, before 6.18 not a SYN whose transmission failed)",
+        ),
+    ):
+        is_u32 = _member_size(btf, features, macro) == 4
+        features.note(name, is_u32, good if is_u32 else bad)
 
     features.tw_timer_handler = kallsyms_address("tw_timer_handler")
     timer_fmts = [features.formats.get(k) for k in ("timer_start", "timer_cancel")]

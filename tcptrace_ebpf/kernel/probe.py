@@ -156,6 +156,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "HAVE_NETNS": int(features.has("netns")),
         "HAVE_SYNACK_RTT": int(features.has("synack_rtt")),
         "HAVE_SEGS_OUT": int(features.has("segs_out")),
+        "HAVE_TOTAL_RETRANS": int(features.has("total_retrans")),
         "HAVE_TIMEWAIT": int(features.has("timewait")),
         "HAVE_TW_SUBSTATE": int(features.has("timewait") and features.has("tw_substate")),
         "HAVE_TIMER_EXPIRES": int(features.has("timewait") and features.has("timer_expires")),
