@@ -1,0 +1,281 @@
+"""What each BPF program of `serve` costs: runs per connection or per second, ns per run.
+
+Starts `tcptrace-ebpf serve` (on a free port, no API socket), turns on the
+kernel's BPF run-time statistics for the measurement only (BPF_ENABLE_STATS:
+held by a file descriptor, so another user of kernel.bpf_stats_enabled is not
+disturbed), drives bench/run's load on loopback, and reads each of serve's
+programs' run count and run time from /proc/PID/fdinfo before and after.
+Needs root, nginx and wrk (churn, keepalive) or iperf3 (bulk).
+
+    .venv/bin/python bench/bpfcost.py                       # churn, 5 rounds of 5 s
+    .venv/bin/python bench/bpfcost.py --workload keepalive
+    .venv/bin/python bench/bpfcost.py --workload bulk
+    .venv/bin/python bench/bpfcost.py --source /tmp/a --source /tmp/b   # A/B
+
+Workloads as bench/run's: `churn`, nginx (keep-alive off) and wrk -t2 -c50
+with `Connection: close` (ten state changes per connection), reported per
+connection; `keepalive`, the same with keep-alive on; `bulk`, one iperf3
+transfer; these two per second.
+
+With several `--source` checkouts (each a directory holding tcptrace_ebpf/ and
+bpf/), rounds alternate between them, in rotating order, and serve is started
+afresh for each run: the figures of each are medians over its rounds. Extra
+arguments go to serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tcpbench
+
+TOOL = Path(sys.executable).with_name("tcptrace-ebpf")
+NR_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+# struct bpf_prog_info: the name (char[16]) sits at this offset (uapi, stable).
+PROG_INFO_NAME_OFFSET = 64
+PROG_INFO_SIZE = 256
+
+
+def bpf(command: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    result = int(libc.syscall(NR_BPF[platform.machine()], command, attr, len(attr)))
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return result
+
+
+@contextmanager
+def bpf_stats() -> Iterator[None]:
+    """Run-time statistics on while the returned fd is held (Linux 5.8)."""
+    attr = ctypes.create_string_buffer(BPF_STATS_RUN_TIME.to_bytes(4, "little"), 8)
+    fd = bpf(BPF_ENABLE_STATS, attr)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def prog_name(prog_id: int) -> str:
+    """The program's name as the kernel keeps it (15 characters at most)."""
+    attr = ctypes.create_string_buffer(prog_id.to_bytes(4, "little"), 12)
+    try:
+        fd = bpf(BPF_PROG_GET_FD_BY_ID, attr)
+    except OSError:
+        return f"id {prog_id}"
+    try:
+        info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+        request = ctypes.create_string_buffer(16)
+        request[0:4] = fd.to_bytes(4, "little")
+        request[4:8] = PROG_INFO_SIZE.to_bytes(4, "little")
+        request[8:16] = ctypes.addressof(info).to_bytes(8, "little")
+        bpf(BPF_OBJ_GET_INFO_BY_FD, request)
+        raw = info.raw[PROG_INFO_NAME_OFFSET : PROG_INFO_NAME_OFFSET + 16]
+        return raw.split(b"\0", 1)[0].decode() or f"id {prog_id}"
+    finally:
+        os.close(fd)
+
+
+def prog_stats(pid: int) -> dict[int, tuple[int, int]]:
+    """prog id -> (run_cnt, run_time_ns) of every BPF program process pid holds."""
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(entry) != "anon_inode:bpf-prog":
+                continue
+            text = Path(f"/proc/{pid}/fdinfo/{entry.name}").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        prog_id = int(fields["prog_id"])
+        stats[prog_id] = (int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
+    return stats
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def serve(source: str | None, extra: list[str]) -> Iterator[int]:
+    """A running serve (from `source`'s checkout if given), attached; yields its pid."""
+    env = dict(os.environ)
+    command = [str(TOOL)]
+    if source:
+        env["PYTHONPATH"] = source
+        command = [sys.executable, "-m", "tcptrace_ebpf"]
+    listen = f"--web.listen-address=127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [*command, "serve", listen, "--api.socket=", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=source or None,  # `python -m` looks in the working directory first
+    )
+    assert proc.stderr is not None
+    try:
+        buffered = b""
+        deadline = time.monotonic() + 300
+        while b"tracing started" not in buffered:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"serve did not start: {buffered.decode(errors='replace')}")
+            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+            if ready:
+                buffered += os.read(proc.stderr.fileno(), 4096)
+        time.sleep(1)  # the start-up snapshot's own work is over
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wrk_load(args: argparse.Namespace, nginx: tcpbench.Nginx) -> float:
+    """wrk against nginx as bench/run drives it; returns connections (churn) or seconds."""
+    command = tcpbench.wrk_command(args, nginx.port, args.duration)
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    parsed = tcpbench.parse_wrk(done.stdout)
+    return float(parsed.requests) if args.workload == "churn" else parsed.seconds
+
+
+def bulk(duration: float) -> float:
+    """One iperf3 transfer over loopback for `duration` s; returns seconds."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["iperf3", "-s", "-1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(50):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        started = time.monotonic()
+        subprocess.run(
+            tcpbench.iperf3_command(port, duration), stdout=subprocess.DEVNULL, check=True
+        )
+        return time.monotonic() - started
+    finally:
+        server.wait(timeout=30)
+
+
+def one_run(
+    args: argparse.Namespace, nginx: tcpbench.Nginx | None, source: str | None, extra: list[str]
+) -> dict[str, tuple[int, int, float]]:
+    """program name -> (runs, run time ns, units of the workload) over one run."""
+    with serve(source, extra) as pid, bpf_stats():
+        before = prog_stats(pid)
+        units = wrk_load(args, nginx) if nginx else bulk(args.duration)
+        after = prog_stats(pid)
+        names = {prog_id: prog_name(prog_id) for prog_id in after}
+    result: dict[str, tuple[int, int, float]] = {}
+    for prog_id, (runs, ns) in after.items():
+        runs0, ns0 = before.get(prog_id, (0, 0))
+        name = names[prog_id]
+        old = result.get(name, (0, 0, units))
+        result[name] = (old[0] + runs - runs0, old[1] + ns - ns0, units)
+    return result
+
+
+def report(label: str, unit: str, runs: list[dict[str, tuple[int, int, float]]]) -> None:
+    names = sorted({name for run in runs for name in run})
+    print(f"\n{label}: {len(runs)} runs, medians (range of ns/run)")
+    print(f"{'program':<18}{'runs/' + unit:>12}{'ns/run':>9}{'range':>13}{'ns/' + unit:>11}")
+    totals = [sum(ns for _, ns, _ in run.values()) / next(iter(run.values()))[2] for run in runs]
+    for name in names:
+        per_unit, per_run, cost = [], [], []
+        for run in runs:
+            count, ns, units = run.get(name, (0, 0, 1.0))
+            per_unit.append(count / units)
+            cost.append(ns / units)
+            if count:
+                per_run.append(ns / count)
+        if not any(per_unit):
+            continue
+        ns_run = f"{statistics.median(per_run):.0f}" if per_run else "-"
+        spread = f"{min(per_run):.0f}-{max(per_run):.0f}" if per_run else "-"
+        print(
+            f"{name:<18}{statistics.median(per_unit):>12.2f}{ns_run:>9}{spread:>13}"
+            f"{statistics.median(cost):>11.0f}"
+        )
+    print(f"{'all programs':<18}{'':>12}{'':>9}{'':>13}{statistics.median(totals):>11.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("churn", "keepalive", "bulk"), default="churn")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (-c)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (-t)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--source", action="append", default=[], help="run tcptrace_ebpf from this checkout"
+    )
+    args, extra = parser.parse_known_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bpfcost: needs root")
+    if args.rounds < 1 or args.duration <= 0 or args.connections < args.threads < 1:
+        raise SystemExit(
+            "bpfcost: --rounds, --duration must be above 0, --connections >= --threads"
+        )
+    sources: list[str | None] = list(args.source) or [None]
+    results: dict[str | None, list[dict[str, tuple[int, int, float]]]] = {s: [] for s in sources}
+    procs = tcpbench.Processes()
+    nginx: tcpbench.Nginx | None = None
+    with tempfile.TemporaryDirectory(prefix="tcptrace-bpfcost-") as workdir:
+        try:
+            if args.workload != "bulk":
+                nginx = tcpbench.Nginx(
+                    procs, Path(workdir), workers=1, keepalive=args.workload == "keepalive"
+                )
+                nginx.start()
+            for round_no in range(args.rounds):
+                shift = round_no % len(sources)
+                for source in sources[shift:] + sources[:shift]:
+                    if nginx:
+                        nginx.wait_idle()
+                    run = one_run(args, nginx, source, extra)
+                    results[source].append(run)
+                    total = sum(ns for _, ns, _ in run.values()) / next(iter(run.values()))[2]
+                    print(
+                        f"round {round_no + 1} {source or 'this checkout'}: {total:.0f} ns of BPF",
+                        flush=True,
+                    )
+        finally:
+            if nginx:
+                nginx.stop()
+            procs.stop_all()
+    unit = "conn" if args.workload == "churn" else "s"
+    for source in sources:
+        report(source or "this checkout", unit, results[source])
+
+
+if __name__ == "__main__":
+    main()
