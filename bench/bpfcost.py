@@ -29,8 +29,6 @@ import argparse
 import ctypes
 import os
 import platform
-import select
-import signal
 import socket
 import statistics
 import subprocess
@@ -43,8 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tcpbench
+from footprint import free_port, running_serve
 
-TOOL = Path(sys.executable).with_name("tcptrace-ebpf")
 NR_BPF = {"x86_64": 321, "aarch64": 280}
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -112,47 +110,12 @@ def prog_stats(pid: int) -> dict[int, tuple[int, int]]:
     return stats
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def serve(source: str | None, extra: list[str]) -> Iterator[int]:
     """A running serve (from `source`'s checkout if given), attached; yields its pid."""
-    env = dict(os.environ)
-    command = [str(TOOL)]
-    if source:
-        env["PYTHONPATH"] = source
-        command = [sys.executable, "-m", "tcptrace_ebpf"]
-    listen = f"--web.listen-address=127.0.0.1:{free_port()}"
-    proc = subprocess.Popen(
-        [*command, "serve", listen, "--api.socket=", *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=source or None,  # `python -m` looks in the working directory first
-    )
-    assert proc.stderr is not None
-    try:
-        buffered = b""
-        deadline = time.monotonic() + 300
-        while b"tracing started" not in buffered:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"serve did not start: {buffered.decode(errors='replace')}")
-            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
-            if ready:
-                buffered += os.read(proc.stderr.fileno(), 4096)
+    with running_serve(extra, source) as (pid, _startup):
         time.sleep(1)  # the start-up snapshot's own work is over
-        yield proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        yield pid
 
 
 def wrk_load(args: argparse.Namespace, nginx: tcpbench.Nginx) -> float:

@@ -23,6 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TOOL = Path(sys.executable).with_name("tcptrace-ebpf")
@@ -46,9 +48,10 @@ def compiler_mapped(pid: int) -> list[str]:
     return sorted({word for word in ("libLLVM", "libclang", "libbcc") if word in maps})
 
 
-def one_round(
-    settle_s: float, extra: list[str], source: str | None
-) -> tuple[float, int, list[str]]:
+@contextmanager
+def running_serve(extra: list[str], source: str | None) -> Iterator[tuple[int, float]]:
+    """serve (from `source`'s checkout if given) on a free port, attached: yields
+    its pid and the seconds from launch to `tracing started`; stopped by pid."""
     port = free_port()
     env = dict(os.environ)
     command = [str(TOOL)]
@@ -73,9 +76,7 @@ def one_round(
             ready, _, _ = select.select([proc.stderr], [], [], 1.0)
             if ready:
                 buffered += os.read(proc.stderr.fileno(), 4096)
-        startup = time.monotonic() - started
-        time.sleep(settle_s)
-        return startup, rss_kb(proc.pid), compiler_mapped(proc.pid)
+        yield proc.pid, time.monotonic() - started
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -83,6 +84,14 @@ def one_round(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def one_round(
+    settle_s: float, extra: list[str], source: str | None
+) -> tuple[float, int, list[str]]:
+    with running_serve(extra, source) as (pid, startup):
+        time.sleep(settle_s)
+        return startup, rss_kb(pid), compiler_mapped(pid)
 
 
 def main() -> None:
