@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 from support import Peer, deadline, free_port, requires_root
 
 from tcptrace_ebpf.commands.runner import clock_offset_ns
 from tcptrace_ebpf.errors import UserError
+from tcptrace_ebpf.kernel import loader
 from tcptrace_ebpf.kernel.features import Capability, detect_features
 from tcptrace_ebpf.kernel.interface import EventFlag
-from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source
+from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source, program_text
 from tcptrace_ebpf.model.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
     Decoder,
 )
 from tcptrace_ebpf.model.lifecycle import Lifecycle, LifecycleEngine
+
+BPF = Path(__file__).resolve().parent.parent / "bpf"
 
 
 def without(*names: str):  # type: ignore[no-untyped-def]
@@ -49,6 +54,35 @@ def test_generated_source_reflects_features() -> None:
     assert "#define FILTER_PORTS 1" in text
     assert "struct tp_timer_start {" not in text
     assert "struct tp_inet_sock_set_state {" in text
+
+
+def test_the_program_reaches_bcc_as_one_text_with_every_header() -> None:
+    """BCC rewrites map calls only in the text it is given, never in an
+    included file: each header of bpf/ is in the text once, none is left to
+    the compiler's #include."""
+    text = program_text(BPF)
+    headers = sorted(path.name for path in BPF.glob("*.h"))
+    assert len(headers) >= 9
+    for name in headers:
+        assert text.count(f'#line 1 "{name}"') == 1, name
+        assert f'#include "{name}"' not in text
+    assert text.index('#line 1 "maps.h"') < text.index('#line 1 "socket_state.h"')
+    assert "int btf_inet_sock_set_state(u64 *ctx)" in text
+
+
+def test_the_cache_key_changes_with_every_header(tmp_path: Path) -> None:
+    """A cached program is the one compiled from these very sources: a change
+    to any header gives another key (loader.cache_key)."""
+    sources = tmp_path / "bpf"
+    shutil.copytree(BPF, sources)
+    cflags = [f"-I{sources}"]
+    key = loader.cache_key(program_text(sources), cflags, [])
+    for header in sorted(sources.glob("*.h")):
+        original = header.read_text()
+        header.write_text(original + "/* changed */\n")
+        assert loader.cache_key(program_text(sources), cflags, []) != key, header.name
+        header.write_text(original)
+    assert loader.cache_key(program_text(sources), cflags, []) == key
 
 
 @requires_root

@@ -16,6 +16,7 @@ import ctypes
 import gc
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -62,6 +63,36 @@ def bpf_source_dir() -> Path:
     if (checkout / "tcptrace.bpf.c").is_file():
         return checkout
     raise UserError("the BPF sources (tcptrace.bpf.c) are missing from the installation: reinstall")
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.-]+)"[ \t]*$', re.MULTILINE)
+
+
+def program_text(source_dir: Path, name: str = "tcptrace.bpf.c") -> str:
+    """The program as one text: `name` with each header of source_dir it
+    includes (and they include) put in place of its #include, once.
+
+    BCC rewrites map calls (`socks.lookup(&key)`) only in the text it is
+    given, never in a file the compiler includes, so the program's parts
+    reach it as one text. `#line` markers keep the compiler's messages
+    pointing at the header and line they are about."""
+    done: set[str] = set()
+
+    def expand(file: str) -> str:
+        done.add(file)
+        lines = (source_dir / file).read_text().splitlines(keepends=True)
+        parts = [f'#line 1 "{file}"\n']
+        for number, line in enumerate(lines, start=1):
+            match = _LOCAL_INCLUDE.match(line)
+            if match is None or not (source_dir / match[1]).is_file():
+                parts.append(line)
+                continue
+            if match[1] not in done:
+                parts.append(expand(match[1]))
+                parts.append(f'#line {number + 1} "{file}"\n')
+        return "".join(parts) if parts[-1].endswith("\n") else "".join(parts) + "\n"
+
+    return expand(name)
 
 
 @dataclass(frozen=True)
@@ -206,7 +237,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
             preamble.append(c_struct(struct_name, features.formats[key], fields))
     for name, bounds in buckets.ALL.items():
         preamble.append(buckets.c_bucket_function(name, bounds))
-    text = "\n".join(preamble) + "\n" + (source_dir / "tcptrace.bpf.c").read_text()
+    text = "\n".join(preamble) + "\n" + program_text(source_dir)
     cflags = [f"-I{source_dir}", "-Wno-macro-redefined", "-Wno-unused-function"]
     return text, cflags
 
