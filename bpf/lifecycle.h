@@ -82,16 +82,16 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 
 	u64 in_old_ns = id->state_ns && ts >= id->state_ns ? ts - id->state_ns : 0;
 	if (id->state_ns && !unseen) {
-		observe_state_duration(old & (TT_STATE_SLOTS - 1), in_old_ns);
+		observe(TT_HIST_STATE, old & (TT_STATE_SLOTS - 1), in_old_ns);
 		if (old == TT_CLOSE_WAIT)
-			observe_close_wait(0, in_old_ns);
+			observe(TT_HIST_CLOSE_WAIT, 0, in_old_ns);
 		if (tw_end != TT_TW_END_NONE && old == TT_TIME_WAIT)
-			observe_time_wait(tw_end, in_old_ns);
+			observe(TT_HIST_TIME_WAIT, tw_end, in_old_ns);
 	}
 
 	u32 role_row = metric_role(id->role) * PORT_SLOTS + (id->port_slot % PORT_SLOTS);
 	if (new == TT_ESTABLISHED && (old == TT_SYN_SENT || old == TT_SYN_RECV) && id->state_ns)
-		observe_handshake(role_row, in_old_ns);
+		observe(TT_HIST_HANDSHAKE, role_row, in_old_ns);
 	if (finishes) {
 		u32 close = close_kind(id, old, t->sport, evflags);
 		u32 cindex = role_row * TT_CLOSE_SLOTS + close;
@@ -99,7 +99,7 @@ static __always_inline void step(void *ctx, u64 sk, struct tt_ident *id, const s
 		if (value)
 			*value += 1;
 		if (id->birth_ns && ts >= id->birth_ns)
-			observe_connection(role_row, ts - id->birth_ns);
+			observe(TT_HIST_CONNECTION, role_row, ts - id->birth_ns);
 	}
 
 	if (id->flags & TT_SF_OLD_UNCOUNTED)
