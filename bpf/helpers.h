@@ -65,6 +65,18 @@ static __always_inline u32 read_netns_of(u64 sk, bool typed)
 	return read_netns(sk);
 }
 
+/* A u32 field of sk, at offset `off`; `typed` as for read_netns_of(). */
+static __always_inline u32 read_sock_u32(u64 sk, bool typed, u32 off)
+{
+#if USE_TP_BTF
+	if (typed)
+		return BTF_LOAD(u32, sk, off);
+#endif
+	u32 value = 0;
+	bpf_probe_read_kernel(&value, sizeof(value), (void *)(sk + off));
+	return value;
+}
+
 static __always_inline bool wanted(const struct tt_tuple *t, u32 pid)
 {
 #if FILTER_FAMILY

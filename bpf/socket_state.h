@@ -218,13 +218,7 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool typed, u64 now)
 {
 #if HAVE_SYNACK_RTT
-	u32 srtt_us = 0;
-#if USE_TP_BTF
-	if (typed)
-		srtt_us = BTF_LOAD(u32, sk, OFF_TCP_SRTT_US);
-#endif
-	if (!typed)
-		bpf_probe_read_kernel(&srtt_us, sizeof(srtt_us), (void *)(sk + OFF_TCP_SRTT_US));
+	u32 srtt_us = read_sock_u32(sk, typed, OFF_TCP_SRTT_US);
 	u64 rtt_ns = (u64)(srtt_us >> 3) * 1000;
 	if (!rtt_ns || rtt_ns >= now || !id->state_ns)
 		return;
@@ -247,14 +241,7 @@ static __always_inline void date_back_syn_recv(struct tt_ident *id, u64 sk, bool
 static __always_inline bool syn_sent(u64 sk, bool typed)
 {
 #if HAVE_SEGS_OUT
-	u32 segs_out = 0;
-#if USE_TP_BTF
-	if (typed)
-		segs_out = BTF_LOAD(u32, sk, OFF_TCP_SEGS_OUT);
-#endif
-	if (!typed)
-		bpf_probe_read_kernel(&segs_out, sizeof(segs_out), (void *)(sk + OFF_TCP_SEGS_OUT));
-	return segs_out != 0;
+	return read_sock_u32(sk, typed, OFF_TCP_SEGS_OUT) != 0;
 #else
 	return true;
 #endif
