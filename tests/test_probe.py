@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import re
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,13 @@ from support import Peer, deadline, free_port, requires_root
 from tcptrace_ebpf.commands.runner import clock_offset_ns
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.kernel import loader
-from tcptrace_ebpf.kernel.features import Capability, detect_features
+from tcptrace_ebpf.kernel.features import (
+    FEATURE_MACROS,
+    Capability,
+    Features,
+    detect_features,
+    macro_on,
+)
 from tcptrace_ebpf.kernel.interface import EventFlag
 from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source, program_text
 from tcptrace_ebpf.model.events import (
@@ -31,6 +38,8 @@ from tcptrace_ebpf.model.events import (
 from tcptrace_ebpf.model.lifecycle import Lifecycle, LifecycleEngine
 
 BPF = Path(__file__).resolve().parent.parent / "bpf"
+# A feature macro in an #if of the program.
+MACRO = re.compile(r"\b(?:HAVE|USE|CHECK|WATCH)_\w+")
 
 
 def without(*names: str):  # type: ignore[no-untyped-def]
@@ -54,6 +63,35 @@ def test_generated_source_reflects_features() -> None:
     assert "#define FILTER_PORTS 1" in text
     assert "struct tp_timer_start {" not in text
     assert "struct tp_inet_sock_set_state {" in text
+
+
+def test_each_feature_macro_follows_its_row_of_the_table() -> None:
+    """FEATURE_MACROS is where kernel features become the program's macros:
+    every one the program tests is there, and each is on exactly when the
+    features of its row are as the row says."""
+    conditions = [line for line in program_text(BPF).splitlines() if line.startswith("#if")]
+    tested = {name for line in conditions for name in MACRO.findall(line)}
+    assert tested == set(FEATURE_MACROS)
+    detected = detect_features()
+
+    def defined(macro: str, features: Features) -> str:
+        text, _ = build_source(features, TracerOptions(collect_metrics=True))
+        return re.findall(rf"^#define {macro} (\d)$", text, re.MULTILINE)[0]
+
+    for macro, row in FEATURE_MACROS.items():
+        features = dataclasses.replace(
+            detected,
+            capabilities=dict(detected.capabilities),
+            offsets={**detected.offsets, "OFF_TIMER_FUNCTION": 8},
+        )
+        for name in row:
+            features.note(name.lstrip("!"), not name.startswith("!"), "set by the test")
+        assert macro_on(features, macro)
+        assert defined(macro, features) == "1", macro
+        for name in row:  # any one of them otherwise: off
+            features.note(name.lstrip("!"), name.startswith("!"), "set by the test")
+            assert defined(macro, features) == "0", (macro, name)
+            features.note(name.lstrip("!"), not name.startswith("!"), "set by the test")
 
 
 def test_the_program_reaches_bcc_as_one_text_with_every_header() -> None:
