@@ -5,7 +5,7 @@
  *
  * This file holds the entry points, each reading its tracepoint's arguments
  * and handing them to the part of the program (a header by concern) that
- * does the work:
+ * does the work (each uses only those included before it):
  *   maps.h          every map;
  *   helpers.h       counters, lifecycle ids, kernel reads, filters, owners;
  *   histograms.h    observations in the duration histograms;
@@ -20,7 +20,8 @@
  * Compiled at run time by BCC. The loader (tcptrace_ebpf/kernel/probe.py)
  * puts each header in place of its #include (BCC rewrites map calls only
  * in the text it is given) and prepends a generated preamble with:
- *   - HAVE_* feature macros for what the running kernel offers;
+ *   - the feature macros (HAVE_*, USE_*, ...) of what the running kernel
+ *     offers, by the table FEATURE_MACROS (tcptrace_ebpf/kernel/features.py);
  *   - struct tp_<event> tracepoint argument layouts, generated from the
  *     running kernel's tracefs format files (never from headers, which may
  *     describe another kernel);
