@@ -20,7 +20,7 @@ from . import __version__
 from .commands.output import EXIT_READER_GONE, PROG, ReaderGone
 from .errors import UserError
 
-# The kernel program's port filter holds this many (filter_ports in bpf/tcptrace.bpf.c).
+# The kernel program's port filter holds this many (filter_ports in bpf/maps.h).
 MAX_PORTS = 1024
 
 

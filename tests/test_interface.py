@@ -130,7 +130,7 @@ def _c_function(source: str, name: str) -> str:
 
 
 def _kernel_close_kinds(tmp_path: Path, cases: list[list[int]]) -> list[int]:
-    program = (BPF / "tcptrace.bpf.c").read_text()
+    program = (BPF / "lifecycle.h").read_text()
     harness = "\n".join(
         [
             "#include <stdio.h>",

@@ -18,8 +18,10 @@ def test_wheel_ships_bpf_sources_and_finds_them(tmp_path: Path) -> None:
     )  # fmt: skip
     (wheel,) = tmp_path.glob("tcptrace_ebpf-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "tcptrace_ebpf/bpf/tcptrace.bpf.c" in names
-    assert "tcptrace_ebpf/bpf/tcptrace.h" in names
+    # The program and every header it includes.
+    for source in [ROOT / "bpf" / "tcptrace.bpf.c", *sorted((ROOT / "bpf").glob("*.h"))]:
+        assert f"tcptrace_ebpf/bpf/{source.name}" in names
+    assert "tcptrace_ebpf/bpf/socket_state.h" in names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert (
         "tcptrace-ebpf = tcptrace_ebpf.cli:main"

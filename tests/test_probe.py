@@ -10,22 +10,36 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import re
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 from support import Peer, deadline, free_port, requires_root
 
 from tcptrace_ebpf.commands.runner import clock_offset_ns
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.kernel.features import Capability, detect_features
+from tcptrace_ebpf.kernel import loader
+from tcptrace_ebpf.kernel.features import (
+    FEATURE_MACROS,
+    Capability,
+    Features,
+    detect_features,
+    macro_on,
+)
 from tcptrace_ebpf.kernel.interface import EventFlag
-from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source
+from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions, build_source, program_text
 from tcptrace_ebpf.model.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
     Decoder,
 )
 from tcptrace_ebpf.model.lifecycle import Lifecycle, LifecycleEngine
+
+BPF = Path(__file__).resolve().parent.parent / "bpf"
+# A feature macro in an #if of the program.
+MACRO = re.compile(r"\b(?:HAVE|USE|CHECK|WATCH)_\w+")
 
 
 def without(*names: str):  # type: ignore[no-untyped-def]
@@ -49,6 +63,68 @@ def test_generated_source_reflects_features() -> None:
     assert "#define FILTER_PORTS 1" in text
     assert "struct tp_timer_start {" not in text
     assert "struct tp_inet_sock_set_state {" in text
+
+
+def test_each_feature_macro_follows_its_row_of_the_table() -> None:
+    """FEATURE_MACROS is where kernel features become the program's macros:
+    every one the program tests is there, and each is on exactly when the
+    features of its row are as the row says."""
+    conditions = [line for line in program_text(BPF).splitlines() if line.startswith("#if")]
+    tested = {name for line in conditions for name in MACRO.findall(line)}
+    assert tested == set(FEATURE_MACROS)
+    detected = detect_features()
+
+    def defined(macro: str, features: Features) -> str:
+        text, _ = build_source(features, TracerOptions(collect_metrics=True))
+        return re.findall(rf"^#define {macro} (\d)$", text, re.MULTILINE)[0]
+
+    for macro, row in FEATURE_MACROS.items():
+        wants = {name.lstrip("!"): not name.startswith("!") for name in row}
+        # A capability this kernel lacks cannot be given: its tracepoint
+        # format, which the program's preamble is built from, is missing.
+        givable = {cap for cap in wants if detected.has(cap)}
+        for off in [None, *wants]:
+            if any(wants[cap] != (cap == off) and cap not in givable for cap in wants):
+                continue
+            features = dataclasses.replace(
+                detected,
+                capabilities=dict(detected.capabilities),
+                offsets={**detected.offsets, "OFF_TIMER_FUNCTION": 8},
+            )
+            for cap, on in wants.items():
+                features.note(cap, on != (cap == off), "set by the test")
+            expected = "1" if off is None else "0"  # any one of them otherwise: off
+            assert macro_on(features, macro) == (off is None)
+            assert defined(macro, features) == expected, (macro, off)
+
+
+def test_the_program_reaches_bcc_as_one_text_with_every_header() -> None:
+    """BCC rewrites map calls only in the text it is given, never in an
+    included file: each header of bpf/ is in the text once, none is left to
+    the compiler's #include."""
+    text = program_text(BPF)
+    headers = sorted(path.name for path in BPF.glob("*.h"))
+    assert len(headers) >= 9
+    for name in headers:
+        assert text.count(f'#line 1 "{name}"') == 1, name
+        assert f'#include "{name}"' not in text
+    assert text.index('#line 1 "maps.h"') < text.index('#line 1 "socket_state.h"')
+    assert "int btf_inet_sock_set_state(u64 *ctx)" in text
+
+
+def test_the_cache_key_changes_with_every_header(tmp_path: Path) -> None:
+    """A cached program is the one compiled from these very sources: a change
+    to any header gives another key (loader.cache_key)."""
+    sources = tmp_path / "bpf"
+    shutil.copytree(BPF, sources)
+    cflags = [f"-I{sources}"]
+    key = loader.cache_key(program_text(sources), cflags, [])
+    for header in sorted(sources.glob("*.h")):
+        original = header.read_text()
+        header.write_text(original + "/* changed */\n")
+        assert loader.cache_key(program_text(sources), cflags, []) != key, header.name
+        header.write_text(original)
+    assert loader.cache_key(program_text(sources), cflags, []) == key
 
 
 @requires_root

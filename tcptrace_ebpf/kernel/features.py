@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from .btf import Btf, BtfError
 from .tracefs import TracepointFormat, find_tracefs, read_format
@@ -559,6 +560,52 @@ KERNEL_FEATURES = (
 # What the tracer cannot run without: missing either, it refuses to start.
 REQUIRED = ("set_state", "sweepers")
 OLDEST_SUPPORTED = max(f.since for f in KERNEL_FEATURES if f.capability in REQUIRED)
+
+# The kernel features, as the BPF program sees them: each C macro below is
+# defined 1 in the program's preamble when the running kernel has every
+# capability listed (as detect_features() found them; "!name": one it must
+# lack), else 0. The program tests these macros (#if HAVE_TIMEWAIT), never a
+# kernel version, and the loader picks its programs by the same rules
+# (macro_on). HAVE_* say what the kernel offers; USE_* how a program is
+# attached or reads what it needs; CHECK_* what it must look for itself.
+# The options can turn two off as well (probe.build_source): USE_RINGBUF
+# (--perf-buffer) and WATCH_OLD_TIMEWAIT (only with metrics, and only when
+# BTF gives the offset of a timer's function).
+FEATURE_MACROS: Final[dict[str, tuple[str, ...]]] = {
+    "HAVE_RESET_RECEIVED": ("reset_received",),
+    "HAVE_RESET_SENT": ("reset_sent",),
+    "HAVE_SYN_RETRANS": ("syn_retrans",),
+    "HAVE_NETNS": ("netns",),
+    "HAVE_SYNACK_RTT": ("synack_rtt",),
+    "HAVE_SEGS_OUT": ("segs_out",),
+    "HAVE_TOTAL_RETRANS": ("total_retrans",),
+    "HAVE_TIMEWAIT": ("timewait",),
+    "HAVE_TW_SUBSTATE": ("timewait", "tw_substate"),
+    "HAVE_TIMER_EXPIRES": ("timewait", "timer_expires"),
+    "HAVE_KFREE_RX_SK": ("timewait", "kfree_rx_sk"),
+    "HAVE_TW_TUPLE": ("tw_tuple",),
+    "USE_RINGBUF": ("ringbuf",),
+    "USE_TP_BTF": ("tp_btf",),
+    "USE_RAW_TIMERS": ("raw_timers",),
+    "USE_RAW_SET_STATE": ("raw_set_state",),
+    # The reset and retransmit programs read the address pair as the raw
+    # set_state program does.
+    "USE_RAW_TCP_EVENTS": ("raw_set_state", "raw_tcp_events"),
+    "USE_RAW_KFREE": ("raw_kfree",),
+    # The peer's FIN reaching a timewait socket in FIN_WAIT2 is looked for
+    # every second (sweep_fin_wait2) where kfree_skb has no rx_sk to show it
+    # live (before 6.11).
+    "CHECK_TW_FIN": ("timewait", "tw_substate", "tw_tuple", "!kfree_rx_sk"),
+    "WATCH_OLD_TIMEWAIT": ("tw_tuple",),
+}
+
+
+def macro_on(features: Features, macro: str) -> bool:
+    """Whether the running kernel's features turn `macro` on (FEATURE_MACROS)."""
+    return all(
+        not features.has(name[1:]) if name.startswith("!") else features.has(name)
+        for name in FEATURE_MACROS[macro]
+    )
 
 
 def release_series(release: str) -> tuple[int, int] | None:

@@ -16,6 +16,7 @@ import ctypes
 import gc
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -31,12 +32,14 @@ from ..model.owners import ListenerSeed
 from . import bpfsys, buckets, loader
 from .features import (
     ADDR_FIELDS,
+    FEATURE_MACROS,
     RAW_TCP_EVENTS,
     REQUIRED,
     SET_STATE_FIELDS,
     TIMEWAIT_LEN_S,
     Features,
     detect_features,
+    macro_on,
     unsupported_reason,
 )
 from .features import headers_dir as find_headers_dir
@@ -62,6 +65,36 @@ def bpf_source_dir() -> Path:
     if (checkout / "tcptrace.bpf.c").is_file():
         return checkout
     raise UserError("the BPF sources (tcptrace.bpf.c) are missing from the installation: reinstall")
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.-]+)"[ \t]*$', re.MULTILINE)
+
+
+def program_text(source_dir: Path, name: str = "tcptrace.bpf.c") -> str:
+    """The program as one text: `name` with each header of source_dir it
+    includes (and they include) put in place of its #include, once.
+
+    BCC rewrites map calls (`socks.lookup(&key)`) only in the text it is
+    given, never in a file the compiler includes, so the program's parts
+    reach it as one text. `#line` markers keep the compiler's messages
+    pointing at the header and line they are about."""
+    done: set[str] = set()
+
+    def expand(file: str) -> str:
+        done.add(file)
+        lines = (source_dir / file).read_text().splitlines(keepends=True)
+        parts = [f'#line 1 "{file}"\n']
+        for number, line in enumerate(lines, start=1):
+            match = _LOCAL_INCLUDE.match(line)
+            if match is None or not (source_dir / match[1]).is_file():
+                parts.append(line)
+                continue
+            if match[1] not in done:
+                parts.append(expand(match[1]))
+                parts.append(f'#line {number + 1} "{file}"\n')
+        return "".join(parts) if parts[-1].endswith("\n") else "".join(parts) + "\n"
+
+    return expand(name)
 
 
 @dataclass(frozen=True)
@@ -104,27 +137,9 @@ def _pow2_pages(nbytes: int) -> int:
     return 1 << (pages - 1).bit_length()
 
 
-def _raw_tcp_events(features: Features) -> bool:
-    """Whether the reset and retransmit programs are raw: they read the
-    address pair as the raw set_state program does."""
-    return features.has("raw_set_state") and features.has("raw_tcp_events")
-
-
 def _use_ringbuf(features: Features, options: TracerOptions) -> bool:
     """The BPF ring buffer where the kernel has one (5.8+), else a perf buffer."""
-    return features.has("ringbuf") and not options.force_perf_buffer
-
-
-def _check_tw_fin(features: Features) -> bool:
-    """Whether the peer's FIN reaching a timewait socket in FIN_WAIT2 must be
-    looked for (sweep_fin_wait2): the kernel shows it live only through
-    kfree_skb's rx_sk (6.11)."""
-    return (
-        features.has("timewait")
-        and features.has("tw_substate")
-        and features.has("tw_tuple")
-        and not features.has("kfree_rx_sk")
-    )
+    return macro_on(features, "USE_RINGBUF") and not options.force_perf_buffer
 
 
 def build_source(features: Features, options: TracerOptions) -> tuple[str, list[str]]:
@@ -144,41 +159,25 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
         "MAX_DESTS": options.max_dests,
         "EMIT_EVENTS": int(options.emit_events),
         "COLLECT_METRICS": int(options.collect_metrics),
-        "USE_RINGBUF": int(_use_ringbuf(features, options)),
         "RINGBUF_PAGES": _pow2_pages(options.ringbuf_bytes),
         "FILTER_PORTS": int(bool(options.ports)),
         "FILTER_PID": options.pid or 0,
         "FILTER_FAMILY": options.family or 0,
         "PORT_SLOTS": max(1, options.port_slots),
-        "HAVE_RESET_RECEIVED": int(features.has("reset_received")),
-        "HAVE_RESET_SENT": int(features.has("reset_sent")),
-        "HAVE_SYN_RETRANS": int(features.has("syn_retrans")),
-        "HAVE_NETNS": int(features.has("netns")),
-        "HAVE_SYNACK_RTT": int(features.has("synack_rtt")),
-        "HAVE_SEGS_OUT": int(features.has("segs_out")),
-        "HAVE_TOTAL_RETRANS": int(features.has("total_retrans")),
-        "HAVE_TIMEWAIT": int(features.has("timewait")),
-        "HAVE_TW_SUBSTATE": int(features.has("timewait") and features.has("tw_substate")),
-        "HAVE_TIMER_EXPIRES": int(features.has("timewait") and features.has("timer_expires")),
-        "HAVE_KFREE_RX_SK": int(features.has("timewait") and features.has("kfree_rx_sk")),
-        "USE_RAW_TIMERS": int(features.has("raw_timers")),
-        "USE_RAW_SET_STATE": int(features.has("raw_set_state")),
-        "USE_RAW_TCP_EVENTS": int(_raw_tcp_events(features)),
-        "USE_TP_BTF": int(features.has("tp_btf")),
         "SK_HEAD_START": features.sk_head[0],
         "SK_HEAD_LEN": max(8, features.sk_head[1]),
         "INET_HEAD_START": features.inet_head[0],
         "INET_HEAD_LEN": max(8, features.inet_head[1]),
-        "USE_RAW_KFREE": int(features.has("raw_kfree")),
-        "HAVE_TW_TUPLE": int(features.has("tw_tuple")),
-        "WATCH_OLD_TIMEWAIT": int(
-            options.collect_metrics
-            and features.has("tw_tuple")
-            and "OFF_TIMER_FUNCTION" in features.offsets
-        ),
         "KFREE_SKB_RX_SK_ARG": max(0, features.kfree_skb_rx_sk_arg),
-        "CHECK_TW_FIN": int(_check_tw_fin(features)),
     }
+    for macro in FEATURE_MACROS:
+        defines[macro] = int(macro_on(features, macro))
+    defines["USE_RINGBUF"] = int(_use_ringbuf(features, options))
+    defines["WATCH_OLD_TIMEWAIT"] = int(
+        macro_on(features, "WATCH_OLD_TIMEWAIT")
+        and options.collect_metrics
+        and "OFF_TIMER_FUNCTION" in features.offsets
+    )
     for name, offset in features.offsets.items():
         defines[name] = offset
     defines["TW_TIMER_HANDLER"] = f"0x{features.tw_timer_handler:x}ULL"
@@ -207,7 +206,7 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
             preamble.append(c_struct(struct_name, features.formats[key], fields))
     for name, bounds in buckets.ALL.items():
         preamble.append(buckets.c_bucket_function(name, bounds))
-    text = "\n".join(preamble) + "\n" + (source_dir / "tcptrace.bpf.c").read_text()
+    text = "\n".join(preamble) + "\n" + program_text(source_dir)
     cflags = [f"-I{source_dir}", "-Wno-macro-redefined", "-Wno-unused-function"]
     return text, cflags
 
@@ -415,7 +414,7 @@ class Tracer:
 
         def tracepoint(key: str, raw: bool, fastest: bool = True) -> None:
             btf_id = features.btf_trace_ids.get(key.split(":", 1)[1])
-            use_btf = fastest and raw and btf_id is not None and features.has("tp_btf")
+            use_btf = fastest and raw and btf_id is not None and macro_on(features, "USE_TP_BTF")
             plan.append(
                 loader.ProgramRequest(
                     key=key,
@@ -425,24 +424,24 @@ class Tracer:
                 )
             )
 
-        if features.has("timewait"):
-            raw_timers = features.has("raw_timers")
+        if macro_on(features, "HAVE_TIMEWAIT"):
+            raw_timers = macro_on(features, "USE_RAW_TIMERS")
             for event in ("timer_start", "timer_cancel", "timer_expire_entry"):
                 tracepoint(f"timer:{event}", raw_timers)
-            if features.has("kfree_rx_sk"):
-                tracepoint("skb:kfree_skb", features.has("raw_kfree"))
+            if macro_on(features, "HAVE_KFREE_RX_SK"):
+                tracepoint("skb:kfree_skb", macro_on(features, "USE_RAW_KFREE"))
             sweepers = ["sweep_killed", "sweep_timewait"]
-            if _check_tw_fin(features):
+            if macro_on(features, "CHECK_TW_FIN"):
                 sweepers.append("sweep_fin_wait2")
             for sweeper in sweepers:
                 plan.append(loader.ProgramRequest(key=sweeper, name=sweeper, sweeper=True))
-        raw_tcp = _raw_tcp_events(features)
+        raw_tcp = macro_on(features, "USE_RAW_TCP_EVENTS")
         for name, feature in RAW_TCP_EVENTS.items():
             if features.has(feature):
                 tracepoint(f"tcp:{name}", raw_tcp, fastest=False)
         for sweeper in ("sweep_pending_close", "sweep_gone"):
             plan.append(loader.ProgramRequest(key=sweeper, name=sweeper, sweeper=True))
-        tracepoint("sock:inet_sock_set_state", features.has("raw_set_state"))
+        tracepoint("sock:inet_sock_set_state", macro_on(features, "USE_RAW_SET_STATE"))
         return plan
 
     def _attach_all(self) -> None:

@@ -1,6 +1,6 @@
 """Events: what the BPF program reports for each TCP state change.
 
-`decode()` turns the raw bytes of a `struct tt_event` (bpf/tcptrace.h) into
+`decode()` turns the raw bytes of a `struct tt_event` (bpf/tcptrace_interface.h) into
 an `Event`; `Event.to_json()` / `Event.from_json()` give the `trace --json`
 form, which is also how event streams are recorded for the tests.
 Pure code: no bcc, no I/O.

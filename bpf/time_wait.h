@@ -1,0 +1,457 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * time_wait.h - TIME_WAIT, followed on the timewait socket that replaces a
+ * full socket (HAVE_TIMEWAIT): through its timer (started, cancelled,
+ * expired), the peer's FIN reaching it (kfree_skb's rx_sk, or the
+ * fin_wait2 sweep where the kernel has no rx_sk), the reuse of its address
+ * pair by a new connection, and the sweeps user space runs for what no
+ * tracepoint shows.
+ */
+
+#if HAVE_TIMEWAIT
+/*
+ * The peer's FIN reached timewait socket e, in FIN_WAIT2, while nobody
+ * looked: we learn it at now_ns (jiffies_now). On its arrival the kernel
+ * re-armed the timer for TCP_TIMEWAIT_LEN, so the timer's expiry tells when
+ * TIME_WAIT began, to the jiffy.
+ */
+static __always_inline void tw_fin_came(void *ctx, struct tt_timewait *e, u64 now_ns,
+					u64 expires_j, u64 jiffies_now)
+{
+	u64 began_ns = now_ns;
+	u64 began_j = expires_j - TIMEWAIT_LEN_JIFFIES;
+	if (expires_j && (s64)(jiffies_now - began_j) >= 0) {
+		u64 ago_ns = (jiffies_now - began_j) * NS_PER_JIFFY;
+		began_ns = ago_ns < now_ns ? now_ns - ago_ns : 0;
+	}
+	if (began_ns < e->id.state_ns)
+		began_ns = e->id.state_ns;
+	if (began_ns > now_ns)
+		began_ns = now_ns;
+	step(ctx, e->skaddr, &e->id, &e->tuple, TT_TIME_WAIT, began_ns,
+	     TT_EVF_TIMEWAIT_SOCK | TT_EVF_INFERRED_TIME, TT_TW_END_NONE);
+}
+
+/*
+ * A timewait socket of ours has ended (timer fired, or a new connection
+ * reused its address pair, or it was killed), at end_ns. Finishes its
+ * FIN_WAIT2 -> TIME_WAIT step first if the peer's FIN reached it unseen.
+ * `substate`, `expires_j` and `jiffies_now` describe it at its end.
+ */
+static __always_inline void tw_finish(void *ctx, struct tt_timewait *e, u64 end_ns, u8 tw_end,
+				      u8 substate, u64 expires_j, u64 jiffies_now)
+{
+	if (e->id.state == TT_FIN_WAIT2 && substate == TT_TIME_WAIT)
+		tw_fin_came(ctx, e, end_ns, expires_j, jiffies_now);
+	step(ctx, e->skaddr, &e->id, &e->tuple, TT_CLOSE, end_ns, TT_EVF_TIMEWAIT_SOCK, tw_end);
+}
+
+static __always_inline u8 tw_read_substate(u64 tw)
+{
+#if HAVE_TW_SUBSTATE
+	u8 substate = 0;
+	bpf_probe_read_kernel(&substate, 1, (void *)(tw + OFF_TW_SUBSTATE));
+	return substate;
+#else
+	return 0;
+#endif
+}
+
+static __always_inline u64 tw_read_expires(u64 tw)
+{
+#if HAVE_TIMER_EXPIRES
+	u64 expires = 0;
+	bpf_probe_read_kernel(&expires, sizeof(expires),
+			      (void *)(tw + OFF_TW_TIMER + OFF_TIMER_EXPIRES));
+	return expires;
+#else
+	return 0;
+#endif
+}
+
+/* The peer's FIN reached a timewait socket still in FIN_WAIT2: seen live. */
+static __always_inline void tw_check_fin(void *ctx, u64 tw, struct tt_timewait *e, u64 now)
+{
+	if (e->id.state == TT_FIN_WAIT2 && tw_read_substate(tw) == TT_TIME_WAIT)
+		step(ctx, e->skaddr, &e->id, &e->tuple, TT_TIME_WAIT, now, TT_EVF_TIMEWAIT_SOCK,
+		     TT_TW_END_NONE);
+}
+
+/* A new connection with this address pair: did it reuse a cancelled timewait socket? */
+static __always_inline void tw_match_reuse(void *ctx, struct tt_tuple *t)
+{
+	struct tt_timewait *k = tw_killed.lookup(t);
+	if (!k)
+		return;
+	tw_finish(ctx, k, k->killed_ns, TT_TW_END_REUSED, k->killed_substate,
+		  k->killed_expires_jiffies, k->killed_jiffies);
+	tw_killed.delete(t);
+}
+
+#if USE_RAW_TIMERS || WATCH_OLD_TIMEWAIT
+static __always_inline u64 timer_function(u64 timer)
+{
+	u64 function = 0;
+	bpf_probe_read_kernel(&function, sizeof(function), (void *)(timer + OFF_TIMER_FUNCTION));
+	return function;
+}
+#endif
+
+/* The address pair of a timewait socket, from its sock_common (as for a full socket). */
+static __always_inline void tw_tuple(u64 tw, struct tt_tuple *t)
+{
+#if HAVE_TW_TUPLE
+	u16 dport = 0;
+	bpf_probe_read_kernel(&t->family, 2, (void *)(tw + OFF_SKC_FAMILY));
+	bpf_probe_read_kernel(&t->sport, 2, (void *)(tw + OFF_SKC_NUM)); /* host order */
+	bpf_probe_read_kernel(&dport, 2, (void *)(tw + OFF_SKC_DPORT));
+	t->dport = ntohs(dport);
+	if (t->family == TT_AF_INET) {
+		bpf_probe_read_kernel(t->saddr, 4, (void *)(tw + OFF_SKC_RCV_SADDR));
+		bpf_probe_read_kernel(t->daddr, 4, (void *)(tw + OFF_SKC_DADDR));
+	} else {
+		bpf_probe_read_kernel(t->saddr, 16, (void *)(tw + OFF_SKC_V6_RCV_SADDR));
+		bpf_probe_read_kernel(t->daddr, 16, (void *)(tw + OFF_SKC_V6_DADDR));
+	}
+	t->netns = read_netns(tw);
+#endif
+}
+
+/* Whether a timewait socket still has this address pair (always, if we cannot read it). */
+static __always_inline bool same_tuple(const struct tt_tuple *x, const struct tt_tuple *y)
+{
+	const u32 *a = (const u32 *)x, *b = (const u32 *)y;
+#pragma unroll
+	for (int i = 0; i < sizeof(*x) / 4; i++)
+		if (a[i] != b[i])
+			return false;
+	return true;
+}
+
+/*
+ * An address pair folded into 64 bits, netns aside: one comparison tells a
+ * timewait socket's pair from a state change's (which has no netns yet).
+ */
+static __always_inline u64 tuple_fold(const struct tt_tuple *t)
+{
+	const u32 *w = (const u32 *)t;
+	u64 fold = 0xcbf29ce484222325ULL;
+	/* Every word but the first (the netns): family, ports, both addresses. */
+#pragma unroll
+	for (int i = 1; i < sizeof(*t) / 4; i++)
+		fold = (fold ^ w[i]) * 0x100000001b3ULL;
+	return fold | 1;
+}
+
+static __always_inline bool tw_has_tuple(u64 tw, struct tt_tuple *t, const struct tt_tuple *pair)
+{
+#if HAVE_TW_TUPLE
+	tw_tuple(tw, t);
+	return same_tuple(t, pair);
+#endif
+	return true;
+}
+
+#if WATCH_OLD_TIMEWAIT
+/*
+ * Timewait sockets older than tracing are counted by user space from its
+ * snapshot; we never followed them, but their timer shows when they go. Only
+ * while user space still counts some: otherwise every cancelled timer in the
+ * system would cost a read here.
+ */
+static __always_inline bool watching_old_timewait(void)
+{
+	u32 zero = 0;
+	u32 *watch = watch_old_timewait.lookup(&zero);
+	return watch && *watch;
+}
+
+static __always_inline void old_timewait_news(const struct tt_tuple *t, u8 state)
+{
+	u8 value = TT_ADOPT_OLD_TIMEWAIT | state;
+	if (adopted.update(t, &value) != 0)
+		count(TT_C_LOST_ADOPTED_MAP);
+}
+#endif
+
+static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
+{
+	if (function != TW_TIMER_HANDLER)
+		return 0;
+	u64 tw = timer - OFF_TW_TIMER;
+	u64 now = bpf_ktime_get_ns();
+	u32 zero = 0;
+
+	struct tt_timewait *e = timewait.lookup(&tw);
+	struct tt_tw_slot *slot = tw_slot.lookup(&zero);
+	if (e) {
+		/* Re-armed: the peer's FIN (or a duplicate) arrived. */
+		tw_check_fin(ctx, tw, e, now);
+		/*
+		 * Or a new timewait socket where one whose end we missed was: if
+		 * a full socket closes right after on this CPU, it was.
+		 */
+		if (slot) {
+			slot->tw = tw;
+			slot->ts_ns = now;
+			slot->substate = tw_read_substate(tw);
+			slot->pair_fold = 0;
+		}
+		return 0;
+	}
+	/*
+	 * A cancel of one of ours is matched however long this CPU took to
+	 * get from it to this start (our own programs included, a virtual CPU
+	 * under emulation or preempted by its host can take far more than
+	 * 100 us): a move keeps the pair and finds its parked record, which a
+	 * new connection on that pair claims (tw_match_reuse) long before it
+	 * can close into a new timewait socket in the same memory.
+	 */
+	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+	if (cs && cs->tw == tw && (cs->followed || now - cs->ts_ns < 100000)) {
+		cs->tw = 0;
+		struct tt_tuple t = {};
+		/*
+		 * Not a death if the same pair is there: mod_timer moved the timer
+		 * to another bucket. (A different pair is a new timewait socket in
+		 * the memory of the one just freed.)
+		 */
+		if (tw_has_tuple(tw, &t, &cs->tuple)) {
+			struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
+			if (k && k->killed_ns == cs->ts_ns) {
+				struct tt_timewait alive = *k;
+				alive.killed_ns = 0;
+#if COLLECT_METRICS
+				/* Only moved: back in the gauge (timer_cancelled took it out). */
+				if (alive.id.flags & TT_SF_OLD_UNCOUNTED) {
+					gauge_add(alive.id.state, 1);
+					alive.id.flags &= ~TT_SF_OLD_UNCOUNTED;
+				}
+#endif
+				tw_killed.delete(&cs->tuple);
+				if (timewait.update(&tw, &alive) == 0) {
+					e = timewait.lookup(&tw);
+					if (e)
+						tw_check_fin(ctx, tw, e, now);
+				}
+				return 0;
+			}
+			/*
+			 * Ours, and no longer parked: a new connection took the pair
+			 * (tw_match_reuse) and is closing into TIME_WAIT again, in the
+			 * memory just freed. A new timewait socket, below; returning
+			 * here lost it (counted as skipped) in back-to-back reuse.
+			 */
+			if (!cs->followed) {
+#if WATCH_OLD_TIMEWAIT
+				if (!k && watching_old_timewait()) {
+					/* An old timewait socket lives on (the peer's FIN re-armed it). */
+					u8 substate = tw_read_substate(tw);
+					old_timewait_news(&t, substate ? substate : TT_TIME_WAIT);
+				}
+#endif
+				return 0;
+			}
+		}
+	}
+	/* A new timewait socket: its full socket goes to CLOSE right after. */
+	if (slot) {
+		slot->tw = tw;
+		slot->ts_ns = now;
+		slot->substate = tw_read_substate(tw);
+		slot->pair_fold = 0;
+#if HAVE_TW_TUPLE
+		struct tt_tuple pair = {};
+		tw_tuple(tw, &pair);
+		slot->pair_fold = tuple_fold(&pair);
+#if CHECK_TW_FIN
+		/* (Any pid: a timer starts in whatever process runs.) */
+		if (slot->substate == TT_FIN_WAIT2 && wanted(&pair, FILTER_PID)) {
+			if (tw_fin_wait2.update(&tw, &now) != 0)
+				count(TT_C_LOST_FIN_WAIT2_MAP);
+		}
+#endif
+#endif
+	}
+	return 0;
+}
+
+/* `function`: the timer's, if the caller read it already (0: not read). */
+static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
+{
+	u64 tw = timer - OFF_TW_TIMER;
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (!e) {
+#if WATCH_OLD_TIMEWAIT
+		if (watching_old_timewait() &&
+		    (function ? function : timer_function(timer)) == TW_TIMER_HANDLER) {
+			/* One older than tracing goes (or moves: see timer_started). */
+			u32 zero = 0;
+			struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+			if (cs) {
+				cs->tw = tw;
+				cs->ts_ns = bpf_ktime_get_ns();
+				cs->followed = 0;
+				tw_tuple(tw, &cs->tuple);
+				old_timewait_news(&cs->tuple, TT_CLOSE);
+			}
+		}
+#endif
+		return 0;
+	}
+	/*
+	 * Removed early (reused, RST, ss -K, netns exit) or being re-armed in
+	 * another bucket (see cancel_slot). Either way the memory may be freed
+	 * soon: record what we need now, and park it by address pair until a
+	 * new connection claims the pair or user space sweeps it.
+	 */
+	u64 now = bpf_ktime_get_ns();
+#if COLLECT_METRICS
+	/*
+	 * The kernel has dropped it (ss no longer shows it): it leaves the gauge
+	 * now, not when we learn how it ended. Its closing step then moves no
+	 * gauge; a cancel that was only a move gives it back (see timer_started).
+	 */
+	if (!(e->id.flags & TT_SF_OLD_UNCOUNTED)) {
+		gauge_add(e->id.state, -1);
+		e->id.flags |= TT_SF_OLD_UNCOUNTED;
+	}
+#endif
+	e->killed_ns = now;
+	e->killed_jiffies = bpf_jiffies64();
+	e->killed_expires_jiffies = tw_read_expires(tw);
+	e->killed_substate = tw_read_substate(tw);
+	struct tt_tuple key = e->tuple;
+	struct tt_timewait *previous = tw_killed.lookup(&key);
+	if (previous) {
+		/* An older cancelled socket with this pair was never claimed. */
+		tw_finish(ctx, previous, previous->killed_ns, TT_TW_END_KILLED,
+			  previous->killed_substate, previous->killed_expires_jiffies,
+			  previous->killed_jiffies);
+		tw_killed.delete(&key);
+	}
+	if (tw_killed.update(&key, e) != 0) {
+		count(TT_C_LOST_KILLED_MAP);
+		tw_finish(ctx, e, now, TT_TW_END_KILLED, e->killed_substate,
+			  e->killed_expires_jiffies, e->killed_jiffies);
+	}
+	u32 zero = 0;
+	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+	if (cs) {
+		cs->tw = tw;
+		cs->ts_ns = now;
+		cs->tuple = key;
+		cs->followed = 1;
+	}
+	timewait.delete(&tw);
+	return 0;
+}
+
+static __always_inline int timer_expiring(void *ctx, u64 timer, u64 function)
+{
+	if (function != TW_TIMER_HANDLER)
+		return 0;
+	u64 tw = timer - OFF_TW_TIMER;
+	u64 now = bpf_ktime_get_ns();
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (e) {
+		tw_finish(ctx, e, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
+			  bpf_jiffies64());
+		timewait.delete(&tw);
+		return 0;
+	}
+	/*
+	 * The timer wheel detaches a timer (traced as timer_cancel) just before
+	 * running it, so timer_cancelled() parked this one: take it back.
+	 */
+	u32 zero = 0;
+	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+	if (!cs || cs->tw != tw)
+		return 0;
+	struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
+	if (k && k->killed_ns == cs->ts_ns) {
+		tw_finish(ctx, k, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
+			  bpf_jiffies64());
+		tw_killed.delete(&cs->tuple);
+	}
+	cs->tw = 0;
+	return 0;
+}
+
+/* A segment processed by a timewait socket is freed with rx_sk = it. */
+static __always_inline int skb_freed(void *ctx, u64 rx_sk)
+{
+	if (!rx_sk)
+		return 0;
+	struct tt_timewait *e = timewait.lookup(&rx_sk);
+	if (e)
+		tw_check_fin(ctx, rx_sk, e, bpf_ktime_get_ns());
+	return 0;
+}
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN), never attached: finishes as
+ * "killed" the cancelled timewait socket whose address pair user space put
+ * in sweep_request, once no new connection claimed it within the grace
+ * period. One per run: such sockets are rare, and a loop over many would
+ * exceed what the verifier accepts.
+ */
+static __always_inline int tw_sweep_killed(void *ctx)
+{
+	u32 zero = 0;
+	struct tt_tuple *request = sweep_request.lookup(&zero);
+	if (!request)
+		return 0;
+	struct tt_tuple key = *request;
+	struct tt_timewait *e = tw_killed.lookup(&key);
+	if (!e)
+		return 0;
+	tw_finish(ctx, e, e->killed_ns, TT_TW_END_KILLED, e->killed_substate,
+		  e->killed_expires_jiffies, e->killed_jiffies);
+	tw_killed.delete(&key);
+	return 1;
+}
+#if CHECK_TW_FIN
+/*
+ * Run by user space (BPF_PROG_TEST_RUN) every second for each socket in
+ * tw_fin_wait2, whose address is the run's argument: a timewait socket of
+ * ours still in FIN_WAIT2 for all we saw. If the peer's FIN has come, it
+ * moves to TIME_WAIT as of then. Returns 1 if so.
+ */
+static __always_inline int tw_sweep_fin_wait2(void *ctx, u64 tw)
+{
+	u64 now = bpf_ktime_get_ns();
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (e && e->id.state == TT_FIN_WAIT2) {
+		if (tw_read_substate(tw) != TT_TIME_WAIT)
+			return 0;	/* still waiting: checked again next time */
+		tw_fin_came(ctx, e, now, tw_read_expires(tw), bpf_jiffies64());
+		tw_fin_wait2.delete(&tw);
+		return 1;
+	}
+	/*
+	 * Gone, in TIME_WAIT already, or never ours; or its full socket's
+	 * close, which makes it ours, has not run yet on the other CPU.
+	 */
+	u64 *started = tw_fin_wait2.lookup(&tw);
+	if (!e && started && now - *started < 1000000000)
+		return 0;
+	tw_fin_wait2.delete(&tw);
+	return 0;
+}
+#endif
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN): a timewait socket followed for far
+ * longer than TIME_WAIT lasts, whose end we must have missed.
+ */
+static __always_inline int tw_sweep_stale(void *ctx, u64 tw)
+{
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (!e)
+		return 0;
+	end_unseen(ctx, e->skaddr, &e->id, &e->tuple, bpf_ktime_get_ns(), TT_EVF_TIMEWAIT_SOCK);
+	timewait.delete(&tw);
+	return 1;
+}
+#endif /* HAVE_TIMEWAIT */
