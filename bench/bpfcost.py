@@ -94,22 +94,6 @@ def prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
-def prog_stats(pid: int) -> dict[int, tuple[int, int]]:
-    """prog id -> (run_cnt, run_time_ns) of every BPF program process pid holds."""
-    stats: dict[int, tuple[int, int]] = {}
-    for entry in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if os.readlink(entry) != "anon_inode:bpf-prog":
-                continue
-            text = Path(f"/proc/{pid}/fdinfo/{entry.name}").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        prog_id = int(fields["prog_id"])
-        stats[prog_id] = (int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
-    return stats
-
-
 @contextmanager
 def serve(source: str | None, extra: list[str]) -> Iterator[int]:
     """A running serve (from `source`'s checkout if given), attached; yields its pid."""
@@ -154,9 +138,9 @@ def one_run(
 ) -> dict[str, tuple[int, int, float]]:
     """program name -> (runs, run time ns, units of the workload) over one run."""
     with serve(source, extra) as pid, bpf_stats():
-        before = prog_stats(pid)
+        before = tcpbench.prog_stats(pid)
         units = wrk_load(args, nginx) if nginx else bulk(args.duration)
-        after = prog_stats(pid)
+        after = tcpbench.prog_stats(pid)
         names = {prog_id: prog_name(prog_id) for prog_id in after}
     result: dict[str, tuple[int, int, float]] = {}
     for prog_id, (runs, ns) in after.items():

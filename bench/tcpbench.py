@@ -255,28 +255,31 @@ def fd_kinds(pid: int) -> dict[str, int]:
     return kinds
 
 
-def bpf_prog_stats(pid: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) summed over the BPF programs a process holds
-    (non-zero only while kernel.bpf_stats_enabled=1)."""
-    run_ns = runs = 0
-    try:
-        entries = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return 0, 0
-    for entry in entries:
+def prog_stats(pid: int) -> dict[int, tuple[int, int]]:
+    """prog id -> (run_cnt, run_time_ns) of every BPF program process pid holds
+    (non-zero only while the kernel's BPF run-time statistics are on)."""
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
         try:
             if os.readlink(entry) != "anon_inode:bpf-prog":
                 continue
-            info = Path(f"/proc/{pid}/fdinfo/{entry.name}").read_text()
+            text = Path(f"/proc/{pid}/fdinfo/{entry.name}").read_text()
         except OSError:
             continue
-        for line in info.splitlines():
-            key, _, value = line.partition(":")
-            if key == "run_time_ns":
-                run_ns += int(value)
-            elif key == "run_cnt":
-                runs += int(value)
-    return run_ns, runs
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        prog_id = int(fields["prog_id"])
+        stats[prog_id] = (int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
+    return stats
+
+
+def bpf_prog_stats(pid: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over the BPF programs a process holds
+    (non-zero only while kernel.bpf_stats_enabled=1)."""
+    try:
+        stats = prog_stats(pid)
+    except OSError:
+        return 0, 0
+    return sum(ns for _, ns in stats.values()), sum(runs for runs, _ in stats.values())
 
 
 @dataclass
