@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import UserError
 from ..host.snapshot import COUNTED, Preexisting, take_snapshot
@@ -25,9 +26,40 @@ from ..kernel.probe import Tracer, TracerOptions
 log = logging.getLogger(__name__)
 
 # After a recorded loss, the gauges are checked against sock_diag at most this
-# often, until a check finds nothing to fix: tcptrace_sockets is back to the
-# truth within this interval plus one snapshot (well under 60 s).
+# often (a listing costs a dump of every socket of the namespace).
 HEAL_INTERVAL_S = 30.0
+# A check that fixed something may have raced with sockets changing state
+# while it listed them: it is confirmed once, this much later (not a whole
+# interval, which made the worst case two intervals). So tcptrace_sockets is
+# back to the truth within HEAL_INTERVAL_S + HEAL_RECHECK_S plus two listings
+# after a loss (README, "Gauges heal").
+HEAL_RECHECK_S = 5.0
+
+
+@dataclass
+class HealSchedule:
+    """When the gauges are next checked against sock_diag. After a loss: at
+    most every HEAL_INTERVAL_S. After a check that fixed something: again,
+    HEAL_RECHECK_S later the first time, then every HEAL_INTERVAL_S while
+    checks keep fixing something (a steady trickle of losses is checked no
+    more often than that, which bounds the cost of listing)."""
+
+    last_check: float = float("-inf")
+    losses_checked: int = 0  # the loss count the last check accounted for
+    fixed_in_a_row: int = 0  # consecutive checks that fixed something
+
+    def due(self, now: float, losses: int) -> bool:
+        since = now - self.last_check
+        if self.fixed_in_a_row == 1:
+            return since >= HEAL_RECHECK_S
+        if self.fixed_in_a_row > 1 or losses != self.losses_checked:
+            return since >= HEAL_INTERVAL_S
+        return False
+
+    def checked(self, now: float, losses: int, fixed: bool) -> None:
+        self.fixed_in_a_row = self.fixed_in_a_row + 1 if fixed else 0
+        self.last_check = now
+        self.losses_checked = losses
 
 
 class SocketTracking:
@@ -43,9 +75,7 @@ class SocketTracking:
         self.tracer = Tracer(options, prepare=prepare)
         self.preexisting: Preexisting | None = None
         self._watching_old_timewait = False
-        self._losses_healed = 0  # losses counted when the gauges were last healed
-        self._heal_due = False  # the last heal fixed something: check again
-        self._last_heal = 0.0
+        self._heal_schedule = HealSchedule()
 
     def start(self) -> None:
         """Load and attach the program, then count the sockets already there."""
@@ -71,7 +101,7 @@ class SocketTracking:
         the first (all of them existed before it), after it for the second
         (a socket born meanwhile is in both: the program's count wins).
         """
-        self._last_heal = time.monotonic()
+        started = time.monotonic()
         losses = self.losses()
         followed_before = self.tracer.followed()
         filters = self.tracer.options
@@ -81,6 +111,7 @@ class SocketTracking:
         try:
             snapshot = take_snapshot(self.netns, filters.ports, filters.family, filters.pid)
         except (UserError, OSError) as err:
+            self._heal_schedule.checked(started, losses, fixed=False)  # not retried at once
             if self.preexisting is None:
                 log.warning(
                     "no start-up snapshot (%s): sockets older than the exporter are not counted",
@@ -113,8 +144,7 @@ class SocketTracking:
         self.preexisting = snapshot
         if ended or found:
             log.info("gauges healed: %d sockets gone unseen, %d found unfollowed", ended, found)
-        self._heal_due = bool(ended or found)
-        self._losses_healed = losses
+        self._heal_schedule.checked(started, losses, fixed=bool(ended or found))
 
     def losses(self) -> int:
         """Everything counted as lost so far (the counters with a loss cause)."""
@@ -125,9 +155,7 @@ class SocketTracking:
         """Housekeeping, once a second: sweep what waits in the kernel, heal
         after a loss, take in what the kernel saw of the older sockets."""
         self.tracer.sweep()
-        if time.monotonic() - self._last_heal >= HEAL_INTERVAL_S and (
-            self._heal_due or self.losses() != self._losses_healed
-        ):
+        if self._heal_schedule.due(time.monotonic(), self.losses()):
             self.heal()
         if self.preexisting is not None:
             self.preexisting.adopt(self.tracer.drain_adopted())

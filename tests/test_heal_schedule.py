@@ -1,0 +1,49 @@
+"""When serve checks its socket gauges against sock_diag after a loss (pure
+logic, no root): the bound the README states depends on it."""
+
+from __future__ import annotations
+
+from tcptrace_ebpf.serve.tracking import HEAL_INTERVAL_S, HEAL_RECHECK_S, HealSchedule
+
+
+def started_at(now: float) -> HealSchedule:
+    schedule = HealSchedule()
+    schedule.checked(now, losses=0, fixed=False)  # the start-up snapshot
+    return schedule
+
+
+def test_no_check_while_nothing_is_lost() -> None:
+    schedule = started_at(0.0)
+    assert not schedule.due(1000.0, losses=0)
+
+
+def test_a_loss_is_checked_at_most_every_interval() -> None:
+    schedule = started_at(0.0)
+    assert not schedule.due(HEAL_INTERVAL_S - 1, losses=3)
+    assert schedule.due(HEAL_INTERVAL_S, losses=3)
+    schedule.checked(HEAL_INTERVAL_S, losses=3, fixed=False)
+    assert not schedule.due(HEAL_INTERVAL_S + 1, losses=3)  # accounted for
+    assert not schedule.due(2 * HEAL_INTERVAL_S - 1, losses=4)
+    assert schedule.due(2 * HEAL_INTERVAL_S, losses=4)
+
+
+def test_a_check_that_fixed_something_is_confirmed_soon_once() -> None:
+    schedule = started_at(0.0)
+    schedule.checked(100.0, losses=3, fixed=True)
+    assert not schedule.due(100.0 + HEAL_RECHECK_S - 0.5, losses=3)
+    assert schedule.due(100.0 + HEAL_RECHECK_S, losses=3)  # no new loss needed
+    # The confirmation fixed something too: the next waits a whole interval.
+    schedule.checked(105.0, losses=3, fixed=True)
+    assert not schedule.due(105.0 + HEAL_RECHECK_S, losses=3)
+    assert schedule.due(105.0 + HEAL_INTERVAL_S, losses=3)
+
+
+def test_worst_case_after_a_loss_is_interval_plus_recheck() -> None:
+    """A loss just after a check: it is checked one interval later and, if
+    that check raced with changes, confirmed HEAL_RECHECK_S after."""
+    schedule = started_at(0.0)
+    loss_at = 0.1
+    check = next(t / 10 for t in range(1, 1000) if schedule.due(t / 10, losses=1))
+    schedule.checked(check, losses=1, fixed=True)
+    confirm = next(check + t / 10 for t in range(1, 1000) if schedule.due(check + t / 10, losses=1))
+    assert confirm - loss_at <= HEAL_INTERVAL_S + HEAL_RECHECK_S
