@@ -44,7 +44,7 @@ def test_fast_json_line_equals_the_reference() -> None:
 
 
 KEPT = (
-    "sock", "seq", "pid", "comm", "family", "laddr", "lport", "raddr", "rport",
+    "sock", "seq", "pid", "comm", "pair",
     "old_state", "new_state", "role", "owner_source", "tw_end", "syn_retrans", "cgroup_id",
 )  # fmt: skip
 
@@ -63,15 +63,16 @@ def test_json_round_trip() -> None:
 
 
 def _fields(event: Event) -> tuple[object, ...]:
-    size = 4 if event.family == socket.AF_INET else 16
+    pair = event.pair
+    size = 4 if pair.family == socket.AF_INET else 16
 
     def packed(address: str) -> bytes:
-        return socket.inet_pton(event.family, address)[:size].ljust(16, b"\0")
+        return socket.inet_pton(pair.family, address)[:size].ljust(16, b"\0")
 
     return (
         round(event.ts * 1e9), event.sock, event.skaddr,
         round((event.duration_s or 0) * 1e9), event.pid, event.flags,
-        packed(event.laddr), packed(event.raddr), event.lport, event.rport, event.family,
+        packed(pair.laddr), packed(pair.raddr), pair.lport, pair.rport, pair.family,
         event.seq, event.old_state, event.new_state, event.role, event.owner_source,
         event.tw_end, 0, event.syn_retrans, event.comm.encode()[:15].ljust(16, b"\0"),
         event.cgroup_id,

@@ -38,8 +38,10 @@ def test_pressure_is_per_destination() -> None:
     }
     view = pressure(sockets, (32768, 60999), owners, netns)
     first, second = view.destinations[:2]
-    assert (first.raddr, first.rport, first.time_wait, first.other) == ("10.0.0.9", 5432, 30, 10)
-    assert (second.raddr, second.in_use) == ("10.0.0.8", 5)
+    assert (first.dest.raddr, first.dest.rport, first.time_wait, first.other) == (
+        "10.0.0.9", 5432, 30, 10,
+    )  # fmt: skip
+    assert (second.dest.raddr, second.in_use) == ("10.0.0.8", 5)
     assert view.service_ports == [(80, 7)]
     assert view.programs == [("api", 30), ("unknown", 12)]
     data = view.to_json(top=10)

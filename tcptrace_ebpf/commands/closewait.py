@@ -22,7 +22,7 @@ from ..host.listeners import own_netns_inum
 from ..host.netns import established, namespaces, run_in
 from ..host.workloads import shared as shared_workloads
 from ..kernel.probe import TracerOptions, require_root
-from ..model.addresses import AddressPair, family_from_name
+from ..model.addresses import AddressPair
 from ..model.closewait import Age, LeakedSocket, group_by_process, old_enough
 from ..model.owners import ProcessInfo
 from ..model.states import TcpState
@@ -105,14 +105,7 @@ def ages_from_api(data: Iterable[Mapping[str, Any]], netns: int) -> dict[Address
     for entries without one) and address pair, for matching with snapshots."""
     ages = {}
     for item in data:
-        pair = AddressPair(
-            int(item.get("netns") or netns),
-            family_from_name(item["family"]),
-            item["laddr"],
-            item["lport"],
-            item["raddr"],
-            item["rport"],
-        )
+        pair = AddressPair.from_json(item, int(item.get("netns") or netns))
         ages[pair] = Age(float(item["since"]), bool(item["lower_bound"]))
     return ages
 

@@ -41,10 +41,7 @@ class LeakedSocket:
         return {
             "pid": holder.pid if holder else None,
             "comm": holder.comm if holder else None,
-            "laddr": pair.laddr,
-            "lport": pair.lport,
-            "raddr": pair.raddr,
-            "rport": pair.rport,
+            **pair.endpoints_json(),
             "age_s": None if self.age_s is None else round(self.age_s, 3),
             "age_is_lower_bound": self.age_is_lower_bound,
             "recv_q": self.recv_q,
