@@ -80,9 +80,7 @@ class Event(NamedTuple):
             "syn_retrans": self.syn_retrans,
             "flags": [name for value, name in EVENT_FLAG_NAMES.items() if self.flags & value],
             "cgroup_id": self.cgroup_id or None,
-            "namespace": workload.namespace or None,
-            "pod": workload.pod or None,
-            "container": workload.container or None,
+            **workload.names_json(),
         }
 
     @classmethod
@@ -155,14 +153,7 @@ def _flags_json(flags: int) -> str:
 
 @lru_cache(maxsize=4096)
 def _workload_json(workload: Workload) -> str:
-    return ",".join(
-        f'"{key}":{json.dumps(value or None)}'
-        for key, value in (
-            ("namespace", workload.namespace),
-            ("pod", workload.pod),
-            ("container", workload.container),
-        )
-    )
+    return ",".join(f'"{key}":{json.dumps(value)}' for key, value in workload.names_json().items())
 
 
 class Decoder:

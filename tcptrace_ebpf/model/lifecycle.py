@@ -91,9 +91,7 @@ class Lifecycle:
             "preexisting": self.preexisting,
             "events_lost": self.lost,
             "cgroup_id": self.cgroup_id or None,
-            "namespace": workload.namespace or None,
-            "pod": workload.pod or None,
-            "container": workload.container or None,
+            **workload.names_json(),
         }
 
 
