@@ -208,23 +208,25 @@ class Decoder:
             sport, dport, family, seq, old, new, role, owner_source, tw_end, _pad,
             syn_retrans, comm, cgroup_id,
         ) = EVENT_STRUCT.unpack_from(raw)  # fmt: skip
+        # By position, in Event's order: keywords took twice as long (half
+        # of what decoding an event costs).
         return Event(
-            ts=(ts_ns + self.clock_offset_ns) / 1e9,
-            sock=sock_id,
-            seq=seq,
-            pid=pid,
-            comm=_comm(comm),
-            pair=_pair(family, saddr, sport, daddr, dport),
-            old_state=old,
-            new_state=new,
-            duration_s=duration_ns / 1e9 if flags & _DURATION_KNOWN else None,
-            flags=flags,
-            role=role,
-            owner_source=owner_source,
-            tw_end=tw_end,
-            syn_retrans=syn_retrans,
-            skaddr=skaddr,
-            cgroup_id=cgroup_id,
+            (ts_ns + self.clock_offset_ns) / 1e9,
+            sock_id,
+            seq,
+            pid,
+            _comm(comm),
+            _pair(family, saddr, sport, daddr, dport),
+            old,
+            new,
+            duration_ns / 1e9 if flags & _DURATION_KNOWN else None,
+            flags,
+            role,
+            owner_source,
+            tw_end,
+            syn_retrans,
+            skaddr,
+            cgroup_id,
         )
 
     def workload(self, event: Event) -> Workload:
