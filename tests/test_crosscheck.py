@@ -73,14 +73,28 @@ def lost_or_skipped(samples: Samples) -> dict[tuple[str, tuple[tuple[str, str], 
     return {key: v for key, v in samples.items() if key[0] in counted and v}
 
 
+# What a failed rule's message shows of ours besides connections opened and
+# closed: how the close sequences went (the FIN_WAIT2 and TIME_WAIT rules).
+TIME_WAIT_COUNTS = (
+    TRANSITIONS,
+    "tcptrace_time_wait_skipped_total",
+    "tcptrace_time_wait_duration_seconds_count",
+)
+
+
 def connection_counts(before: Samples, after: Samples) -> dict[str, float]:
-    """Our connections opened and closed since `before`, and the socket
-    gauge now, by labels, where not zero (said when a rule does not hold)."""
+    """Our connections opened and closed, the state changes into and out of
+    FIN_WAIT2 and TIME_WAIT and the TIME_WAIT ends since `before`, and the
+    socket gauge now, by labels, where not zero (said when a rule does not
+    hold)."""
     counts: dict[str, float] = {}
     for (name, labels), v in after.items():
         if name == "tcptrace_sockets":
             moved = v
-        elif name in (OPENED, CLOSED):
+        elif name in (OPENED, CLOSED) or (
+            name in TIME_WAIT_COUNTS
+            and (name != TRANSITIONS or {"FIN_WAIT2", "TIME_WAIT"} & {x for _, x in labels})
+        ):
             moved = v - before.get((name, labels), 0)
         else:
             continue

@@ -471,10 +471,13 @@ def _tw_visible(netns: str | None, cport: int) -> bool:
     return bool(sh(*argv).stdout.strip())
 
 
-def _just_after_a_whole_second() -> None:
-    """Sleep until CLOCK_MONOTONIC (the kernel's ktime_get_seconds()) has just
-    passed a whole second."""
-    time.sleep(1 - time.monotonic() % 1)
+def _a_quarter_past_a_second() -> None:
+    """Sleep until CLOCK_MONOTONIC is a quarter past a whole second. Not just
+    past it: the kernel's seconds counter (ktime_get_seconds(), the timekeeper's
+    copy) moves on the next timer tick, which in an idle emulated guest comes
+    a while after the whole second, so a FIN just after it may be stamped with
+    the second before."""
+    time.sleep((1.25 - time.monotonic() % 1) % 1)
 
 
 def test_time_wait_ended_by_reuse() -> None:
@@ -506,11 +509,11 @@ def test_time_wait_ended_by_reuse() -> None:
                 # passes a mark: tcp_tw_reuse_delay (1 s) after the timewait
                 # socket began since 6.13; before, the next whole second of
                 # CLOCK_MONOTONIC after the last segment came (the server's
-                # FIN), which may be a moment away. So close just after a
-                # whole second, and try at once: the first try falls inside
-                # the wait however slow the machine (nothing as slow as
-                # `ss` runs before it).
-                _just_after_a_whole_second()
+                # FIN), which may be a moment away. So close early in a
+                # second, and try at once: the first try falls inside the
+                # wait however slow the machine (nothing as slow as `ss` runs
+                # before it; close and first try took 0.01 s in a 6.1 guest).
+                _a_quarter_past_a_second()
                 closing_at = time.monotonic()
                 closing_wall = time.time()
                 client.cmd("close")

@@ -462,11 +462,21 @@ def make_every_state(tcp: InNetns, netns: str, family: int) -> None:
     assert server.recv(1) == b""
     server.shutdown(socket.SHUT_WR)  # LAST_ACK, its FIN dropped
     # Both FINs held back, then let through while the ACKs are dropped: a side
-    # that gets the peer's FIN before the ACK of its own stays in CLOSING.
+    # that gets the peer's FIN before the ACK of its own goes CLOSING. It
+    # would stay there only until the peer's next retransmitted FIN, which
+    # acknowledges its own (one RTO, a fraction of a second: missed by a
+    # loaded machine's ss): so once one side is CLOSING, nothing passes.
     client, server = tcp.pair(closing)
     client.shutdown(socket.SHUT_WR)
     server.shutdown(socket.SHUT_WR)
     drop("tcp flags == ack drop")
+    support_wait_for(
+        lambda: any(row[0] == "CLOSING" for row in ss_rows(netns)),
+        timeout=10,
+        interval=0.01,
+        what="a socket in CLOSING",
+    )
+    drop("drop")
 
 
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
