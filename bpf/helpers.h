@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
- * helpers.h - small helpers every part uses: the drop counters, lifecycle
- * ids, reading the running kernel's objects, the filters, a socket's owner.
+ * helpers.h - small helpers every part uses: the drop counters, the
+ * counted inserts and deletes of tw_killed and pending_close (`parked`),
+ * lifecycle ids, reading the running kernel's objects, the filters, a
+ * socket's owner.
  */
 
 static __always_inline void count_n(u32 index, u64 n)
@@ -14,6 +16,58 @@ static __always_inline void count_n(u32 index, u64 n)
 static __always_inline void count(u32 index)
 {
 	count_n(index, 1);
+}
+
+static __always_inline void parked_add(u32 which, s64 delta)
+{
+	s64 *value = parked.lookup(&which);
+	if (value)
+		__sync_fetch_and_add(value, delta);
+}
+
+/* Whether no entry of tw_killed or pending_close can match (which: its slot). */
+static __always_inline bool parked_none(u32 which)
+{
+	s64 *value = parked.lookup(&which);
+	return value && *value == 0;
+}
+
+/*
+ * The slot of an address pair in `parked`. Not symmetric in the ports: the
+ * client's end of a loopback connection must not share the slot of the
+ * server's end, whose timewait socket a connection on the pair reuses.
+ */
+static __always_inline u32 killed_slot(const struct tt_tuple *t)
+{
+	return ((u32)t->sport * 31 + t->dport) & (TT_PARKED_SLOTS - 1);
+}
+
+static __always_inline int killed_insert(struct tt_tuple *key, struct tt_timewait *e)
+{
+	int err = tw_killed.update(key, e);
+	if (err == 0)
+		parked_add(killed_slot(key), 1);
+	return err;
+}
+
+static __always_inline void killed_delete(struct tt_tuple *key)
+{
+	if (tw_killed.delete(key) == 0)
+		parked_add(killed_slot(key), -1);
+}
+
+static __always_inline int pending_close_insert(u64 *key, struct tt_pending_close *held)
+{
+	int err = pending_close.update(key, held);
+	if (err == 0)
+		parked_add(TT_PARKED_CLOSES, 1);
+	return err;
+}
+
+static __always_inline void pending_close_delete(u64 *key)
+{
+	if (pending_close.delete(key) == 0)
+		parked_add(TT_PARKED_CLOSES, -1);
 }
 
 /* The socket a sweep program is run for (user space wrote it); 0 if none. */

@@ -36,6 +36,21 @@ BPF_F_TABLE("hash", u64, struct tt_pending_close, pending_close, MAX_PENDING_CLO
 	    BPF_F_NO_PREALLOC);
 
 /*
+ * How many entries tw_killed holds, per slot of their address pairs (by
+ * their ports), and pending_close holds (the last slot). A lookup in either
+ * map on every new connection cost a cache miss on a cold bucket, about a
+ * tenth of the set_state program's time under churn, and almost always
+ * found nothing: it is skipped while the count it would need is 0 (see
+ * helpers.h). Counted on an insert that succeeded and a delete that removed
+ * something, so never below the truth; a lookup causally after an insert
+ * sees its count. Per slot, a pair being reused is not looked up for every
+ * other pair parked meanwhile (under churn one is, most of the time).
+ */
+#define TT_PARKED_SLOTS 256
+#define TT_PARKED_CLOSES TT_PARKED_SLOTS
+BPF_ARRAY(parked, s64, TT_PARKED_SLOTS + 1);
+
+/*
  * Lifecycle ids: a counter per CPU, with the CPU in the low bits, so ids are
  * unique without a global atomic (one shared cache line for every socket
  * born on the host would bounce between CPUs at high churn).

@@ -352,10 +352,11 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 	}
 	if (!s) {
 		/* The memory of a socket held in pending_close was reused: it got no RST. */
-		struct tt_pending_close *held = pending_close.lookup(&key);
+		struct tt_pending_close *held =
+			parked_none(TT_PARKED_CLOSES) ? NULL : pending_close.lookup(&key);
 		if (held) {
 			finish_pending_close(args, key, held);
-			pending_close.delete(&key);
+			pending_close_delete(&key);
 		}
 		struct tt_sock fresh = {};
 		fresh.tuple.netns = read_netns_of(sk, typed);
@@ -465,7 +466,7 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		held.s = *s;
 		held.s.tuple = t;
 		held.ts_ns = now;
-		if (pending_close.update(&key, &held) == 0) {
+		if (pending_close_insert(&key, &held) == 0) {
 			socks.delete(&key);
 			return 0;
 		}
@@ -526,7 +527,7 @@ static __always_inline int socket_sweep_pending_close(void *ctx, u64 sk)
 	if (!held)
 		return 0;
 	finish_pending_close(ctx, sk, held);
-	pending_close.delete(&sk);
+	pending_close_delete(&sk);
 	return 1;
 }
 
@@ -551,7 +552,7 @@ static __always_inline void reset_sent(void *ctx, u64 sk)
 		/* The RST of an abortive close, just after its CLOSE. */
 		held->s.id.last_reset = TT_RESET_SENT;
 		finish_pending_close(ctx, sk, held);
-		pending_close.delete(&sk);
+		pending_close_delete(&sk);
 		return;
 	}
 	struct tt_sock *s = socks.lookup(&sk);

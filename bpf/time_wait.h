@@ -80,12 +80,14 @@ static __always_inline void tw_check_fin(void *ctx, u64 tw, struct tt_timewait *
 /* A new connection with this address pair: did it reuse a cancelled timewait socket? */
 static __always_inline void tw_match_reuse(void *ctx, struct tt_tuple *t)
 {
+	if (parked_none(killed_slot(t)))
+		return;
 	struct tt_timewait *k = tw_killed.lookup(t);
 	if (!k)
 		return;
 	tw_finish(ctx, k, k->killed_ns, TT_TW_END_REUSED, k->killed_substate,
 		  k->killed_expires_jiffies, k->killed_jiffies);
-	tw_killed.delete(t);
+	killed_delete(t);
 }
 
 #if USE_RAW_TIMERS || WATCH_OLD_TIMEWAIT
@@ -228,7 +230,7 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 					alive.id.flags &= ~TT_SF_OLD_UNCOUNTED;
 				}
 #endif
-				tw_killed.delete(&cs->tuple);
+				killed_delete(&cs->tuple);
 				if (timewait.update(&tw, &alive) == 0) {
 					e = timewait.lookup(&tw);
 					if (e)
@@ -328,9 +330,9 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 		tw_finish(ctx, previous, previous->killed_ns, TT_TW_END_KILLED,
 			  previous->killed_substate, previous->killed_expires_jiffies,
 			  previous->killed_jiffies);
-		tw_killed.delete(&key);
+		killed_delete(&key);
 	}
-	if (tw_killed.update(&key, e) != 0) {
+	if (killed_insert(&key, e) != 0) {
 		count(TT_C_LOST_KILLED_MAP);
 		tw_finish(ctx, e, now, TT_TW_END_KILLED, e->killed_substate,
 			  e->killed_expires_jiffies, e->killed_jiffies);
@@ -372,7 +374,7 @@ static __always_inline int timer_expiring(void *ctx, u64 timer, u64 function)
 	if (k && k->killed_ns == cs->ts_ns) {
 		tw_finish(ctx, k, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
 			  bpf_jiffies64());
-		tw_killed.delete(&cs->tuple);
+		killed_delete(&cs->tuple);
 	}
 	cs->tw = 0;
 	return 0;
@@ -408,7 +410,7 @@ static __always_inline int tw_sweep_killed(void *ctx)
 		return 0;
 	tw_finish(ctx, e, e->killed_ns, TT_TW_END_KILLED, e->killed_substate,
 		  e->killed_expires_jiffies, e->killed_jiffies);
-	tw_killed.delete(&key);
+	killed_delete(&key);
 	return 1;
 }
 #if CHECK_TW_FIN

@@ -408,6 +408,61 @@ def test_missed_end_is_closed_when_the_address_is_reused() -> None:
 
 
 @requires_root
+def test_parked_counts_follow_their_maps() -> None:
+    """The state-change program skips its lookups in tw_killed and
+    pending_close while the map `parked` counts nothing there that could
+    match. A TIME_WAIT ended by a new connection on its pair (parked in
+    tw_killed, then claimed) and an abortive close (held in pending_close
+    until its RST) still end as they must, and the counts are back to 0."""
+    port = free_port()
+    peers: dict = {}
+    parked: list[list[int]] = []
+
+    def body(tracer: Tracer) -> None:
+        peers["tracer"] = tracer
+        server, client = Peer(), Peer()
+        peers.update(server=server, client=client)
+        server.cmd(f"listen 127.0.0.1 {port}")
+        cport = int(client.cmd(f"connect 127.0.0.1 {port} {free_port()}"))
+        server.cmd("accept")
+        server.cmd("close")
+        time.sleep(0.1)
+        client.cmd("close")
+        time.sleep(0.2)
+        # A SYN on the pair ends the server's TIME_WAIT at once.
+        give_up = time.monotonic() + deadline(10)
+        while not client.try_cmd(f"connect 127.0.0.1 {port} {cport}")[0]:
+            assert time.monotonic() < give_up, "the TIME_WAIT pair was never reused"
+            time.sleep(0.1)
+        server.cmd("accept")
+        client.cmd("linger0")
+        client.cmd("close")
+        server.cmd("close")
+        server.cmd("close_listener")
+
+    def settled(lives: list) -> bool:
+        counts = [int(getattr(v, "value", v)) for v in peers["tracer"].table("parked").values()]
+        parked.append(counts)
+        return len(lives) >= 5 and not any(counts)
+
+    try:
+        _events, lives, _counters = _run_with_events(
+            TracerOptions(emit_events=True, ports=frozenset({port})), body, until=settled
+        )
+    finally:
+        for name in ("server", "client"):
+            if name in peers:
+                peers[name].close()
+    servers = [life for life in lives if life.role == "server"]
+    reused = next(life for life in servers if life.time_wait_end)
+    assert reused.time_wait_end == "reused"
+    assert reused.close == "active"
+    aborted = next(life for life in lives if life.role == "client" and life.close != "passive")
+    assert aborted.close == "reset_sent"
+    assert parked[-1] == [0] * len(parked[-1])
+
+
+@requires_root
 def test_stale_timewait_is_swept() -> None:
     """A timewait socket followed past the staleness limit is closed as
     ended-unseen (its end was missed) rather than kept for ever."""
