@@ -31,6 +31,7 @@ import os
 import platform
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -83,10 +84,10 @@ def prog_name(prog_id: int) -> str:
         return f"id {prog_id}"
     try:
         info = ctypes.create_string_buffer(PROG_INFO_SIZE)
-        request = ctypes.create_string_buffer(16)
-        request[0:4] = fd.to_bytes(4, "little")
-        request[4:8] = PROG_INFO_SIZE.to_bytes(4, "little")
-        request[8:16] = ctypes.addressof(info).to_bytes(8, "little")
+        # bpf_attr.info: bpf_fd, info_len, info (a pointer).
+        request = ctypes.create_string_buffer(
+            struct.pack("<IIQ", fd, PROG_INFO_SIZE, ctypes.addressof(info)), 16
+        )
         bpf(BPF_OBJ_GET_INFO_BY_FD, request)
         raw = info.raw[PROG_INFO_NAME_OFFSET : PROG_INFO_NAME_OFFSET + 16]
         return raw.split(b"\0", 1)[0].decode() or f"id {prog_id}"

@@ -221,7 +221,7 @@ def main() -> None:
         release(holders)
     each_us = ss_s / ss_rows * 1e6
     print(f"ss -tanH: {ss_s * 1e3:.0f} ms for {ss_rows} sockets ({each_us:.2f} us each)")
-    digests = set()
+    digests: set[str] = set()
     for rounds in results.values():
         per_socket = [s / r["sockets"] for r in rounds for s in r["snapshot_s"]]
         counting = [r["count_s"] / r["counted"] for r in rounds]

@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support import cli_argv, close_pipes, deadline, free_port, requires_root, run_cli, sh, wait_for
 from test_serve import scrape, value
 
+from tcptrace_ebpf.commands.closewait import ages_from_api
 from tcptrace_ebpf.model.addresses import AddressPair
-from tcptrace_ebpf.model.closewait import LeakedSocket, group_by_process, old_enough
+from tcptrace_ebpf.model.closewait import Age, LeakedSocket, group_by_process, old_enough
 from tcptrace_ebpf.model.owners import ProcessInfo
 
 pytestmark = requires_root
@@ -332,6 +334,22 @@ def test_watch_without_daemon_measures_from_now(tmp_path: Path) -> None:
             assert found["oldest_age_is_lower_bound"] is False
             assert found["oldest_age_s"] <= time.time() - min(closed_at) + 1.0
     assert run.returncode == 0, run.stderr
+
+
+def test_ages_from_the_api_are_keyed_by_address_pair() -> None:
+    """The daemon's CLOSE_WAIT list, matched to snapshots by network
+    namespace (ours where the daemon had none) and address pair."""
+    item = {"family": "ipv6", "laddr": "::1", "lport": 80, "raddr": "::1", "rport": 50000}
+    data = [
+        {"netns": 9, **item, "since": 1.5, "lower_bound": False},
+        {"netns": 0, **item, "since": 2.5, "lower_bound": True},
+    ]
+    assert ages_from_api(data, 4) == {
+        AddressPair(9, socket.AF_INET6, "::1", 80, "::1", 50000): Age(1.5, False),
+        AddressPair(4, socket.AF_INET6, "::1", 80, "::1", 50000): Age(2.5, True),
+    }
+    with pytest.raises(ValueError):
+        ages_from_api([{**data[0], "lport": "y"}], 4)
 
 
 def test_grouping_is_pure() -> None:

@@ -6,6 +6,7 @@ import json
 import random
 import socket
 
+from tcptrace_ebpf.model.addresses import AddressPair
 from tcptrace_ebpf.model.events import EVENT_SIZE, EVENT_STRUCT, Decoder, Event
 from tcptrace_ebpf.model.owners import Workload
 
@@ -30,6 +31,21 @@ def test_layout_size() -> None:
     assert EVENT_SIZE == 112
 
 
+def test_decode_names_every_field() -> None:
+    values = (
+        5 * 10**9, 22, 33, 4 * 10**9, 55, 1, bytes([10, 0, 0, 1]).ljust(16, b"\0"),
+        bytes([10, 0, 0, 2]).ljust(16, b"\0"), 1001, 1002, socket.AF_INET, 7, 2, 1, 2, 3, 1, 0,
+        9, b"comm-name".ljust(16, b"\0"), 77,
+    )  # fmt: skip
+    event = Decoder(clock_offset_ns=10**9).decode(EVENT_STRUCT.pack(*values))
+    assert event._asdict() == {
+        "ts": 6.0, "sock": 22, "seq": 7, "pid": 55, "comm": "comm-name",
+        "pair": AddressPair(0, socket.AF_INET, "10.0.0.1", 1001, "10.0.0.2", 1002),
+        "old_state": 2, "new_state": 1, "duration_s": 4.0, "flags": 1, "role": 2,
+        "owner_source": 3, "tw_end": 1, "syn_retrans": 9, "skaddr": 33, "cgroup_id": 77,
+    }  # fmt: skip
+
+
 def test_fast_json_line_equals_the_reference() -> None:
     rng = random.Random(42)
     pods = {1: Workload(namespace="shop", pod='cart-"7"', container="api")}
@@ -44,7 +60,7 @@ def test_fast_json_line_equals_the_reference() -> None:
 
 
 KEPT = (
-    "sock", "seq", "pid", "comm", "family", "laddr", "lport", "raddr", "rport",
+    "sock", "seq", "pid", "comm", "pair",
     "old_state", "new_state", "role", "owner_source", "tw_end", "syn_retrans", "cgroup_id",
 )  # fmt: skip
 
@@ -63,15 +79,16 @@ def test_json_round_trip() -> None:
 
 
 def _fields(event: Event) -> tuple[object, ...]:
-    size = 4 if event.family == socket.AF_INET else 16
+    pair = event.pair
+    size = 4 if pair.family == socket.AF_INET else 16
 
     def packed(address: str) -> bytes:
-        return socket.inet_pton(event.family, address)[:size].ljust(16, b"\0")
+        return socket.inet_pton(pair.family, address)[:size].ljust(16, b"\0")
 
     return (
         round(event.ts * 1e9), event.sock, event.skaddr,
         round((event.duration_s or 0) * 1e9), event.pid, event.flags,
-        packed(event.laddr), packed(event.raddr), event.lport, event.rport, event.family,
+        packed(pair.laddr), packed(pair.raddr), pair.lport, pair.rport, pair.family,
         event.seq, event.old_state, event.new_state, event.role, event.owner_source,
         event.tw_end, 0, event.syn_retrans, event.comm.encode()[:15].ljust(16, b"\0"),
         event.cgroup_id,

@@ -200,7 +200,7 @@ def test_the_lifecycle_engine_closes_as_the_program_does(tmp_path: Path) -> None
                         (code for flag, code in reset.items() if event.flags & flag), 0
                     )
                     cases.append(
-                        [event.role, last_reset, event.old_state, event.lport, event.flags,
+                        [event.role, last_reset, event.old_state, event.pair.lport, event.flags,
                          len(path), *path]
                     )  # fmt: skip
                     expected.append((events_file.name, sock, closes[sock]))

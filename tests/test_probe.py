@@ -551,7 +551,7 @@ def test_btf_raw_and_classic_tracepoints_see_the_same() -> None:
 
     def seen(events: list) -> list:
         return sorted(
-            (e.family, e.laddr, e.lport, e.raddr, e.rport, e.old_state, e.new_state, e.tw_end,
+            (e.pair, e.old_state, e.new_state, e.tw_end,
              e.flags & (EventFlag.RESET_SENT | EventFlag.RESET_RECEIVED))
             for e in events
         )  # fmt: skip

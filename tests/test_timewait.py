@@ -10,6 +10,7 @@ from pathlib import Path
 from support import cli_argv, deadline, free_port, requires_root
 from test_closewait import daemon
 
+from tcptrace_ebpf.commands.timewait import owners_from_api
 from tcptrace_ebpf.host.sockdiag import DiagSocket
 from tcptrace_ebpf.model.addresses import AddressPair
 from tcptrace_ebpf.model.timewait import pressure
@@ -38,13 +39,30 @@ def test_pressure_is_per_destination() -> None:
     }
     view = pressure(sockets, (32768, 60999), owners, netns)
     first, second = view.destinations[:2]
-    assert (first.raddr, first.rport, first.time_wait, first.other) == ("10.0.0.9", 5432, 30, 10)
-    assert (second.raddr, second.in_use) == ("10.0.0.8", 5)
+    assert (first.dest.raddr, first.dest.rport, first.time_wait, first.other) == (
+        "10.0.0.9", 5432, 30, 10,
+    )  # fmt: skip
+    assert (second.dest.raddr, second.in_use) == ("10.0.0.8", 5)
     assert view.service_ports == [(80, 7)]
     assert view.programs == [("api", 30), ("unknown", 12)]
     data = view.to_json(top=10)
     assert data["ephemeral_ports"] == 28232
     assert data["destinations"][0]["used_fraction"] == round(40 / 28232, 4)
+
+
+def test_owners_from_the_api_are_keyed_by_address_pair() -> None:
+    """The daemon's timewait list names no family: it is told from the
+    address, so IPv6 sockets match the snapshot's pairs too."""
+    item = {"laddr": "::1", "lport": 40000, "raddr": "::1", "rport": 443, "comm": "curl"}
+    data = [
+        {"netns": 7, **item},
+        {"netns": 0, **item, "laddr": "10.0.0.1", "raddr": "10.0.0.2"},  # 0: ours
+        {"netns": 8, **item, "comm": "elsewhere"},  # another namespace: not ours
+    ]
+    assert owners_from_api(data, 7) == {
+        AddressPair(7, socket.AF_INET6, "::1", 40000, "::1", 443): "curl",
+        AddressPair(7, socket.AF_INET, "10.0.0.1", 40000, "10.0.0.2", 443): "curl",
+    }
 
 
 @requires_root

@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
 from ..host import procfs, sockdiag
 from ..host.listeners import own_netns_inum
-from ..host.netns import established, namespaces, run_in
+from ..host.netns import established, in_each_netns
 from ..host.workloads import shared as shared_workloads
 from ..kernel.probe import TracerOptions, require_root
-from ..model.addresses import AddressPair, family_from_name
+from ..model.addresses import AddressPair
 from ..model.closewait import Age, LeakedSocket, group_by_process, old_enough
 from ..model.owners import ProcessInfo
 from ..model.states import TcpState
@@ -48,17 +47,11 @@ def gather(
     def listed() -> list[sockdiag.DiagSocket]:
         return sockdiag.snapshot(states=[TcpState.CLOSE_WAIT])
 
-    own = own_netns_inum()
-    per_netns = [(own, listed())]
-    if every_netns:
-        for inode, path in namespaces().items():
-            # A namespace with no ESTABLISHED or CLOSE_WAIT socket (CurrEstab
-            # counts both) is not entered: each costs a thread and a netlink dump.
-            if inode != own and established(path) != 0:
-                try:
-                    per_netns.append((inode, run_in(path, listed)))
-                except (UserError, OSError):
-                    continue  # gone meanwhile
+    # A namespace with no ESTABLISHED or CLOSE_WAIT socket (CurrEstab counts
+    # both) is not entered: each costs a thread and a netlink dump.
+    per_netns = in_each_netns(
+        own_netns_inum(), listed, every_netns, lambda path: established(path) != 0
+    )
     inodes = {sock.inode for _netns, snapshot in per_netns for sock in snapshot if sock.inode}
     holders = procfs.socket_holders(inodes)
     cache: dict[int, ProcessInfo | None] = {}
@@ -105,14 +98,7 @@ def ages_from_api(data: Iterable[Mapping[str, Any]], netns: int) -> dict[Address
     for entries without one) and address pair, for matching with snapshots."""
     ages = {}
     for item in data:
-        pair = AddressPair(
-            int(item.get("netns") or netns),
-            family_from_name(item["family"]),
-            item["laddr"],
-            item["lport"],
-            item["raddr"],
-            item["rport"],
-        )
+        pair = AddressPair.from_json(item, int(item.get("netns") or netns))
         ages[pair] = Age(float(item["since"]), bool(item["lower_bound"]))
     return ages
 

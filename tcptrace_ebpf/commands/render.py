@@ -12,7 +12,7 @@ import time
 from functools import lru_cache
 
 from ..kernel.interface import EventFlag
-from ..model.addresses import family_of
+from ..model.addresses import AddressPair
 from ..model.closewait import ProcessGroup
 from ..model.events import AF_INET6, Event
 from ..model.lifecycle import Lifecycle
@@ -45,6 +45,14 @@ def format_duration(seconds: float | None) -> str:
 
 def format_endpoint(family: int, addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if family == AF_INET6 else f"{addr}:{port}"
+
+
+def local_endpoint(pair: AddressPair) -> str:
+    return format_endpoint(pair.family, pair.laddr, pair.lport)
+
+
+def remote_endpoint(pair: AddressPair) -> str:
+    return format_endpoint(pair.family, pair.raddr, pair.rport)
 
 
 @lru_cache(maxsize=4)
@@ -95,9 +103,7 @@ def trace_line(event: Event, width: int = WIDTH) -> str:
     head = f"{format_clock(event.ts)} {who(event.pid, event.comm)}"
     tail = f"{transition} {duration}"
     pair = fit_pair(
-        format_endpoint(event.family, event.laddr, event.lport),
-        format_endpoint(event.family, event.raddr, event.rport),
-        width - len(head) - len(tail) - 2,
+        local_endpoint(event.pair), remote_endpoint(event.pair), width - len(head) - len(tail) - 2
     )
     return f"{head} {pair} {tail}"
 
@@ -108,11 +114,7 @@ def lifecycle_line(life: Lifecycle) -> str:
     path = " > ".join(
         f"{state_name(span.state)} {format_duration(span.duration_s)}" for span in life.states
     )
-    pair = (
-        format_endpoint(life.family, life.laddr, life.lport)
-        + ">"
-        + format_endpoint(life.family, life.raddr, life.rport)
-    )
+    pair = f"{local_endpoint(life.pair)}>{remote_endpoint(life.pair)}"
     close = life.close or "open"
     if life.time_wait_end:
         close += f"/tw-{life.time_wait_end}"
@@ -154,12 +156,10 @@ def close_wait_table(
         )
         for group in groups:
             for sock in sorted(group.sockets, key=lambda s: -(s.age_s or 0)):
-                pair = sock.pair
                 lines.append(
                     f"{group.holder.pid if group.holder else '-':>7} "
                     f"{(group.holder.comm if group.holder else 'unknown')[:15]:<15} "
-                    f"{format_endpoint(pair.family, pair.laddr, pair.lport):<23} "
-                    f"{format_endpoint(pair.family, pair.raddr, pair.rport):<23} "
+                    f"{local_endpoint(sock.pair):<23} {remote_endpoint(sock.pair):<23} "
                     f"{format_age(sock.age_s, sock.age_is_lower_bound):>8} {sock.recv_q:>7}"
                 )
         return lines
@@ -195,10 +195,11 @@ def time_wait_table(view: Pressure, top: int) -> list[str]:
         f"ephemeral ports {low}-{high}: {size} per destination",
         f"{'DESTINATION':<40} {'IN USE':>7} {'TIME_WAIT':>9} {'OF RANGE':>8}",
     ]
-    for dest in view.destinations[:top]:
-        where = format_endpoint(family_of(dest.raddr), dest.raddr, dest.rport)
-        share = f"{100 * dest.in_use / size:.1f}%" if size else "?"
-        lines.append(f"{where:<40} {dest.in_use:>7} {dest.time_wait:>9} {share:>8}")
+    for use in view.destinations[:top]:
+        dest = use.dest
+        where = format_endpoint(dest.family, dest.raddr, dest.rport)
+        share = f"{100 * use.in_use / size:.1f}%" if size else "?"
+        lines.append(f"{where:<40} {use.in_use:>7} {use.time_wait:>9} {share:>8}")
     if view.service_ports:
         lines.append(f"{'LOCAL SERVICE PORT':<40} {'TIME_WAIT':>9}")
         lines.extend(f"{port:<40} {count:>9}" for port, count in view.service_ports[:top])

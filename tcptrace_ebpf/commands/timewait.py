@@ -12,7 +12,7 @@ import click
 
 from ..host import sockdiag
 from ..host.listeners import own_netns_inum
-from ..model.addresses import AddressPair, family_of
+from ..model.addresses import AddressPair
 from ..model.timewait import Pressure, by_workload, pressure
 from ..serve.api import ApiUnavailable, query
 from .output import notice
@@ -41,14 +41,7 @@ def owners_from_api(data: Iterable[Mapping[str, Any]], netns: int) -> dict[Addre
     """The program behind each timewait socket of network namespace `netns`
     (0 in the daemon's list: the kernel could not tell, taken as ours)."""
     return {
-        AddressPair(
-            netns,
-            family_of(str(item["laddr"])),
-            str(item["laddr"]),
-            int(item["lport"]),
-            str(item["raddr"]),
-            int(item["rport"]),
-        ): str(item["comm"])
+        AddressPair.from_json(item, netns): str(item["comm"])
         for item in data
         if item["netns"] in (netns, 0)
     }

@@ -58,25 +58,17 @@ def collect_listener_seeds(every_netns: bool = True) -> list[ListenerSeed]:
     every other one (pods have their own), and their holders; empty on failure."""
     from ..errors import UserError
     from . import procfs, sockdiag
-    from .netns import namespaces, run_in
+    from .netns import in_each_netns
     from .workloads import cgroup_id_of_pid
 
     def listed() -> list[DiagSocket]:
         return sockdiag.snapshot(states=[TcpState.LISTEN])
 
-    own = own_netns_inum()
     try:
-        per_netns = [(own, listed())]
+        per_netns = in_each_netns(own_netns_inum(), listed, every_netns)
     except (UserError, OSError) as err:
         log.warning("could not list existing listeners (%s): their children get no owner", err)
         return []
-    if every_netns:
-        for inode, path in namespaces().items():
-            if inode != own:
-                try:
-                    per_netns.append((inode, run_in(path, listed)))
-                except (UserError, OSError):
-                    continue  # gone meanwhile
     inodes = {sock.inode for _netns, sockets in per_netns for sock in sockets if sock.inode}
     try:
         holders = procfs.socket_holders(inodes)

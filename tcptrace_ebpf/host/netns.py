@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import UserError
+
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
@@ -86,3 +88,26 @@ def run_in(path: str, function: Callable[[], T]) -> T:
     if errors:
         raise errors[0]
     return result[0]
+
+
+def in_each_netns(
+    own: int,
+    function: Callable[[], T],
+    every_netns: bool = True,
+    worth_entering: Callable[[str], bool] | None = None,
+) -> list[tuple[int, T]]:
+    """`function()` here (network namespace `own`, its inode) and, with
+    `every_netns`, in every other network namespace (pods have their own),
+    each result with its namespace's inode. Here, an error is raised; a
+    namespace gone meanwhile, or not ours to enter, is passed over, as is
+    one `worth_entering(path)` says is not (entering one costs a thread)."""
+    results = [(own, function())]
+    if every_netns:
+        for inode, path in namespaces().items():
+            if inode == own or (worth_entering is not None and not worth_entering(path)):
+                continue
+            try:
+                results.append((inode, run_in(path, function)))
+            except (UserError, OSError):
+                continue
+    return results

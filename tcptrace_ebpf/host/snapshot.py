@@ -243,19 +243,12 @@ def _snapshot(
 ) -> tuple[list[Record], list[OldCloseWait], float]:
     """List the sockets of our network namespace and, with `every_netns`, of
     every other one (pods have their own), and keep what the daemon needs."""
-    from ..errors import UserError
     from . import procfs, sockdiag
-    from .netns import namespaces, run_in
+    from .netns import in_each_netns
 
-    per_netns = [(netns, sockdiag.snapshot())]
-    if every_netns:
-        for inode, path in namespaces().items():
-            if inode == netns:
-                continue
-            try:
-                per_netns.append((inode, run_in(path, sockdiag.snapshot)))
-            except (UserError, OSError):
-                continue  # gone meanwhile, or not ours to enter: counted from its first change
+    # A namespace not listed (gone meanwhile, or not ours to enter) is
+    # counted from its first change.
+    per_netns = in_each_netns(netns, sockdiag.snapshot, every_netns)
     started = time.time()
     every = [sock for _inode, sockets in per_netns for sock in sockets]
     if pid is not None:

@@ -9,7 +9,8 @@ enter (the packed `struct tt_tuple` only at the kernel boundary, see
 from __future__ import annotations
 
 import socket
-from typing import NamedTuple, Protocol
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
 
 
 class HasEndpoints(Protocol):
@@ -47,6 +48,21 @@ class AddressPair(NamedTuple):
     @classmethod
     def of(cls, sock: HasEndpoints, netns: int) -> AddressPair:
         return cls(netns, sock.family, sock.laddr, sock.lport, sock.raddr, sock.rport)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], netns: int = 0) -> AddressPair:
+        """The pair of a JSON object with the flat keys every output uses
+        (`endpoints_json`, and "family" by name; without it the family is
+        read from the address). Raises KeyError, TypeError or ValueError
+        for an object that is not one."""
+        laddr = str(obj["laddr"])
+        family = family_from_name(obj["family"]) if "family" in obj else family_of(laddr)
+        return cls(netns, family, laddr, int(obj["lport"]), str(obj["raddr"]), int(obj["rport"]))
+
+    def endpoints_json(self) -> dict[str, Any]:
+        """The four keys every JSON output and API payload names a pair's
+        endpoints with (flat: users and tests parse them)."""
+        return {"laddr": self.laddr, "lport": self.lport, "raddr": self.raddr, "rport": self.rport}
 
     @property
     def destination(self) -> Destination:

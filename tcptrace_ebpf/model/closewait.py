@@ -41,10 +41,7 @@ class LeakedSocket:
         return {
             "pid": holder.pid if holder else None,
             "comm": holder.comm if holder else None,
-            "laddr": pair.laddr,
-            "lport": pair.lport,
-            "raddr": pair.raddr,
-            "rport": pair.rport,
+            **pair.endpoints_json(),
             "age_s": None if self.age_s is None else round(self.age_s, 3),
             "age_is_lower_bound": self.age_is_lower_bound,
             "recv_q": self.recv_q,
@@ -54,7 +51,7 @@ class LeakedSocket:
             "cgroup": holder.cgroup if holder else None,
             "container_id": holder.container_id if holder else None,
             "netns": pair.netns,
-            **(holder.workload_json() if holder else {}),
+            **(holder.names_json() if holder else {}),
         }
 
 
@@ -108,7 +105,7 @@ class ProcessGroup:
             "cmdline": holder.cmdline if holder else None,
             "cgroup": holder.cgroup if holder else None,
             "container_id": holder.container_id if holder else None,
-            **(holder.workload_json() if holder else {}),
+            **(holder.names_json() if holder else {}),
             "count": self.count,
             "oldest_age_s": None if self.oldest_age_s is None else round(self.oldest_age_s, 3),
             "oldest_age_is_lower_bound": self.oldest_is_lower_bound,

@@ -21,13 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..kernel.interface import EventFlag
-from .events import (
-    AF_INET6,
-    OWNER_SOURCE_NAMES,
-    ROLE_NAMES,
-    TW_END_NAMES,
-    Event,
-)
+from .addresses import AddressPair
+from .events import OWNER_SOURCE_NAMES, ROLE_NAMES, TW_END_NAMES, Event
 from .owners import NO_WORKLOAD, Workload
 from .states import TcpState, state_name
 
@@ -64,11 +59,7 @@ class Lifecycle:
     pid: int
     comm: str
     owner_source: int
-    family: int
-    laddr: str
-    lport: int
-    raddr: str
-    rport: int
+    pair: AddressPair  # its first event's; the local end filled in once known
     role: str
     states: list[StateSpan] = field(default_factory=list)
     close: str | None = None
@@ -88,11 +79,8 @@ class Lifecycle:
             "sock": self.sock,
             "pid": self.pid or None,
             "comm": self.comm or None,
-            "family": "ipv6" if self.family == AF_INET6 else "ipv4",
-            "laddr": self.laddr,
-            "lport": self.lport,
-            "raddr": self.raddr,
-            "rport": self.rport,
+            "family": self.pair.family_name,
+            **self.pair.endpoints_json(),
             "role": self.role,
             "states": [span.to_json() for span in self.states],
             "close": self.close,
@@ -103,9 +91,7 @@ class Lifecycle:
             "preexisting": self.preexisting,
             "events_lost": self.lost,
             "cgroup_id": self.cgroup_id or None,
-            "namespace": workload.namespace or None,
-            "pod": workload.pod or None,
-            "container": workload.container or None,
+            **workload.names_json(),
         }
 
 
@@ -241,11 +227,7 @@ class LifecycleEngine:
             pid=event.pid,
             comm=event.comm,
             owner_source=event.owner_source,
-            family=event.family,
-            laddr=event.laddr,
-            lport=event.lport,
-            raddr=event.raddr,
-            rport=event.rport,
+            pair=event.pair,
             role=ROLE_NAMES.get(event.role, "unknown"),
             cgroup_id=event.cgroup_id,
         )
@@ -320,9 +302,10 @@ class LifecycleEngine:
             life.comm = event.comm
             life.owner_source = event.owner_source
             life.cgroup_id = event.cgroup_id
-        if event.lport and not life.lport:
-            life.lport = event.lport
-            life.laddr = event.laddr
+        if event.pair.lport and not life.pair.lport:
+            # A client's first event (CLOSE>SYN_SENT) can come before its
+            # local port is chosen; a later one knows it.
+            life.pair = life.pair._replace(laddr=event.pair.laddr, lport=event.pair.lport)
         life.syn_retrans = max(life.syn_retrans, event.syn_retrans)
         life.last_ts = event.ts
         if event.flags & EventFlag.END_UNSEEN:
@@ -343,7 +326,7 @@ class LifecycleEngine:
                 last_old_state=event.old_state,
                 reset_sent=bool(event.flags & EventFlag.RESET_SENT),
                 reset_received=bool(event.flags & EventFlag.RESET_RECEIVED),
-                lport=event.lport,
+                lport=event.pair.lport,
                 no_syn=bool(event.flags & EventFlag.NO_SYN),
             )
 

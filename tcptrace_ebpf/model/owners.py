@@ -6,6 +6,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 
+def workload_names_json(namespace: str, pod: str, container: str) -> dict[str, str | None]:
+    """The keys every JSON output names an owner's container and pod with
+    (null where not applicable)."""
+    return {"namespace": namespace or None, "pod": pod or None, "container": container or None}
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """A socket owner's container and pod. Empty strings where not applicable."""
@@ -22,10 +28,11 @@ class Workload:
         return {
             "cgroup": self.cgroup or None,
             "container_id": self.container_id or None,
-            "namespace": self.namespace or None,
-            "pod": self.pod or None,
-            "container": self.container or None,
+            **self.names_json(),
         }
+
+    def names_json(self) -> dict[str, str | None]:
+        return workload_names_json(self.namespace, self.pod, self.container)
 
     def matches(self, pod: str | None, container: str | None) -> bool:
         """The --pod (NAME or NAMESPACE/NAME) and --container (name or id) filters."""
@@ -74,15 +81,11 @@ class ProcessInfo:
             "cmdline": self.cmdline,
             "cgroup": self.cgroup,
             "container_id": self.container_id,
-            **self.workload_json(),
+            **self.names_json(),
         }
 
-    def workload_json(self) -> dict[str, str | None]:
-        return {
-            "namespace": self.namespace or None,
-            "pod": self.pod or None,
-            "container": self.container or None,
-        }
+    def names_json(self) -> dict[str, str | None]:
+        return workload_names_json(self.namespace, self.pod, self.container)
 
     def matches(self, pod: str | None, container: str | None) -> bool:
         """closewait's --pod (NAME or NAMESPACE/NAME) and --container (name or

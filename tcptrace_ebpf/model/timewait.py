@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .addresses import AddressPair, HasEndpoints
+from .addresses import AddressPair, Destination, HasEndpoints
 from .states import TcpState
 
 
@@ -33,9 +33,10 @@ class Listed(HasEndpoints, Protocol):
 
 
 @dataclass
-class Destination:
-    raddr: str
-    rport: int
+class DestinationUse:
+    """The connections towards one destination, each holding a local port."""
+
+    dest: Destination
     time_wait: int = 0
     other: int = 0  # connections still open (or closing) to it
 
@@ -47,7 +48,7 @@ class Destination:
 @dataclass
 class Pressure:
     range: tuple[int, int]
-    destinations: list[Destination] = field(default_factory=list)
+    destinations: list[DestinationUse] = field(default_factory=list)
     service_ports: list[tuple[int, int]] = field(default_factory=list)  # (local port, TIME_WAIT)
     programs: list[tuple[str, int]] = field(default_factory=list)  # (comm, TIME_WAIT)
     # ((namespace, pod, container), TIME_WAIT) in every network namespace, from the daemon.
@@ -64,14 +65,14 @@ class Pressure:
             "ephemeral_ports": size,
             "destinations": [
                 {
-                    "raddr": dest.raddr,
-                    "rport": dest.rport,
-                    "time_wait": dest.time_wait,
-                    "other": dest.other,
-                    "in_use": dest.in_use,
-                    "used_fraction": round(dest.in_use / size, 4) if size else None,
+                    "raddr": use.dest.raddr,
+                    "rport": use.dest.rport,
+                    "time_wait": use.time_wait,
+                    "other": use.other,
+                    "in_use": use.in_use,
+                    "used_fraction": round(use.in_use / size, 4) if size else None,
                 }
-                for dest in self.destinations[:top]
+                for use in self.destinations[:top]
             ],
             "service_ports": [
                 {"lport": port, "time_wait": count} for port, count in self.service_ports[:top]
@@ -97,7 +98,7 @@ def pressure(
     low, high = port_range
     sockets = list(sockets)
     listening = {sock.lport for sock in sockets if sock.state == TcpState.LISTEN}
-    dests: dict[tuple[str, int], Destination] = {}
+    uses: dict[Destination, DestinationUse] = {}
     service: Counter[int] = Counter()
     programs: Counter[str] = Counter()
     for sock in sockets:
@@ -105,17 +106,20 @@ def pressure(
             continue
         waiting = sock.is_timewait
         if low <= sock.lport <= high and sock.lport not in listening:
-            dest = dests.setdefault((sock.raddr, sock.rport), Destination(sock.raddr, sock.rport))
+            dest = Destination(netns, sock.family, sock.raddr, sock.rport)
+            use = uses.get(dest)
+            if use is None:
+                use = uses[dest] = DestinationUse(dest)
             if waiting:
-                dest.time_wait += 1
+                use.time_wait += 1
             else:
-                dest.other += 1
+                use.other += 1
         elif waiting:
             service[sock.lport] += 1
         if waiting and owners is not None:
             comm = owners.get(AddressPair.of(sock, netns))
             programs[comm or "unknown"] += 1
-    ranked = sorted(dests.values(), key=lambda dest: (-dest.in_use, dest.raddr, dest.rport))
+    ranked = sorted(uses.values(), key=lambda use: (-use.in_use, use.dest.raddr, use.dest.rport))
     return Pressure(
         range=port_range,
         destinations=ranked,

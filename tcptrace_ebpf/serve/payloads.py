@@ -20,10 +20,7 @@ def _described(
 ) -> dict[str, object]:
     return {
         "family": pair.family_name,
-        "laddr": pair.laddr,
-        "lport": pair.lport,
-        "raddr": pair.raddr,
-        "rport": pair.rport,
+        **pair.endpoints_json(),
         "netns": pair.netns,
         "since": since,
         "lower_bound": lower_bound,
@@ -73,10 +70,7 @@ def time_wait_list(tracking: SocketTracking, workloads: Workloads) -> list[dict[
     return [
         {
             "netns": pair.netns,
-            "laddr": pair.laddr,
-            "lport": pair.lport,
-            "raddr": pair.raddr,
-            "rport": pair.rport,
+            **pair.endpoints_json(),
             "comm": comm,
             **workloads.of_id(cgroup_id).to_json(),
         }
