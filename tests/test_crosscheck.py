@@ -103,6 +103,27 @@ def connection_counts(before: Samples, after: Samples) -> dict[str, float]:
     return counts
 
 
+def followed_in_syn_sent() -> list[dict[str, object]]:
+    """The program's own records of sockets it holds in SYN_SENT (every
+    `socks` map of a running tracer, through bpftool), said when a rule does
+    not hold: whether a connect the kernel timed out is still followed there
+    (its CLOSE never applied) or gone from the map."""
+    out = subprocess.run(
+        ["bpftool", "-j", "map", "dump", "name", "socks"],
+        check=False, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    try:
+        values = [e["formatted"]["value"] for e in json.loads(out or "[]") if "formatted" in e]
+    except json.JSONDecodeError:
+        return [{"bpftool": out[:200]}]
+    fields = ("sock_id", "seq", "syn_retrans", "flags")
+    return [
+        {**{k: v["id"][k] for k in fields}, "ports": (v["tuple"]["sport"], v["tuple"]["dport"])}
+        for v in values
+        if v["id"]["state"] == 2  # SYN_SENT
+    ]
+
+
 def ss_states(netns: str) -> collections.Counter[str]:
     out = sh("ip", "netns", "exec", netns, "ss", "-tanH").stdout
     return collections.Counter(SS_NAMES[line.split()[0]] for line in out.splitlines() if line)
@@ -280,7 +301,9 @@ def test_counters_equal_the_kernels(run: int) -> None:  # each run the same
                     interval=0.5,
                     what=lambda: (
                         f"rules {[r for r in table if r[1] != r[2]]} (losses {losses};"
-                        f" kernel counters that moved {moved}; ours {ours_moved})"
+                        f" kernel counters that moved {moved}; ours {ours_moved};"
+                        f" followed in SYN_SENT {followed_in_syn_sent()};"
+                        f" ss {dict(ss_states(ns))})"
                     ),
                 )
                 print(*table, sep="\n")  # what was compared (pytest -s)
