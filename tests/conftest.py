@@ -23,8 +23,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     test, set for the development machine. Inside the kernel matrix's
     emulated guests, or on a loaded host, a test that needs a minute here
     needs ten: scale the limit by the measured slowdown, as every deadline in
-    the tests is, so only a hang trips it. A test's own timeout marker, or
-    --timeout on the command line, is left as given."""
+    the tests is, so only a hang trips it. A test's own timeout marker, or a
+    limit given with --timeout or PYTEST_TIMEOUT, is left as given."""
     if config.getoption("timeout", None) is not None or os.environ.get("PYTEST_TIMEOUT"):
         return
     base = float(config.getini("timeout") or 0)
