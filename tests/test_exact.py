@@ -356,14 +356,25 @@ def test_gauges_heal_after_a_loss() -> None:
                 what=lambda: f"gauge {seen.get('gauge')} vs ss {seen.get('ss')}",
             )
             assert time.monotonic() - made <= deadline(60)
-            # Every client first, then every child: the clients keep the
-            # TIME_WAIT. (Each child right after its client would sometimes
-            # close before the client's FIN was processed, on a slow
-            # machine: a simultaneous close, both sides in TIME_WAIT.)
-            for sock in held[0::2] + held[1::2]:
+            # Every client first, then, once every child has the client's FIN,
+            # every child: the clients keep the TIME_WAIT. (A child closed
+            # before its client's FIN was processed, which a loaded machine
+            # may defer to ksoftirqd, makes a simultaneous close: both sides
+            # pass through FIN_WAIT1 and CLOSING to TIME_WAIT.)
+            for sock in held[0::2]:
+                sock.close()
+            wait_for(
+                lambda: ss_counts(port)["CLOSE_WAIT"] == pairs_wanted,
+                what=lambda: f"every child in CLOSE_WAIT: ss {dict(ss_counts(port))}",
+            )
+            for sock in held[1::2]:
                 sock.close()
             held = []
             closed = time.monotonic()
+            wait_for(
+                lambda: ss_counts(port)["TIME_WAIT"] == pairs_wanted,
+                what=lambda: f"every client in TIME_WAIT: ss {dict(ss_counts(port))}",
+            )
             wait_for(
                 lambda: gauge_matches_ss(http_port, port, states, seen),
                 timeout=75,
