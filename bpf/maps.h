@@ -53,9 +53,9 @@ BPF_ARRAY(parked, s64, TT_PARKED_SLOTS + 1);
 /*
  * Lifecycle ids: a counter per CPU, with the CPU in the low bits, so ids are
  * unique without a global atomic (one shared cache line for every socket
- * born on the host would bounce between CPUs at high churn).
+ * born on the host would bounce between CPUs at high churn). TT_ID_CPU_BITS
+ * is in tcptrace_interface.h: user space tells ids born by a moment apart.
  */
-#define TT_ID_CPU_BITS 12
 BPF_PERCPU_ARRAY(next_sock_id, u64, 1);
 
 /*

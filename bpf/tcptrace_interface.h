@@ -89,6 +89,8 @@ enum tt_tw_end {
 
 /* In the `adopted` map's value: news of a timewait socket older than tracing. */
 #define TT_ADOPT_OLD_TIMEWAIT 0x80
+/* Lifecycle ids: a counter per CPU, the CPU in this many low bits. */
+#define TT_ID_CPU_BITS 12
 
 /* Indexes of the `counters` map: self-metrics and lost events by cause. */
 enum tt_counter {

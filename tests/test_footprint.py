@@ -199,3 +199,30 @@ def test_stale_or_damaged_cache_entries_are_never_loaded(
     rewritten.rename(other)
     loader.load(text, ["-DX"], plan).close()
     assert compiled == [1, 1]
+
+
+@requires_root
+def test_maps_are_read_a_chunk_at_a_time() -> None:
+    """A hash map larger than one batch (4096) is read whole, each entry
+    once, and the reading starts before it is all read: the daemon never
+    holds a map of hundreds of thousands of sockets at once."""
+    text = """
+BPF_HASH(many, u64, u64, 20000);
+int noop(void *ctx) { return 0; }
+"""
+    loaded = loader.load(text, [], [loader.ProgramRequest(key="noop", name="noop", sweeper=True)])
+    try:
+        fd, info = loaded.maps["many"]
+        table = maps.Table(fd, info)
+        assert list(table.items_lookup_batch()) == []
+        from tcptrace_ebpf.kernel import bpfsys
+
+        for key in range(10_000):
+            bpfsys.map_update(fd, key.to_bytes(8, "little"), (key * 3).to_bytes(8, "little"))
+        pairs = bpfsys.map_lookup_batch(fd, 8, 8, info.max_entries)
+        first = [next(pairs) for _ in range(10)]
+        assert len(first) == 10
+        read = {int(key.value): int(value.value) for key, value in table.items_lookup_batch()}
+        assert read == {key: key * 3 for key in range(10_000)}
+    finally:
+        loaded.close()

@@ -97,6 +97,18 @@ def test_python_layouts_are_what_the_c_compiler_makes(tmp_path: Path) -> None:
         offset += fields[field.name][1]
 
 
+def test_lifecycle_ids_tell_who_was_born_by_a_mark() -> None:
+    """A lifecycle id is its CPU's counter with the CPU in the low bits:
+    born by a reading of the counters iff its counter had been reached."""
+    bits = interface.ID_CPU_BITS
+    marks = [5, 9]  # CPU 0 had given 5 ids, CPU 1 nine
+    assert interface.born_by((5 << bits) | 0, marks)
+    assert not interface.born_by((6 << bits) | 0, marks)
+    assert interface.born_by((9 << bits) | 1, marks)
+    assert not interface.born_by((10 << bits) | 1, marks)
+    assert not interface.born_by((1 << bits) | 2, marks)  # a CPU the reading did not have
+
+
 def test_loss_causes_are_named_once() -> None:
     """Every counter that records a loss has a cause label, and every cause
     label a counter (or the kernel's own skip count)."""

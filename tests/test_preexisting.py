@@ -9,6 +9,8 @@ import time
 from tcptrace_ebpf.host.snapshot import (
     TIMEWAIT_GRACE_S,
     TIMEWAIT_LEN_S,
+    Listing,
+    OldCloseWait,
     Preexisting,
     Record,
 )
@@ -90,3 +92,25 @@ def test_timewait_goes_when_its_timer_is_past_due() -> None:
     assert old.counts() == {TcpState.TIME_WAIT: 1}
     old.expire_timewait(now + 50 + TIMEWAIT_GRACE_S + 0.5)
     assert old.counts() == {}
+
+
+def test_a_listing_keeps_only_what_the_program_does_not_follow() -> None:
+    """A heal marks the listed sockets the program follows; what it keeps
+    to count is the rest, their CLOSE_WAIT ages with them."""
+    followed, leaking = key(3000), key(3001)
+    listing = Listing(
+        {
+            followed: Record(followed, TcpState.CLOSE_WAIT, timewait=False, client=True),
+            leaking: Record(leaking, TcpState.CLOSE_WAIT, timewait=False, client=True),
+        },
+        [
+            OldCloseWait(followed, inode=1, since=1.0, comm="a"),
+            OldCloseWait(leaking, inode=2, since=1.0, comm="b"),
+        ],
+        time.time(),
+    )
+    listing.records[followed] = None
+    kept = listing.preexisting()
+    assert kept.keys() == {leaking}
+    assert [item.pair for item in kept.close_wait()] == [leaking]
+    assert kept.counts() == {TcpState.CLOSE_WAIT: 1}

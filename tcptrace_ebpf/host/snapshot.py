@@ -282,6 +282,39 @@ def _snapshot(
     return records, close_wait, started
 
 
+@dataclass
+class Listing:
+    """One sock_diag listing, compacted: each counted socket by its address
+    pair. A check against the program's maps marks those the program
+    follows (None); the rest are counted from the listing (preexisting())."""
+
+    records: dict[AddressPair, Record | None]
+    close_wait: list[OldCloseWait]
+    started: float
+
+    def preexisting(self) -> Preexisting:
+        """The sockets not marked followed, to count until the program sees
+        them. Built anew: it stays as small as what it keeps."""
+        kept = [record for record in self.records.values() if record is not None]
+        close_wait = [item for item in self.close_wait if self.records.get(item.pair) is not None]
+        return Preexisting(kept, self.started, close_wait)
+
+
+def list_sockets(
+    netns: int,
+    ports: frozenset[int] = frozenset(),
+    family: int | None = None,
+    pid: int | None = None,
+    every_netns: bool = True,
+) -> Listing:
+    """sock_diag listing of the TCP sockets the filters want, now, in this
+    network namespace and (`every_netns`) all others, with the programs
+    holding the ones already in CLOSE_WAIT."""
+    records, close_wait, started = _snapshot(netns, ports, family, pid, every_netns)
+    by_pair: dict[AddressPair, Record | None] = {record.pair: record for record in records}
+    return Listing(by_pair, close_wait, started)
+
+
 def take_snapshot(
     netns: int,
     ports: frozenset[int] = frozenset(),
@@ -289,8 +322,5 @@ def take_snapshot(
     pid: int | None = None,
     every_netns: bool = True,
 ) -> Preexisting:
-    """sock_diag snapshot of the TCP sockets the filters want, now, in this
-    network namespace and (`every_netns`) all others, with the programs
-    holding the ones already in CLOSE_WAIT."""
-    records, close_wait, started = _snapshot(netns, ports, family, pid, every_netns)
-    return Preexisting(records, started, close_wait)
+    """The sockets there now, all counted (see list_sockets())."""
+    return list_sockets(netns, ports, family, pid, every_netns).preexisting()

@@ -18,6 +18,7 @@ import fcntl
 import functools
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
@@ -319,16 +320,17 @@ def map_keys(map_fd: int, key_size: int) -> list[bytes]:
 
 def map_lookup_batch(
     map_fd: int, key_size: int, value_size: int, max_entries: int
-) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) in as few BPF_MAP_LOOKUP_BATCH calls as the kernel
-    allows (one for an array). Raises BpfError(EINVAL/ENOTSUPP) on kernels or
+) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value), read in chunks of up to 4096 by BPF_MAP_LOOKUP_BATCH
+    (one call for a small array) and yielded as each chunk comes: a map of
+    hundreds of thousands of sockets is never held whole in the daemon's
+    heap. Raises BpfError(EINVAL/ENOTSUPP) on the first next() on kernels or
     map types without batch lookups: the caller iterates instead."""
     chunk = max(1, min(max_entries, 4096))
     keys = ctypes.create_string_buffer(key_size * chunk)
     values = ctypes.create_string_buffer(value_size * chunk)
     # The position token: a key for arrays, a bucket number for hashes.
     tokens = [ctypes.create_string_buffer(max(8, key_size)) for _ in range(2)]
-    result: list[tuple[bytes, bytes]] = []
     first = True
     while True:
         attr = _MapBatchAttr(
@@ -348,14 +350,12 @@ def map_lookup_batch(
             done = True  # the last (maybe empty) batch: attr.count says how many
         raw_keys, raw_values = keys.raw, values.raw
         for index in range(attr.count):
-            result.append(
-                (
-                    raw_keys[index * key_size : (index + 1) * key_size],
-                    raw_values[index * value_size : (index + 1) * value_size],
-                )
+            yield (
+                raw_keys[index * key_size : (index + 1) * key_size],
+                raw_values[index * value_size : (index + 1) * value_size],
             )
         if done:
-            return result
+            return
         ctypes.memmove(tokens[0], tokens[1], len(tokens[1]))
         first = False
 

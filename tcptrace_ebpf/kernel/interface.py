@@ -143,6 +143,17 @@ EVENT_FLAG_NAMES: Final = {
 # In an `adopted` value: news of a timewait socket older than tracing.
 ADOPT_OLD_TIMEWAIT: Final = 0x80
 
+# Lifecycle ids (sock_id): a counter per CPU (the `next_sock_id` map), with
+# the CPU in the low ID_CPU_BITS bits.
+ID_CPU_BITS: Final = 12
+
+
+def born_by(sock_id: int, marks: Sequence[int]) -> bool:
+    """Whether lifecycle `sock_id` began by the time `next_sock_id` read
+    `marks` (one counter per CPU): a socket the program followed then."""
+    cpu = sock_id & ((1 << ID_CPU_BITS) - 1)
+    return cpu < len(marks) and sock_id >> ID_CPU_BITS <= marks[cpu]
+
 
 @dataclass(frozen=True)
 class Counter:
@@ -439,6 +450,8 @@ def c_header() -> str:
         "",
         "/* In the `adopted` map's value: news of a timewait socket older than tracing. */",
         f"#define TT_ADOPT_OLD_TIMEWAIT 0x{ADOPT_OLD_TIMEWAIT:x}",
+        "/* Lifecycle ids: a counter per CPU, the CPU in this many low bits. */",
+        f"#define TT_ID_CPU_BITS {ID_CPU_BITS}",
         "",
         _enum(
             "tt_counter",

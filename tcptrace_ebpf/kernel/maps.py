@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -160,16 +161,20 @@ class Table:
         return [value for _key, value in self.items()]
 
     def items_lookup_batch(self) -> Iterator[tuple[Any, Any]]:
-        """(key, value) pairs in one or a few syscalls (iterating where the
-        kernel has no batch lookups for this map type)."""
+        """(key, value) pairs, a chunk of thousands per syscall, decoded as
+        they are taken (iterating where the kernel has no batch lookups for
+        this map type). An empty map yields nothing."""
+        pairs = bpfsys.map_lookup_batch(
+            self.fd, self.info.key_size, self._value_size, self.info.max_entries
+        )
         try:
-            pairs = bpfsys.map_lookup_batch(
-                self.fd, self.info.key_size, self._value_size, self.info.max_entries
-            )
+            first = next(pairs, None)
         except bpfsys.BpfError:
             yield from self.items()
             return
-        for key, value in pairs:
+        if first is None:
+            return
+        for key, value in itertools.chain((first,), pairs):
             yield self.Key.from_buffer_copy(key), self._decode(value)
 
 

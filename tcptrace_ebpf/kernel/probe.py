@@ -562,14 +562,9 @@ class Tracer:
         return sum(bpfsys.prog_test_run(self._sweep_fin_wait2_fd, address) for address in addresses)
 
     def _sweep_stale_timewait(self, now_ns: int) -> int:
-        table = self.table("timewait")
-        try:
-            items = list(table.items_lookup_batch())
-        except Exception:  # empty map: the batch call reports ENOENT
-            items = []
         stale = [
             int(getattr(key, "value", key))  # batch lookups give plain ints for u64 keys
-            for key, value in items
+            for key, value in self.table("timewait").items_lookup_batch()
             if value.created_ns + self.options.stale_timewait_ns <= now_ns
         ]
         request_sk = self.table("sweep_request_sk")
@@ -578,30 +573,32 @@ class Tracer:
             bpfsys.prog_test_run(self._sweep_timewait_fd)
         return len(stale)
 
-    def followed(self) -> list[FollowedSocket]:
-        """Every socket the program follows now: full sockets, then timewait ones."""
+    def followed(self) -> Iterator[FollowedSocket]:
+        """Every socket the program follows now: full sockets, then timewait
+        ones, read a chunk at a time (the maps may hold hundreds of
+        thousands: a caller that keeps only what it needs stays small)."""
         if self.bpf is None:
-            return []
-        result = []
+            return
         for name in ("socks", "timewait"):
             try:
                 table = self.bpf[name]
             except KeyError:  # no timewait map without TIME_WAIT tracking
                 continue
-            try:
-                items = list(table.items_lookup_batch())
-            except Exception:  # an empty hash map makes the batch call fail with ENOENT
-                items = list(table.items())
-            for key, value in items:
-                result.append(
-                    FollowedSocket(
-                        address=int(getattr(key, "value", key)),
-                        sock_id=int(value.id.sock_id),
-                        state=int(value.id.state),
-                        pair=pair_of_tuple(value.tuple),
-                    )
+            for key, value in table.items_lookup_batch():
+                yield FollowedSocket(
+                    address=int(getattr(key, "value", key)),
+                    sock_id=int(value.id.sock_id),
+                    state=int(value.id.state),
+                    pair=pair_of_tuple(value.tuple),
                 )
-        return result
+
+    def id_marks(self) -> list[int]:
+        """Where each CPU's lifecycle-id counter stands now: with
+        interface.born_by(), tells the sockets followed by now from those
+        the program meets later."""
+        if self.bpf is None:
+            return []
+        return [int(mark) for mark in self.table("next_sock_id")[ctypes.c_int(0)]]
 
     def end_gone(self, gone: Iterable[FollowedSocket]) -> int:
         """Close, as ended unseen, followed sockets that no longer exist (their
@@ -679,18 +676,13 @@ class Tracer:
         """Each followed timewait socket's address pair, the program that made
         the connection and its cgroup id (no process holds a timewait socket;
         the kernel program remembers who owned the connection)."""
-        table = self.table("timewait")
-        try:
-            items = list(table.items_lookup_batch())
-        except Exception:  # empty map: the batch call reports ENOENT
-            items = []
         return [
             (
                 pair_of_tuple(value.tuple),
                 bytes(value.id.comm).split(b"\0", 1)[0].decode(errors="replace"),
                 int(value.id.cgroup_id),
             )
-            for _key, value in items
+            for _key, value in self.table("timewait").items_lookup_batch()
         ]
 
     def dest_ports(self) -> dict[Destination, int]:

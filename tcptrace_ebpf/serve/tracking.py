@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..host.snapshot import COUNTED, Preexisting, take_snapshot
-from ..kernel.interface import LOST_CAUSES
+from ..host.snapshot import COUNTED, Preexisting, list_sockets
+from ..kernel.interface import LOST_CAUSES, born_by
 from ..kernel.probe import Tracer, TracerOptions
 
 log = logging.getLogger(__name__)
@@ -96,20 +96,25 @@ class SocketTracking:
         socket the program follows but sock_diag no longer lists ended
         unseen: the program closes it (counted as end_unseen). A listed
         socket the program does not follow (older than tracing, or missed
-        for a full map) is counted from this snapshot until the program sees
-        it change state. Followed sockets are read before the snapshot for
-        the first (all of them existed before it), after it for the second
-        (a socket born meanwhile is in both: the program's count wins).
+        for a full map) is counted from this listing until the program sees
+        it change state.
+
+        The program's maps are read once, after the listing, a chunk at a
+        time, and only what is kept is kept (on a busy host both hold
+        hundreds of thousands of sockets): a socket is declared gone only
+        if the program followed it before the listing began (its lifecycle
+        id was given by then), since one born during the listing may have
+        been missed by it; a socket both lists have is the program's.
         """
         started = time.monotonic()
         losses = self.losses()
-        followed_before = self.tracer.followed()
+        marks = self.tracer.id_marks()
         filters = self.tracer.options
         if not self._watching_old_timewait:
-            # Before the snapshot: one of its timewait sockets may go right after it.
+            # Before the listing: one of its timewait sockets may go right after it.
             self._watching_old_timewait = self.tracer.watch_old_timewait(True)
         try:
-            snapshot = take_snapshot(self.netns, filters.ports, filters.family, filters.pid)
+            listing = list_sockets(self.netns, filters.ports, filters.family, filters.pid)
         except (UserError, OSError) as err:
             self._heal_schedule.checked(started, losses, fixed=False)  # not retried at once
             if self.preexisting is None:
@@ -119,20 +124,24 @@ class SocketTracking:
                 )
                 self.preexisting = Preexisting([], time.time())
             return
-        listed = snapshot.keys()
-        # With --pid the listing has only that process's sockets: not its
-        # orphans or timewait sockets, which no process holds. Not a proof
-        # of death, then.
-        gone = [
-            sock
-            for sock in followed_before
-            if filters.pid is None
-            and sock.pair.netns == self.netns
-            and sock.state in COUNTED
-            and sock.pair not in listed
-        ]
+        listed = listing.records
+        gone = []
+        for sock in self.tracer.followed():
+            if sock.pair in listed:
+                listed[sock.pair] = None  # followed: the program's count wins
+            # With --pid the listing has only that process's sockets: not its
+            # orphans or timewait sockets, which no process holds. Not a proof
+            # of death, then.
+            elif (
+                filters.pid is None
+                and sock.pair.netns == self.netns
+                and sock.state in COUNTED
+                and born_by(sock.sock_id, marks)
+            ):
+                gone.append(sock)
         ended = self.tracer.end_gone(gone)
-        snapshot.drop(sock.pair for sock in self.tracer.followed())
+        snapshot = listing.preexisting()
+        del listing, listed
         previous = self.preexisting
         if previous is not None:
             snapshot.keep_ages_from(previous)
