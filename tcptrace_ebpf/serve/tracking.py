@@ -34,15 +34,22 @@ HEAL_INTERVAL_S = 30.0
 # back to the truth within HEAL_INTERVAL_S + HEAL_RECHECK_S plus two listings
 # after a loss (README, "Gauges heal").
 HEAL_RECHECK_S = 5.0
+# And this often with nothing recorded lost: the last word on a change the
+# kernel never gave the program at all (no loss to count), which would
+# otherwise stay in the gauges for good. A listing costs about 12 µs per
+# socket (bench/heal.py: 1.6 s for 128,000), so at most 0.5 % of a core.
+HEAL_RESYNC_S = 300.0
 
 
 @dataclass
 class HealSchedule:
     """When the gauges are next checked against sock_diag. After a loss: at
-    most every HEAL_INTERVAL_S. After a check that fixed something: again,
-    HEAL_RECHECK_S later the first time, then every HEAL_INTERVAL_S while
-    checks keep fixing something (a steady trickle of losses is checked no
-    more often than that, which bounds the cost of listing)."""
+    most every HEAL_INTERVAL_S. After a check that fixed something, and
+    after the start-up one (a socket that closed while it listed would stay
+    counted): again, HEAL_RECHECK_S later the first time, then every
+    HEAL_INTERVAL_S while checks keep fixing something (a steady trickle of
+    losses is checked no more often than that, which bounds the cost of
+    listing). Otherwise every HEAL_RESYNC_S."""
 
     last_check: float = float("-inf")
     losses_checked: int = 0  # the loss count the last check accounted for
@@ -54,10 +61,11 @@ class HealSchedule:
             return since >= HEAL_RECHECK_S
         if self.fixed_in_a_row > 1 or losses != self.losses_checked:
             return since >= HEAL_INTERVAL_S
-        return False
+        return since >= HEAL_RESYNC_S
 
     def checked(self, now: float, losses: int, fixed: bool) -> None:
-        self.fixed_in_a_row = self.fixed_in_a_row + 1 if fixed else 0
+        first = self.last_check == float("-inf")
+        self.fixed_in_a_row = self.fixed_in_a_row + 1 if fixed or first else 0
         self.last_check = now
         self.losses_checked = losses
 
