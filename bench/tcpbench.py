@@ -48,6 +48,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from tcptrace_ebpf.serve.tracking import HEAL_RECHECK_S
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -707,7 +709,10 @@ class Tracer:
         return "tracing started" in self.stderr_text()
 
     def _wait_quiet(self, deadline: float) -> None:
-        """Let start-up work finish (compiling, loading) before measuring."""
+        """Let start-up work finish (compiling, loading) before measuring;
+        for serve, the confirmation of its start-up listing too."""
+        if self.mode == MODE_SERVE:
+            time.sleep(HEAL_RECHECK_S + 1.0)
         previous = cpu_seconds(self.pid)
         while time.monotonic() < deadline:
             time.sleep(0.5)
