@@ -1,15 +1,15 @@
 """Sockets that existed before the exporter started, until the kernel sees them.
 
 The BPF program counts a socket once it sees it change state. Sockets that
-were already there are counted from a sock_diag snapshot taken at start-up
-(before the probes attach): each stays counted here, in the state the
-snapshot saw, until the program reports seeing it (the `adopted` map).
+were already there are counted from a sock_diag listing taken at start-up,
+just after the probes attach (and again at each heal: serve/tracking.py),
+less those the program follows: each stays counted here, in the state the
+listing saw, until the program reports seeing it (the `adopted` map).
 Timewait sockets never change state on the tracepoint: the program watches
 their timers instead and reports when one goes (early, by reuse of its
 address pair or a RST, or at its timer). Each is also forgotten once its
 timer, as the snapshot gave it, is well past due: the last word where the
-kernel cannot tell (see `tw_tuple` in `doctor`), and for one that went
-between the snapshot and the attach.
+kernel cannot tell (see `tw_tuple` in `doctor`).
 
 On a busy host the snapshot has hundreds of thousands of sockets: only
 compact records of them are kept. Sockets are keyed by their address pair
@@ -104,17 +104,6 @@ class Preexisting:
                 self._dests[record.pair.destination] += 1
         self._close_wait = {item.pair: item for item in close_wait}
 
-    @classmethod
-    def from_sockets(
-        cls,
-        sockets: Iterable[DiagSocket],
-        netns: int,
-        started: float,
-        comm_of_inode: Callable[[int], tuple[str, str]] = lambda inode: ("", ""),
-    ) -> Preexisting:
-        records, close_wait = compact(list(sockets), netns, started, comm_of_inode)
-        return cls(records, started, close_wait)
-
     def adopt(self, news: Iterable[tuple[AddressPair, int]], now: float | None = None) -> None:
         """What the kernel program reported (see Tracer.drain_adopted): sockets
         it now follows, and timewait sockets that went or live on."""
@@ -154,12 +143,6 @@ class Preexisting:
         """Every socket of the snapshot, timewait ones included."""
         with self._lock:
             return set(self._state) | set(self._timewait)
-
-    def drop(self, keys: Iterable[AddressPair]) -> None:
-        """Forget these sockets: the kernel program follows them already."""
-        with self._lock:
-            for key in keys:
-                self._forget(key)
 
     def keep_ages_from(self, earlier: Preexisting) -> None:
         """CLOSE_WAIT sockets an earlier snapshot had keep its (older) lower bound."""
