@@ -6,7 +6,7 @@ sockets each), then, in a fresh interpreter per round, imports
 `snapshot()` and once with `count_by_state()`, and reports the import time,
 the memory the import adds (VmRSS), the time per socket and the peak memory
 of a dump (VmHWM over the RSS before it). Then, in another fresh interpreter,
-what the daemon's start-up snapshot (`host.snapshot.take_snapshot`, every
+what the daemon's start-up snapshot (`host.snapshot.list_sockets`, every
 network namespace) costs it: time, and the RSS it adds and keeps. `ss -tanH`
 is timed for reference.
 
@@ -100,7 +100,7 @@ from tcptrace_ebpf.host import snapshot as preexisting
 gc.collect()
 rss_before = status("VmRSS")
 started = time.perf_counter()
-taken = preexisting.take_snapshot(os.stat("/proc/self/ns/net").st_ino)
+taken = preexisting.list_sockets(os.stat("/proc/self/ns/net").st_ino).preexisting()
 elapsed = time.perf_counter() - started
 gc.collect()
 left_kb = 0  # processes the snapshot left behind (multiprocessing's resource tracker)
@@ -242,7 +242,7 @@ def main() -> None:
         left = [r["children_left_kb"] / 1024 for r in rounds]
         print(f"  held sockets     {rounds[0]['held_sockets']}, digest {rounds[0]['digest']}")
         print(
-            f"  take_snapshot()  {spread(take, 1, 2)} s for {rounds[0]['kept']} sockets kept, "
+            f"  list_sockets()   {spread(take, 1, 2)} s for {rounds[0]['kept']} sockets kept, "
             f"+{spread(take_peak, 1, 1)} MB peak, +{spread(take_kept, 1, 1)} MB RSS kept, "
             f"child processes left: {spread(left, 1, 1)} MB RSS"
         )

@@ -296,14 +296,3 @@ def list_sockets(
     records, close_wait, started = _snapshot(netns, ports, family, pid, every_netns)
     by_pair: dict[AddressPair, Record | None] = {record.pair: record for record in records}
     return Listing(by_pair, close_wait, started)
-
-
-def take_snapshot(
-    netns: int,
-    ports: frozenset[int] = frozenset(),
-    family: int | None = None,
-    pid: int | None = None,
-    every_netns: bool = True,
-) -> Preexisting:
-    """The sockets there now, all counted (see list_sockets())."""
-    return list_sockets(netns, ports, family, pid, every_netns).preexisting()
