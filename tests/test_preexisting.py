@@ -13,7 +13,10 @@ from tcptrace_ebpf.host.snapshot import (
     OldCloseWait,
     Preexisting,
     Record,
+    record_of,
+    wanted,
 )
+from tcptrace_ebpf.host.sockdiag import DiagSocket
 from tcptrace_ebpf.kernel.interface import ADOPT_OLD_TIMEWAIT
 from tcptrace_ebpf.model.addresses import AddressPair
 from tcptrace_ebpf.model.states import TcpState
@@ -114,3 +117,34 @@ def test_a_listing_keeps_only_what_the_program_does_not_follow() -> None:
     assert kept.keys() == {leaking}
     assert [item.pair for item in kept.close_wait()] == [leaking]
     assert kept.counts() == {TcpState.CLOSE_WAIT: 1}
+
+
+def listed(state: int, lport: int, rport: int, inode: int, timewait: bool = False) -> DiagSocket:
+    return DiagSocket(
+        family=socket.AF_INET, state=state, laddr="127.0.0.1", lport=lport, raddr="127.0.0.2",
+        rport=rport, inode=inode, uid=0, recv_q=0, send_q=0, timer=3 if timewait else 0,
+        expires_ms=42_000, cookie=0, is_timewait=timewait,
+    )  # fmt: skip
+
+
+def test_what_is_kept_of_a_listed_socket() -> None:
+    """A connection whose local port listens is a server's; any other a
+    client's. Only a timewait socket keeps its timer."""
+    server = record_of(listed(TcpState.ESTABLISHED, 80, 40000, 7), NETNS, {80})
+    client = record_of(listed(TcpState.ESTABLISHED, 40000, 80, 8), NETNS, {80})
+    waiting = record_of(listed(TcpState.TIME_WAIT, 40001, 80, 0, timewait=True), NETNS, {80})
+    assert server == Record(key(80, 40000), TcpState.ESTABLISHED, timewait=False, client=False)
+    assert client == Record(key(40000), TcpState.ESTABLISHED, timewait=False, client=True)
+    assert waiting.expires_ms == 42_000
+    assert waiting.timewait
+    assert waiting.client
+
+
+def test_the_tracers_filters_apply_to_listed_sockets() -> None:
+    sock = listed(TcpState.ESTABLISHED, 40000, 80, 7)
+    assert wanted(sock, frozenset(), None, None)
+    assert wanted(sock, frozenset({80}), socket.AF_INET, None)
+    assert not wanted(sock, frozenset({443}), None, None)
+    assert not wanted(sock, frozenset(), socket.AF_INET6, None)
+    assert wanted(sock, frozenset(), None, {7})  # --pid: the process holds inode 7
+    assert not wanted(sock, frozenset(), None, {8})

@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -27,7 +28,9 @@ from support import wait_for as support_wait_for
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.host import sockdiag
 from tcptrace_ebpf.host.netns import run_in
+from tcptrace_ebpf.host.snapshot import list_sockets
 from tcptrace_ebpf.host.sockdiag import DiagSocket
+from tcptrace_ebpf.model.addresses import AddressPair
 from tcptrace_ebpf.model.states import SHORT_NAMES, TcpState
 
 T = TypeVar("T")
@@ -278,6 +281,33 @@ def test_count_by_state(tcp: Loopback) -> None:
     assert set(counts) == {TcpState.CLOSE_WAIT}
     assert counts[TcpState.CLOSE_WAIT] >= 3
     assert sockdiag.count_by_state([TcpState.LISTEN], [socket.AF_INET])[TcpState.LISTEN] >= 1
+
+
+def test_a_listing_keeps_each_counted_socket_compacted(tcp: Loopback) -> None:
+    """serve's listing (every socket compacted as it is decoded): who made
+    each connection, and who holds the ones in CLOSE_WAIT."""
+    listener = tcp.listener()
+    client, _server = tcp.pair(listener)
+    leaving, leaking = tcp.pair(listener)
+    leaving_port = port(leaving)
+    leaving.close()
+    wait_for_state(port(listener), leaving_port, TcpState.CLOSE_WAIT)
+    netns = os.stat("/proc/self/ns/net").st_ino
+
+    def pair(lport: int, rport: int) -> AddressPair:
+        return AddressPair(netns, socket.AF_INET, "127.0.0.1", lport, "127.0.0.1", rport)
+
+    listing = list_sockets(netns, every_netns=False)
+    made = listing.records[pair(port(client), port(listener))]
+    accepted = listing.records[pair(port(listener), port(client))]
+    assert made is not None
+    assert made.client
+    assert accepted is not None
+    assert not accepted.client
+    held = [item for item in listing.close_wait if item.pair == pair(port(listener), leaving_port)]
+    assert [(item.inode, item.comm) for item in held] == [
+        (os.fstat(leaking.fileno()).st_ino, Path("/proc/self/comm").read_text().strip())
+    ]
 
 
 def test_bound_inactive_socket_is_reported_as_close(tcp: Loopback) -> None:

@@ -44,7 +44,7 @@ def gather(
     and ages."""
     now = time.time() if now is None else now
 
-    def listed() -> list[sockdiag.DiagSocket]:
+    def listed(_netns: int) -> list[sockdiag.DiagSocket]:
         return sockdiag.snapshot(states=[TcpState.CLOSE_WAIT])
 
     # A namespace with no ESTABLISHED or CLOSE_WAIT socket (CurrEstab counts

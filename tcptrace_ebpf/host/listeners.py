@@ -61,7 +61,7 @@ def collect_listener_seeds(every_netns: bool = True) -> list[ListenerSeed]:
     from .netns import in_each_netns
     from .workloads import cgroup_id_of_pid
 
-    def listed() -> list[DiagSocket]:
+    def listed(_netns: int) -> list[DiagSocket]:
         return sockdiag.snapshot(states=[TcpState.LISTEN])
 
     try:

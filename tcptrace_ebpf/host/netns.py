@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -92,22 +93,22 @@ def run_in(path: str, function: Callable[[], T]) -> T:
 
 def in_each_netns(
     own: int,
-    function: Callable[[], T],
+    function: Callable[[int], T],
     every_netns: bool = True,
     worth_entering: Callable[[str], bool] | None = None,
 ) -> list[tuple[int, T]]:
-    """`function()` here (network namespace `own`, its inode) and, with
+    """`function(inode)` here (network namespace `own`, its inode) and, with
     `every_netns`, in every other network namespace (pods have their own),
     each result with its namespace's inode. Here, an error is raised; a
     namespace gone meanwhile, or not ours to enter, is passed over, as is
     one `worth_entering(path)` says is not (entering one costs a thread)."""
-    results = [(own, function())]
+    results = [(own, function(own))]
     if every_netns:
         for inode, path in namespaces().items():
             if inode == own or (worth_entering is not None and not worth_entering(path)):
                 continue
             try:
-                results.append((inode, run_in(path, function)))
+                results.append((inode, run_in(path, functools.partial(function, inode))))
             except (UserError, OSError):
                 continue
     return results

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from ..kernel.interface import ADOPT_OLD_TIMEWAIT
@@ -176,93 +176,30 @@ class Preexisting:
             return len(self._state) + len(self._timewait)
 
 
-def compact(
-    sockets: list[DiagSocket],
-    netns: int,
-    started: float,
-    comm_of_inode: Callable[[int], tuple[str, str]],
-) -> tuple[list[Record], list[OldCloseWait]]:
-    """Records to keep, and the sockets already in CLOSE_WAIT (pure), of one
-    network namespace's sockets. `comm_of_inode` gives the program holding a
-    socket and its cgroup path."""
-    listening = {sock.lport for sock in sockets if sock.state == TcpState.LISTEN}
-    records = []
-    close_wait = []
-    for sock in sockets:
-        if sock.state not in COUNTED:
-            continue
-        key = AddressPair.of(sock, netns)
-        # A connection whose local port is not listening was made by connect().
-        client = sock.state != TcpState.LISTEN and sock.lport not in listening
-        expires_ms = sock.expires_ms if sock.is_timewait else 0
-        records.append(Record(key, int(sock.state), sock.is_timewait, client, expires_ms))
-        if sock.state == TcpState.CLOSE_WAIT and not sock.is_timewait:
-            comm, cgroup = comm_of_inode(sock.inode)
-            close_wait.append(OldCloseWait(key, sock.inode, started, comm, cgroup))
-    return records, close_wait
+def record_of(sock: DiagSocket, netns: int, listening: Collection[int]) -> Record:
+    """What is kept of one listed socket (pure). `listening`: the ports
+    listening in its network namespace."""
+    # A connection whose local port is not listening was made by connect().
+    client = sock.state != TcpState.LISTEN and sock.lport not in listening
+    expires_ms = sock.expires_ms if sock.is_timewait else 0
+    return Record(
+        AddressPair.of(sock, netns), int(sock.state), sock.is_timewait, client, expires_ms
+    )
 
 
 def wanted(
     sock: DiagSocket,
     ports: frozenset[int],
     family: int | None,
-    pid: int | None,
-    holders: dict[int, list[int]],
+    held: Collection[int] | None,
 ) -> bool:
-    """The tracer's filters, applied to a snapshot socket."""
+    """The tracer's filters, applied to a listed socket. `held`: with --pid,
+    the socket inodes that process holds."""
     if ports and sock.lport not in ports and sock.rport not in ports:
         return False
     if family is not None and sock.family != family:
         return False
-    return pid is None or pid in holders.get(sock.inode, ())
-
-
-def _snapshot(
-    netns: int,
-    ports: frozenset[int],
-    family: int | None,
-    pid: int | None,
-    every_netns: bool = True,
-) -> tuple[list[Record], list[OldCloseWait], float]:
-    """List the sockets of our network namespace and, with `every_netns`, of
-    every other one (pods have their own), and keep what the daemon needs."""
-    from . import procfs, sockdiag
-    from .netns import in_each_netns
-
-    # A namespace not listed (gone meanwhile, or not ours to enter) is
-    # counted from its first change.
-    per_netns = in_each_netns(netns, sockdiag.snapshot, every_netns)
-    started = time.time()
-    every = [sock for _inode, sockets in per_netns for sock in sockets]
-    if pid is not None:
-        all_holders = procfs.socket_holders({sock.inode for sock in every if sock.inode})
-    else:
-        all_holders = {}
-    leaking = {
-        sock.inode
-        for sock in every
-        if sock.state == TcpState.CLOSE_WAIT
-        and sock.inode
-        and wanted(sock, ports, family, pid, all_holders)
-    }
-    # Socket inodes are unique on the host: one search of /proc for every namespace.
-    holders = procfs.socket_holders(leaking) if leaking else {}
-
-    def comm_of_inode(inode: int) -> tuple[str, str]:
-        for holder in holders.get(inode, []):
-            info = procfs.process_info(holder)
-            if info is not None:
-                return info.comm, info.cgroup
-        return "", ""
-
-    records: list[Record] = []
-    close_wait: list[OldCloseWait] = []
-    for inode, sockets in per_netns:
-        kept = [sock for sock in sockets if wanted(sock, ports, family, pid, all_holders)]
-        more_records, more_close_wait = compact(kept, inode, started, comm_of_inode)
-        records += more_records
-        close_wait += more_close_wait
-    return records, close_wait, started
+    return held is None or sock.inode in held
 
 
 @dataclass
@@ -291,8 +228,52 @@ def list_sockets(
     every_netns: bool = True,
 ) -> Listing:
     """sock_diag listing of the TCP sockets the filters want, now, in this
-    network namespace and (`every_netns`) all others, with the programs
-    holding the ones already in CLOSE_WAIT."""
-    records, close_wait, started = _snapshot(netns, ports, family, pid, every_netns)
-    by_pair: dict[AddressPair, Record | None] = {record.pair: record for record in records}
-    return Listing(by_pair, close_wait, started)
+    network namespace and (`every_netns`) all others (pods have their own),
+    with the programs holding the ones already in CLOSE_WAIT. Each socket
+    is compacted as it is decoded: a busy host's hundreds of thousands are
+    never all held as decoded rows."""
+    from . import procfs, sockdiag
+    from .netns import in_each_netns
+
+    # With --pid, only the sockets that process holds (its open files).
+    held = set(procfs.socket_holders(pids=[pid])) if pid is not None else None
+    Found = tuple[dict[AddressPair, Record | None], list[tuple[AddressPair, int]]]
+
+    def list_here(inode: int) -> Found:
+        records: dict[AddressPair, Record | None] = {}
+        leaking: list[tuple[AddressPair, int]] = []  # in CLOSE_WAIT: pair, socket inode
+        listening = {sock.lport for sock in sockdiag.snapshot(states=[TcpState.LISTEN])}
+
+        def keep(sock: DiagSocket) -> None:
+            if sock.state in COUNTED and wanted(sock, ports, family, held):
+                record = record_of(sock, inode, listening)
+                records[record.pair] = record
+                if sock.state == TcpState.CLOSE_WAIT and not sock.is_timewait:
+                    leaking.append((record.pair, sock.inode))
+
+        sockdiag.for_each(keep)
+        return records, leaking
+
+    # A namespace not listed (gone meanwhile, or not ours to enter) is
+    # counted from its first change.
+    per_netns = in_each_netns(netns, list_here, every_netns)
+    started = time.time()
+    records, leaking = per_netns[0][1]  # our own namespace: usually most of them
+    for _inode, (more, more_leaking) in per_netns[1:]:
+        records.update(more)
+        leaking += more_leaking
+    # Socket inodes are unique on the host: one search of /proc for every namespace.
+    inodes = {inode for _pair, inode in leaking if inode}
+    holders = procfs.socket_holders(inodes) if inodes else {}
+
+    def comm_of_inode(inode: int) -> tuple[str, str]:
+        for holder in holders.get(inode, []):
+            info = procfs.process_info(holder)
+            if info is not None:
+                return info.comm, info.cgroup
+        return "", ""
+
+    close_wait = [
+        OldCloseWait(pair, inode, started, *comm_of_inode(inode)) for pair, inode in leaking
+    ]
+    return Listing(records, close_wait, started)

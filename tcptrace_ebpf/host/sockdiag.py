@@ -150,13 +150,34 @@ def snapshot(
     Raises UserError when sock_diag cannot be used, ValueError for an unknown
     state number or a family other than AF_INET / AF_INET6.
     """
+    sockets: list[DiagSocket] = []
+    for_each(sockets.append, states, families)
+    return sockets
+
+
+def for_each(
+    handle: Callable[[DiagSocket], None],
+    states: Iterable[int] | None = None,
+    families: Iterable[int] = (socket.AF_INET, socket.AF_INET6),
+) -> None:
+    """snapshot(), each socket handed to `handle` as it is decoded and not
+    kept here: a caller that keeps less of each never holds them all."""
     mask = state_mask(states)
     wanted_families = _checked_families(families)
-    sockets: list[DiagSocket] = []
     with _open_diag_socket() as diag:
         for family in wanted_families:
-            sockets.extend(_dump(diag, family, mask, _SocketDecoder().decode))
-    return sockets
+            _dump(diag, family, mask, _handing(_SocketDecoder().decode, handle))
+
+
+def _handing(
+    decode: Callable[[bytes, int], DiagSocket], handle: Callable[[DiagSocket], None]
+) -> Callable[[bytes, int], None]:
+    """A decode for _dump() that hands each socket on and keeps none."""
+
+    def decode_and_hand(data: bytes, offset: int) -> None:
+        handle(decode(data, offset))
+
+    return decode_and_hand
 
 
 def count_by_state(
@@ -211,7 +232,7 @@ def _request(family: int, mask: int) -> bytes:
 
 
 def _dump(
-    diag: socket.socket, family: int, mask: int, decode: Callable[[bytes, int], T]
+    diag: socket.socket, family: int, mask: int, decode: Callable[[bytes, int], T | None]
 ) -> list[T]:
     """Every reply to one dump request, each message given to `decode` as
     (buffer, offset of its struct inet_diag_msg)."""
@@ -234,7 +255,7 @@ def _dump(
 
 
 def _decode_replies(
-    data: bytes, family: int, decode: Callable[[bytes, int], T], decoded: list[T]
+    data: bytes, family: int, decode: Callable[[bytes, int], T | None], decoded: list[T]
 ) -> bool:
     """Decode one datagram of netlink messages into `decoded`; True once the
     dump is done. Raises UserError for an error reply or a malformed message."""
@@ -256,7 +277,9 @@ def _decode_replies(
             elif kind == _SOCK_DIAG_BY_FAMILY:
                 if length < _HEADER.size + _MESSAGE.size:
                     raise UserError(f"malformed sock_diag reply (socket of {length} bytes)")
-                decoded.append(decode(data, offset + _HEADER.size))
+                item = decode(data, offset + _HEADER.size)
+                if item is not None:  # None: handled by `decode` itself (for_each)
+                    decoded.append(item)
         offset += (length + 3) & ~3  # messages are 4-byte aligned
     return False
 
