@@ -3,11 +3,14 @@ logic, no root): the bound the README states depends on it."""
 
 from __future__ import annotations
 
+from tcptrace_ebpf.kernel.interface import ADOPT_OLD_TIMEWAIT
+from tcptrace_ebpf.model.states import TcpState
 from tcptrace_ebpf.serve.tracking import (
     HEAL_INTERVAL_S,
     HEAL_RECHECK_S,
     HEAL_RESYNC_S,
     HealSchedule,
+    closed_into_timewait,
 )
 
 
@@ -69,3 +72,16 @@ def test_worst_case_after_a_loss_is_interval_plus_recheck() -> None:
     schedule.checked(check, losses=1, fixed=True)
     confirm = next(check + t / 10 for t in range(1, 1000) if schedule.due(check + t / 10, losses=1))
     assert confirm - loss_at <= HEAL_INTERVAL_S + HEAL_RECHECK_S
+
+
+def test_an_unfollowed_socket_closing_into_time_wait_calls_for_a_check() -> None:
+    """The program follows no timewait socket whose full socket it did not
+    follow: news of one first seen leaving FIN_WAIT2 or CLOSING makes a
+    check due, which lists it. Other news does not."""
+    assert closed_into_timewait(TcpState.FIN_WAIT2)
+    assert closed_into_timewait(TcpState.CLOSING)
+    assert not closed_into_timewait(TcpState.ESTABLISHED)
+    assert not closed_into_timewait(TcpState.LAST_ACK)
+    # News of a timewait socket older than tracing (its end, or a re-arm).
+    assert not closed_into_timewait(ADOPT_OLD_TIMEWAIT | TcpState.FIN_WAIT2)
+    assert not closed_into_timewait(ADOPT_OLD_TIMEWAIT | TcpState.CLOSE)
