@@ -375,14 +375,21 @@ def test_gauges_heal_after_a_loss() -> None:
                 lambda: ss_counts(port)["TIME_WAIT"] == pairs_wanted,
                 what=lambda: f"every client in TIME_WAIT: ss {dict(ss_counts(port))}",
             )
-            wait_for(
-                lambda: gauge_matches_ss(http_port, port, states, seen),
-                timeout=75,
-                interval=1,
-                what=lambda: f"gauge {seen.get('gauge')} vs ss {seen.get('ss')}",
-            )
+            # How the gauge came back, said if it did not while the
+            # timewait sockets lived (60 s): when it differed from ss, and how.
+            differed: list[tuple[float, dict[str, float]]] = []
+
+            def healed() -> bool:
+                if gauge_matches_ss(http_port, port, states, seen):
+                    return True
+                gauge, truth = seen["gauge"], seen["ss"]
+                off = {s: gauge[s] - truth[s] for s in states if gauge[s] != truth[s]}
+                differed.append((round(time.monotonic() - closed, 1), off))
+                return False
+
+            wait_for(healed, timeout=75, interval=1, what=lambda: f"gauge - ss: {differed[-5:]}")
             assert time.monotonic() - closed <= deadline(60)
-            assert seen["ss"]["TIME_WAIT"] == pairs_wanted
+            assert seen["ss"]["TIME_WAIT"] == pairs_wanted, f"gauge - ss: {differed}"
         finally:
             for sock in held:
                 sock.close()
