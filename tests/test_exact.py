@@ -388,7 +388,7 @@ def test_gauges_heal_after_a_loss() -> None:
                 return False
 
             wait_for(healed, timeout=75, interval=1, what=lambda: f"gauge - ss: {differed[-5:]}")
-            assert time.monotonic() - closed <= deadline(60)
+            assert time.monotonic() - closed <= deadline(60), f"gauge - ss: {differed}"
             assert seen["ss"]["TIME_WAIT"] == pairs_wanted, f"gauge - ss: {differed}"
         finally:
             for sock in held:
