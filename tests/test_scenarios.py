@@ -49,6 +49,25 @@ def path(life: dict[str, Any]) -> list[str]:
     return [span["state"] for span in life["states"]]
 
 
+def whole(run: Any, life: dict[str, Any], expected: list[str]) -> bool:
+    """Check a lifecycle's state path; True when it is whole, so the rest of
+    it can be checked exactly. Rarely the kernel skips our program on a
+    change (an interrupt ran the same tracepoint while our program ran on
+    that CPU); then the lifecycle must say its events were lost, the run's
+    summary must count the loss, and the states it shows must be the
+    expected ones as far as they go."""
+    seen = path(life)
+    if not life["events_lost"]:
+        assert seen == expected, life
+        return True
+    summary = run.stderr[-1]
+    lost = re.search(r"(\d+) lost", summary)
+    assert lost, summary
+    assert int(lost.group(1)) > 0, (life, summary)
+    assert seen == expected[: len(seen)], (life, summary)
+    return False
+
+
 def span(life: dict[str, Any], state: str) -> dict[str, Any]:
     return next(s for s in life["states"] if s["state"] == state)
 
@@ -214,13 +233,13 @@ def test_server_closes_first() -> None:
     lives = lifecycles_on(run, port)
 
     child = pick(lives, "server", rport=cport)
-    assert path(child) == ["SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"]
-    assert child["close"] == "active"
-    assert child["complete"] is True
-    assert child["time_wait_end"] == "reused"
     assert child["pid"] == server_pid
-    assert_sane(child)
-    assert span(child, "TIME_WAIT")["duration_s"] < 5.0
+    if whole(run, child, ["SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"]):
+        assert child["close"] == "active"
+        assert child["complete"] is True
+        assert child["time_wait_end"] == "reused"
+        assert_sane(child)
+        assert span(child, "TIME_WAIT")["duration_s"] < 5.0
 
     first = pick(lives, "client", lport=cport)
     assert path(first) == ["SYN_SENT", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"]
