@@ -150,9 +150,10 @@ BPF_F_TABLE("hash", u64, struct tt_close_wait, close_wait, MAX_CLOSE_WAIT, BPF_F
  */
 BPF_F_TABLE("hash", struct tt_dest, s64, dest_ports, MAX_DESTS, BPF_F_NO_PREALLOC);
 /*
- * Pre-existing sockets seen for the first time (value: the state they left),
- * and news of pre-existing timewait sockets (TT_ADOPT_OLD_TIMEWAIT | state:
- * CLOSE once gone, or the state it is still in after its timer was re-armed).
+ * Pre-existing sockets the program now follows, or saw close (value: the
+ * state they were first seen leaving), and news of pre-existing timewait
+ * sockets (TT_ADOPT_OLD_TIMEWAIT | state: CLOSE once gone, or the state it
+ * is still in after its timer was re-armed).
  * Drained by user space, which counts those sockets from its snapshot.
  */
 BPF_F_TABLE("hash", struct tt_tuple, u8, adopted, MAX_ADOPTED, BPF_F_NO_PREALLOC);

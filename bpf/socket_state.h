@@ -182,12 +182,7 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 	if (!(id->flags & TT_SF_PREEXISTING))
 		id->birth_ns = now;
 #if COLLECT_METRICS
-	if (id->flags & TT_SF_PREEXISTING) {
-		/* User space counted it from its start-up snapshot: tell it we have it now. */
-		u8 state = old;
-		if (adopted.update(t, &state) != 0)
-			count(TT_C_LOST_ADOPTED_MAP);
-	} else if (id->role != TT_ROLE_LISTENER) {
+	if (!(id->flags & TT_SF_PREEXISTING) && id->role != TT_ROLE_LISTENER) {
 #if PORT_SLOTS > 1
 		if (id->role == TT_ROLE_SERVER) {
 			u16 port = t->sport;
@@ -203,6 +198,22 @@ static __always_inline bool first_sight(struct tt_sock *fresh, struct tt_tuple *
 	}
 #endif
 	return true;
+}
+
+/*
+ * A socket older than tracing (or missed for a full map), first seen
+ * leaving `old`: user space counts it from its listing until told the
+ * program has it, here once the program follows it (or saw it close).
+ */
+static __always_inline void tell_adopted(const struct tt_ident *id, struct tt_tuple *t, u8 old)
+{
+#if COLLECT_METRICS
+	if (!(id->flags & TT_SF_PREEXISTING))
+		return;
+	u8 state = old;
+	if (adopted.update(t, &state) != 0)
+		count(TT_C_LOST_ADOPTED_MAP);
+#endif
 }
 
 /*
@@ -365,9 +376,13 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		fresh.tuple = t;
 		if (old == TT_LISTEN && new == TT_SYN_RECV && !t.dport)
 			fresh.id.pair_pending = 1;
-		if (new == TT_CLOSE) {
-			/* Born and gone in one step, or first seen on its way out. */
+		/*
+		 * Born and gone in one step, or first seen on its way out. (Into
+		 * a timewait socket: followed below, like any, so it is counted.)
+		 */
+		if (new == TT_CLOSE && !tw) {
 			u32 once = old == TT_SYN_SENT && !syn_sent(sk, typed) ? TT_EVF_NO_SYN : 0;
+			tell_adopted(&fresh.id, &t, old);
 			step(args, key, &fresh.id, &t, new, now, once, TT_TW_END_NONE);
 			return 0;
 		}
@@ -387,6 +402,7 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 #endif
 			return 0;
 		}
+		tell_adopted(&fresh.id, &t, old);
 		s = socks.lookup(&key);
 		if (!s)
 			return 0;

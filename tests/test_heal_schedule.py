@@ -1,16 +1,21 @@
-"""When serve checks its socket gauges against sock_diag after a loss (pure
-logic, no root): the bound the README states depends on it."""
+"""When serve checks its socket gauges against sock_diag after a loss, and
+how a check matches the listing with what the program follows (pure logic,
+no root): the bound the README states depends on them."""
 
 from __future__ import annotations
 
-from tcptrace_ebpf.kernel.interface import ADOPT_OLD_TIMEWAIT
+import socket
+
+from tcptrace_ebpf.host.snapshot import Record
+from tcptrace_ebpf.kernel.probe import FollowedSocket
+from tcptrace_ebpf.model.addresses import AddressPair
 from tcptrace_ebpf.model.states import TcpState
 from tcptrace_ebpf.serve.tracking import (
     HEAL_INTERVAL_S,
     HEAL_RECHECK_S,
     HEAL_RESYNC_S,
     HealSchedule,
-    closed_into_timewait,
+    reconcile,
 )
 
 
@@ -74,14 +79,45 @@ def test_worst_case_after_a_loss_is_interval_plus_recheck() -> None:
     assert confirm - loss_at <= HEAL_INTERVAL_S + HEAL_RECHECK_S
 
 
-def test_an_unfollowed_socket_closing_into_time_wait_calls_for_a_check() -> None:
-    """The program follows no timewait socket whose full socket it did not
-    follow: news of one first seen leaving FIN_WAIT2 or CLOSING makes a
-    check due, which lists it. Other news does not."""
-    assert closed_into_timewait(TcpState.FIN_WAIT2)
-    assert closed_into_timewait(TcpState.CLOSING)
-    assert not closed_into_timewait(TcpState.ESTABLISHED)
-    assert not closed_into_timewait(TcpState.LAST_ACK)
-    # News of a timewait socket older than tracing (its end, or a re-arm).
-    assert not closed_into_timewait(ADOPT_OLD_TIMEWAIT | TcpState.FIN_WAIT2)
-    assert not closed_into_timewait(ADOPT_OLD_TIMEWAIT | TcpState.CLOSE)
+def pair(lport: int) -> AddressPair:
+    return AddressPair(1, socket.AF_INET, "127.0.0.1", lport, "127.0.0.1", 80)
+
+
+def followed(lport: int, state: TcpState, timewait: bool = False) -> FollowedSocket:
+    return FollowedSocket(
+        address=lport, sock_id=lport, state=state, pair=pair(lport), timewait=timewait
+    )
+
+
+def test_a_check_ends_what_the_listing_shows_gone() -> None:
+    """A followed socket the listing has is the program's to count; one it
+    lacks is gone. So is a full socket whose pair the listing has as a
+    timewait socket: the kernel skipped the program on its way there (seen
+    under load: 64 in FIN_WAIT1 whose timewait sockets nothing counted). A
+    timewait socket the program follows there keeps it."""
+    listed: dict[AddressPair, Record | None] = {
+        pair(1): Record(pair(1), TcpState.ESTABLISHED, timewait=False, client=True),
+        pair(2): Record(pair(2), TcpState.TIME_WAIT, timewait=True, client=True),
+        pair(3): Record(pair(3), TcpState.TIME_WAIT, timewait=True, client=True),
+        pair(4): Record(pair(4), TcpState.TIME_WAIT, timewait=True, client=True),
+    }
+    sockets = [
+        followed(1, TcpState.ESTABLISHED),
+        followed(2, TcpState.FIN_WAIT1),  # its close into TIME_WAIT unseen
+        followed(3, TcpState.FIN_WAIT1),  # the same, but then followed as timewait
+        followed(5, TcpState.CLOSE_WAIT),  # not listed
+        followed(3, TcpState.TIME_WAIT, timewait=True),
+        followed(4, TcpState.TIME_WAIT, timewait=True),
+    ]
+    gone = reconcile(listed, sockets, lambda sock: True)
+    assert [(sock.pair.lport, sock.state) for sock in gone] == [
+        (2, TcpState.FIN_WAIT1),
+        (3, TcpState.FIN_WAIT1),
+        (5, TcpState.CLOSE_WAIT),
+    ]
+    # Counted from the listing: only the timewait socket nothing follows.
+    assert [key.lport for key, record in listed.items() if record is not None] == [2]
+    # Not provably gone (born during the listing, say): neither ended nor marked.
+    listed = {pair(2): Record(pair(2), TcpState.TIME_WAIT, timewait=True, client=True)}
+    assert reconcile(listed, [followed(2, TcpState.FIN_WAIT1)], lambda sock: False) == []
+    assert listed[pair(2)] is not None

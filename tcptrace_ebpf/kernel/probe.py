@@ -292,6 +292,7 @@ class FollowedSocket:
     sock_id: int
     state: int
     pair: AddressPair
+    timewait: bool  # a timewait socket (else a full one)
 
 
 @dataclass
@@ -590,6 +591,7 @@ class Tracer:
                     sock_id=int(value.id.sock_id),
                     state=int(value.id.state),
                     pair=pair_of_tuple(value.tuple),
+                    timewait=name == "timewait",
                 )
 
     def id_marks(self) -> list[int]:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..host.snapshot import COUNTED, Preexisting, list_sockets
-from ..kernel.interface import ADOPT_OLD_TIMEWAIT, LOST_CAUSES, born_by
-from ..kernel.probe import Tracer, TracerOptions
-from ..model.states import TcpState
+from ..host.snapshot import COUNTED, Preexisting, Record, list_sockets
+from ..kernel.interface import LOST_CAUSES, born_by
+from ..kernel.probe import FollowedSocket, Tracer, TracerOptions
+from ..model.addresses import AddressPair
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,27 @@ class HealSchedule:
         self.losses_checked = losses
 
 
-def closed_into_timewait(adopted: int) -> bool:
-    """Whether news from the `adopted` map says a socket the program did not
-    follow (older than tracing, or missed for a full map) was first seen
-    leaving FIN_WAIT2 or CLOSING: it closed, most likely into TIME_WAIT, and
-    the program follows no timewait socket whose full socket it did not
-    follow. Counted nowhere then: a check (heal) is due, which lists it."""
-    return not adopted & ADOPT_OLD_TIMEWAIT and adopted in (TcpState.FIN_WAIT2, TcpState.CLOSING)
+def reconcile(
+    listed: dict[AddressPair, Record | None],
+    followed: Iterable[FollowedSocket],
+    provably_gone: Callable[[FollowedSocket], bool],
+) -> list[FollowedSocket]:
+    """Match a listing with the sockets the program follows: mark in `listed`
+    those it follows (None: the program's count wins) and return those it
+    follows that the listing shows gone (if `provably_gone` agrees). A full
+    socket whose pair is listed as a timewait socket is gone too: the kernel
+    skipped the program as it closed (it comes before any timewait socket
+    the program follows there: full sockets come first in followed())."""
+    gone = []
+    for sock in followed:
+        if sock.pair in listed:
+            record = listed[sock.pair]
+            if record is None or not record.timewait or sock.timewait:
+                listed[sock.pair] = None
+                continue
+        if provably_gone(sock):
+            gone.append(sock)
+    return gone
 
 
 class SocketTracking:
@@ -94,7 +108,6 @@ class SocketTracking:
         self.preexisting: Preexisting | None = None
         self._watching_old_timewait = False
         self._heal_schedule = HealSchedule()
-        self._timewait_unfollowed = 0  # see closed_into_timewait()
 
     def start(self) -> None:
         """Load and attach the program, then count the sockets already there."""
@@ -112,8 +125,9 @@ class SocketTracking:
         """Make the counted sockets what sock_diag lists (this namespace).
 
         Run once the probes are attached, then after any recorded loss. A
-        socket the program follows but sock_diag no longer lists ended
-        unseen: the program closes it (counted as end_unseen). A listed
+        socket the program follows but sock_diag no longer lists (or lists
+        as a timewait socket, see reconcile()) ended unseen: the program
+        closes it (counted as end_unseen). A listed
         socket the program does not follow (older than tracing, or missed
         for a full map) is counted from this listing until the program sees
         it change state.
@@ -143,24 +157,22 @@ class SocketTracking:
                 )
                 self.preexisting = Preexisting([], time.time())
             return
-        listed = listing.records
-        gone = []
-        for sock in self.tracer.followed():
-            if sock.pair in listed:
-                listed[sock.pair] = None  # followed: the program's count wins
-            # With --pid the listing has only that process's sockets: not its
-            # orphans or timewait sockets, which no process holds. Not a proof
-            # of death, then.
-            elif (
+        # With --pid the listing has only that process's sockets: not its
+        # orphans or timewait sockets, which no process holds. Not a proof
+        # of death, then.
+        gone = reconcile(
+            listing.records,
+            self.tracer.followed(),
+            lambda sock: (
                 filters.pid is None
                 and sock.pair.netns == self.netns
                 and sock.state in COUNTED
                 and born_by(sock.sock_id, marks)
-            ):
-                gone.append(sock)
+            ),
+        )
         ended = self.tracer.end_gone(gone)
         snapshot = listing.preexisting()
-        del listing, listed
+        del listing
         previous = self.preexisting
         if previous is not None:
             snapshot.keep_ages_from(previous)
@@ -175,11 +187,9 @@ class SocketTracking:
         self._heal_schedule.checked(started, losses, fixed=bool(ended or found))
 
     def losses(self) -> int:
-        """What calls for a check: everything counted as lost so far (the
-        counters with a loss cause), and the unfollowed sockets seen closing
-        into TIME_WAIT."""
+        """Everything counted as lost so far (the counters with a loss cause)."""
         counters = self.tracer.counters()
-        return sum(counters.get(name, 0) for name in LOST_CAUSES) + self._timewait_unfollowed
+        return sum(counters.get(name, 0) for name in LOST_CAUSES)
 
     def tick(self) -> None:
         """Housekeeping, once a second: sweep what waits in the kernel, heal
@@ -188,9 +198,7 @@ class SocketTracking:
         if self._heal_schedule.due(time.monotonic(), self.losses()):
             self.heal()
         if self.preexisting is not None:
-            news = self.tracer.drain_adopted()
-            self._timewait_unfollowed += sum(closed_into_timewait(value) for _pair, value in news)
-            self.preexisting.adopt(news)
+            self.preexisting.adopt(self.tracer.drain_adopted())
             self.preexisting.expire_timewait()
             if self._watching_old_timewait and not self.preexisting.has_timewait:
                 # All gone: spare every timer cancel in the system the check.
