@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..host.memory import release_freed_memory
 from ..model.addresses import AddressPair, Destination
 from ..model.owners import ListenerSeed
 from . import bpfsys, buckets, loader
@@ -303,15 +303,6 @@ class KilledTimewait:
     killed_ns: int
 
 
-def _release_startup_memory() -> None:
-    """Give back to the system what start-up needed only once (the kernel's
-    BTF parsed for offsets, the program text): a long-running daemon should
-    not keep it as freed-but-held heap."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)  # glibc; elsewhere, nothing to do
-
-
 @dataclass
 class Tracer:
     """The loaded BPF program. Use as a context manager, or call close()."""
@@ -378,7 +369,9 @@ class Tracer:
         except BaseException:
             self.close()
             raise
-        _release_startup_memory()
+        # What start-up needed only once: the kernel's BTF parsed for
+        # offsets, the program text.
+        release_freed_memory()
 
     def _fill_filters(self) -> None:
         if self.options.ports:

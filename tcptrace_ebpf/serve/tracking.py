@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..host.memory import release_freed_memory
 from ..host.snapshot import COUNTED, Preexisting, Record, list_sockets
 from ..kernel.interface import LOST_CAUSES, born_by
 from ..kernel.probe import FollowedSocket, Tracer, TracerOptions
@@ -185,6 +186,7 @@ class SocketTracking:
         if ended or found:
             log.info("gauges healed: %d sockets gone unseen, %d found unfollowed", ended, found)
         self._heal_schedule.checked(started, losses, fixed=bool(ended or found))
+        release_freed_memory()  # the listing's, or each check leaves more heap held
 
     def losses(self) -> int:
         """Everything counted as lost so far (the counters with a loss cause)."""
