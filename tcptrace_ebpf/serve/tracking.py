@@ -128,10 +128,9 @@ class SocketTracking:
         Run once the probes are attached, then after any recorded loss. A
         socket the program follows but sock_diag no longer lists (or lists
         as a timewait socket, see reconcile()) ended unseen: the program
-        closes it (counted as end_unseen). A listed
-        socket the program does not follow (older than tracing, or missed
-        for a full map) is counted from this listing until the program sees
-        it change state.
+        closes it (counted as end_unseen). A listed socket the program does
+        not follow (older than tracing, or missed for a full map) is counted
+        from this listing until the program sees it change state.
 
         The program's maps are read once, after the listing, a chunk at a
         time, and only what is kept is kept (on a busy host both hold
