@@ -34,7 +34,7 @@ import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -166,18 +166,8 @@ def for_each(
     wanted_families = _checked_families(families)
     with _open_diag_socket() as diag:
         for family in wanted_families:
-            _dump(diag, family, mask, _handing(_SocketDecoder().decode, handle))
-
-
-def _handing(
-    decode: Callable[[bytes, int], DiagSocket], handle: Callable[[DiagSocket], None]
-) -> Callable[[bytes, int], None]:
-    """A decode for _dump() that hands each socket on and keeps none."""
-
-    def decode_and_hand(data: bytes, offset: int) -> None:
-        handle(decode(data, offset))
-
-    return decode_and_hand
+            for sock in _dump(diag, family, mask, _SocketDecoder().decode):
+                handle(sock)
 
 
 def count_by_state(
@@ -232,15 +222,15 @@ def _request(family: int, mask: int) -> bytes:
 
 
 def _dump(
-    diag: socket.socket, family: int, mask: int, decode: Callable[[bytes, int], T | None]
-) -> list[T]:
+    diag: socket.socket, family: int, mask: int, decode: Callable[[bytes, int], T]
+) -> Iterator[T]:
     """Every reply to one dump request, each message given to `decode` as
-    (buffer, offset of its struct inet_diag_msg)."""
+    (buffer, offset of its struct inet_diag_msg), yielded a datagram at a
+    time: only one datagram's worth is ever held here."""
     try:
         diag.sendall(_request(family, mask))
     except OSError as err:
         raise UserError(_dump_error_message(family, _errno(err))) from err
-    decoded: list[T] = []
     while True:
         try:
             data, _ancillary, flags, _address = diag.recvmsg(_RECEIVE_BUFFER)
@@ -250,12 +240,15 @@ def _dump(
             raise UserError(f"sock_diag reply larger than {_RECEIVE_BUFFER} bytes: not decoded")
         if not data:
             raise UserError(_dump_error_message(family, errno.EPIPE))
-        if _decode_replies(data, family, decode, decoded):
-            return decoded
+        decoded: list[T] = []
+        done = _decode_replies(data, family, decode, decoded)
+        yield from decoded
+        if done:
+            return
 
 
 def _decode_replies(
-    data: bytes, family: int, decode: Callable[[bytes, int], T | None], decoded: list[T]
+    data: bytes, family: int, decode: Callable[[bytes, int], T], decoded: list[T]
 ) -> bool:
     """Decode one datagram of netlink messages into `decoded`; True once the
     dump is done. Raises UserError for an error reply or a malformed message."""
@@ -277,9 +270,7 @@ def _decode_replies(
             elif kind == _SOCK_DIAG_BY_FAMILY:
                 if length < _HEADER.size + _MESSAGE.size:
                     raise UserError(f"malformed sock_diag reply (socket of {length} bytes)")
-                item = decode(data, offset + _HEADER.size)
-                if item is not None:  # None: handled by `decode` itself (for_each)
-                    decoded.append(item)
+                decoded.append(decode(data, offset + _HEADER.size))
         offset += (length + 3) & ~3  # messages are 4-byte aligned
     return False
 
