@@ -299,14 +299,21 @@ def test_socket_gauge_matches_ss() -> None:
         with serving("--port", str(port)) as (_run, http_port):
             held += make_sockets(listener, port, established=4, close_wait=3, time_wait=5)
             states = ("ESTABLISHED", "CLOSE_WAIT", "TIME_WAIT", "LISTEN", "FIN_WAIT2")
+            # Each client that shut down reaches FIN_WAIT2 only once its peer
+            # ACKs the FIN, which the kernel may delay (up to 200 ms): wait
+            # for all five, or `expected` would be taken before they settle.
             wait_for(
-                lambda: ss_counts(port)["TIME_WAIT"] == 7,
-                what=lambda: f"7 TIME_WAIT in ss, {time.monotonic() - made:.0f} s after the first",
+                lambda: ss_counts(port)["TIME_WAIT"] == 7 and ss_counts(port)["FIN_WAIT2"] == 5,
+                what=lambda: (
+                    f"7 TIME_WAIT and 5 FIN_WAIT2 in ss, "
+                    f"{time.monotonic() - made:.0f} s after the first: {dict(ss_counts(port))}"
+                ),
             )
             expected = ss_counts(port)
             assert expected["ESTABLISHED"] == 14
             assert expected["CLOSE_WAIT"] == 5
             assert expected["TIME_WAIT"] == 7
+            assert expected["FIN_WAIT2"] == 5
             # The last changes may still be on their way (slow, emulated CPUs).
             wait_for(lambda: gauge_agrees(port, http_port, states), timeout=5)
             samples = scrape(http_port)
