@@ -109,6 +109,8 @@ BPF_ARRAY(sweep_request, struct tt_tuple, 1);
 BPF_ARRAY(sweep_request_sk, u64, 1);
 /* With sweep_request_sk for sweep_gone: the lifecycle user space found gone. */
 BPF_ARRAY(sweep_request_id, u64, 1);
+/* With sweep_request_sk for sweep_behind: the socket and the states found. */
+BPF_ARRAY(sweep_request_behind, struct tt_behind, 1);
 
 #if EMIT_EVENTS
 BPF_PERCPU_ARRAY(event_scratch, struct tt_event, 1);

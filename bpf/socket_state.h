@@ -310,6 +310,25 @@ static __always_inline void syn_sent_ends(struct tt_ident *id, u64 sk, bool type
 #endif
 
 /*
+ * A change we never saw (the kernel skipped the program on it: see
+ * end_unseen): carry on from `state`, the kernel's. When it began is not
+ * known. The gauge follows: it counted the socket in the state we recorded.
+ */
+static __always_inline void catch_up(struct tt_ident *id, u8 state)
+{
+	count(TT_C_MISSED_TRANSITION);
+	id->flags |= TT_SF_LOST;
+#if COLLECT_METRICS
+	if (!(id->flags & TT_SF_OLD_UNCOUNTED)) {
+		gauge_add(id->state, -1);
+		gauge_add(state, 1);
+	}
+#endif
+	id->state = state;
+	id->state_ns = 0;
+}
+
+/*
  * One TCP state change of socket sk: old -> new, t its address pair now.
  * `typed`: sk is a BTF-typed pointer (a constant: the branches on it go).
  */
@@ -415,20 +434,8 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 	s->tuple = t;
 	if (id->pair_pending && t.dport)
 		tell_pending_pair(args, key, id, &t);
-	if (id->state != old) {
-		/* A change we never saw (see end_unseen): carry on from the kernel's state. */
-		count(TT_C_MISSED_TRANSITION);
-		id->flags |= TT_SF_LOST;
-#if COLLECT_METRICS
-		/* The gauge follows: it counted the socket in the state we recorded. */
-		if (!(id->flags & TT_SF_OLD_UNCOUNTED)) {
-			gauge_add(id->state, -1);
-			gauge_add(old, 1);
-		}
-#endif
-		id->state = old;
-		id->state_ns = 0;
-	}
+	if (id->state != old)
+		catch_up(id, old);
 
 	/*
 	 * Only the process holding the socket closes it (close(), shutdown() or
@@ -531,6 +538,36 @@ static __always_inline int socket_sweep_gone(void *ctx, u64 sk)
 	}
 #endif
 	return 0;
+}
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN): a socket we follow that sock_diag
+ * lists in another state than the one we recorded, which began before the
+ * listing did: the kernel skipped the program on a change of it, and the
+ * next one we see may be far off (a CLOSE_WAIT leak's never comes). Carry
+ * on from the listed state now, as that change would: the gauge and the
+ * CLOSE_WAIT map have it where it is. Only if it is still the lifecycle,
+ * state and state start user space read (a change seen since sets another).
+ */
+static __always_inline int socket_sweep_behind(u64 sk)
+{
+	u32 zero = 0;
+	struct tt_behind *want = sweep_request_behind.lookup(&zero);
+	if (!want)
+		return 0;
+	struct tt_sock *s = socks.lookup(&sk);
+	if (!s || s->id.sock_id != want->sock_id || s->id.state != want->recorded ||
+	    s->id.state_ns != want->state_ns || (s->id.flags & TT_SF_OLD_UNCOUNTED))
+		return 0;
+	catch_up(&s->id, want->listed);
+#if COLLECT_METRICS
+	if (want->recorded == TT_CLOSE_WAIT)
+		close_wait.delete(&sk);
+	/* Its age counts from now: when it began is not known. */
+	if (want->listed == TT_CLOSE_WAIT)
+		close_wait_enter(sk, &s->id, &s->tuple, bpf_ktime_get_ns());
+#endif
+	return 1;
 }
 
 /*

@@ -212,6 +212,12 @@ int sweep_gone(struct bpf_raw_tracepoint_args *ctx)
 	return socket_sweep_gone(ctx, sweep_requested_sk());
 }
 
+/* Run by user space (BPF_PROG_TEST_RUN): see socket_sweep_behind(). */
+int sweep_behind(struct bpf_raw_tracepoint_args *ctx)
+{
+	return socket_sweep_behind(sweep_requested_sk());
+}
+
 /* Run by user space (BPF_PROG_TEST_RUN): see socket_sweep_pending_close(). */
 int sweep_pending_close(struct bpf_raw_tracepoint_args *ctx)
 {

@@ -71,6 +71,18 @@ struct tt_timewait {
 	u8 pad[7];
 };
 
+/*
+ * A followed socket sock_diag lists in another state than the one we
+ * recorded, as user space read it (sweep_behind: see socket_sweep_behind()).
+ */
+struct tt_behind {
+	u64 sock_id;
+	u64 state_ns;		/* when the recorded state began, as read */
+	u8 recorded;		/* the state we recorded */
+	u8 listed;		/* the state sock_diag lists */
+	u8 pad[6];
+};
+
 /* A remote address:port, for local ports in use towards it (dest_ports). */
 struct tt_dest {
 	u32 netns;

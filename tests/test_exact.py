@@ -8,12 +8,15 @@ counters (nstat) for what happened.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -33,10 +36,17 @@ from support import (
 from test_crosscheck import SYN_RETRANSMITS, mib
 from test_serve import delta, scrape, serving, ss_counts, value
 
+from tcptrace_ebpf.host.listeners import own_netns_inum
 from tcptrace_ebpf.kernel.features import Capability, detect_features
 from tcptrace_ebpf.kernel.interface import STATE_SLOTS
 from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions
 from tcptrace_ebpf.model.states import TcpState
+from tcptrace_ebpf.serve.tracking import (
+    HEAL_INTERVAL_S,
+    HEAL_RECHECK_S,
+    SETTLED_NS,
+    SocketTracking,
+)
 
 FIN_WAIT2, TIME_WAIT = TcpState.FIN_WAIT2, TcpState.TIME_WAIT
 
@@ -308,7 +318,25 @@ def test_no_start_up_gap() -> None:
             gauge.update({s: value(samples, "tcptrace_sockets", state=s) for s in expected})
             return gauge == expected
 
-        wait_for(agrees, timeout=10, what=lambda: f"gauge {gauge} vs ss {expected}")
+        try:
+            wait_for(agrees, timeout=10, what=lambda: f"gauge {gauge} vs ss {expected}")
+        except AssertionError:
+            # Unless the kernel skipped the program on some change (seen
+            # under load: 64 clients left in FIN_WAIT1), a counted loss that
+            # a check against sock_diag makes good within its bound.
+            samples = scrape(http_port)
+            lost = {
+                labels: count
+                for (name, labels), count in samples.items()
+                if name == "tcptrace_lost_events_total" and count
+            }
+            if not lost:
+                raise
+            wait_for(
+                agrees,
+                timeout=HEAL_INTERVAL_S + HEAL_RECHECK_S + 10,
+                what=lambda: f"gauge {gauge} vs ss {expected} after losses {lost}",
+            )
         assert closed > 10, "the start-up was too quick to test anything"
     finally:
         proc.terminate()
@@ -402,6 +430,80 @@ def test_gauges_heal_after_a_loss() -> None:
             for sock in held:
                 sock.close()
             server.close()
+
+
+@contextmanager
+def changes_unseen(tracer: Tracer) -> Iterator[None]:
+    """The kernel skipping the set_state program on every change meanwhile,
+    as it does when an interrupt's change comes while the program runs:
+    the program is detached (attached last, its link is the last), then
+    attached again."""
+    key = "sock:inet_sock_set_state"
+    assert tracer.attached[-1] == key
+    os.close(tracer._attachments.pop())
+    tracer.attached.pop()
+    try:
+        yield
+    finally:
+        tracer._attach(key, tracer._attached_progs[key], tracer.attach_kinds[key])
+
+
+@requires_root
+def test_a_check_moves_a_socket_whose_change_went_unseen() -> None:
+    """A socket whose change the kernel skipped stays, for the program, in
+    the state it left, until it changes again: a CLOSE_WAIT leak's never
+    does. A check against sock_diag moves it to the state ss shows, once it
+    has been in the program's since before the listing: the gauge and the
+    CLOSE_WAIT list say what ss says, and the changes that follow carry on
+    from there, every gauge back to what ss says once both sides closed."""
+    port = free_port()
+    states = ("ESTABLISHED", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT")
+    options = TracerOptions(emit_events=False, collect_metrics=True, ports=frozenset({port}))
+    tracking = SocketTracking(options, own_netns_inum())
+    held: list[socket.socket] = []
+    try:
+        tracking.start()
+        tracer = tracking.tracer
+
+        def gauge() -> dict[str, int]:
+            counts = tracer.metric_arrays()["sockets"]
+            assert tracking.preexisting is not None
+            assert not tracking.preexisting.counts()
+            return {state: counts[TcpState[state]] for state in states}
+
+        def ss() -> dict[str, int]:
+            counts = ss_counts(port)
+            return {state: counts[state] for state in states}
+
+        server = listener_on(port)
+        held.append(server)
+        client = socket.create_connection(("127.0.0.1", port))
+        child = server.accept()[0]
+        held += [client, child]
+        wait_for(lambda: gauge()["ESTABLISHED"] == 2, what=lambda: f"gauge {gauge()}")
+        with changes_unseen(tracer):
+            client.shutdown(socket.SHUT_WR)  # client FIN_WAIT2, child CLOSE_WAIT
+            wait_for(lambda: ss()["CLOSE_WAIT"] == 1 and ss()["FIN_WAIT2"] == 1)
+        assert gauge() == {**ss(), "ESTABLISHED": 2, "FIN_WAIT2": 0, "CLOSE_WAIT": 0}
+        assert tracer.close_wait_sockets() == []
+        time.sleep(SETTLED_NS / 1e9)
+        tracking.heal()
+        assert gauge() == ss()
+        assert [sock.sock_id for sock in tracer.close_wait_sockets()] == [
+            sock.sock_id for sock in tracer.followed() if sock.state == TcpState.CLOSE_WAIT
+        ]
+        assert tracer.counters()["missed_transitions"] == 2
+        # The changes that follow are seen, from the states the check set.
+        child.close()
+        wait_for(lambda: ss()["TIME_WAIT"] == 1 and ss()["LAST_ACK"] == 0)
+        wait_for(lambda: gauge() == ss(), what=lambda: f"gauge {gauge()} vs ss {ss()}")
+        assert ss() == {**dict.fromkeys(states, 0), "TIME_WAIT": 1}
+        assert tracer.close_wait_sockets() == []
+        assert tracer.counters()["missed_transitions"] == 2
+    finally:
+        for sock in held:
+            sock.close()
+        tracking.close()
 
 
 # Run inside the test's namespace: two connects that never complete. One to

@@ -291,6 +291,7 @@ class FollowedSocket:
     address: int  # kernel address: the socks or timewait map's key
     sock_id: int
     state: int
+    state_ns: int  # when its state began (bpf_ktime_get_ns, CLOCK_MONOTONIC); 0: unknown
     pair: AddressPair
     timewait: bool  # a timewait socket (else a full one)
 
@@ -323,6 +324,7 @@ class Tracer:
     _sweep_close_fd: int = field(default=-1, init=False)
     _sweep_timewait_fd: int = field(default=-1, init=False)
     _sweep_gone_fd: int = field(default=-1, init=False)
+    _sweep_behind_fd: int = field(default=-1, init=False)
     _sweep_fin_wait2_fd: int = field(default=-1, init=False)
     _next_stale_check_ns: int = field(default=0, init=False)
     _loaded: loader.Loaded | None = field(default=None, init=False)
@@ -433,7 +435,7 @@ class Tracer:
         for name, feature in RAW_TCP_EVENTS.items():
             if features.has(feature):
                 tracepoint(f"tcp:{name}", raw_tcp, fastest=False)
-        for sweeper in ("sweep_pending_close", "sweep_gone"):
+        for sweeper in ("sweep_pending_close", "sweep_gone", "sweep_behind"):
             plan.append(loader.ProgramRequest(key=sweeper, name=sweeper, sweeper=True))
         tracepoint("sock:inet_sock_set_state", macro_on(features, "USE_RAW_SET_STATE"))
         return plan
@@ -448,6 +450,8 @@ class Tracer:
                     self._sweep_timewait_fd = prog_fd
                 elif key == "sweep_gone":
                     self._sweep_gone_fd = prog_fd
+                elif key == "sweep_behind":
+                    self._sweep_behind_fd = prog_fd
                 elif key == "sweep_fin_wait2":
                     self._sweep_fin_wait2_fd = prog_fd
                 else:
@@ -583,6 +587,7 @@ class Tracer:
                     address=int(getattr(key, "value", key)),
                     sock_id=int(value.id.sock_id),
                     state=int(value.id.state),
+                    state_ns=int(value.id.state_ns),
                     pair=pair_of_tuple(value.tuple),
                     timewait=name == "timewait",
                 )
@@ -606,9 +611,28 @@ class Tracer:
         for sock in gone:
             request_sk[ctypes.c_int(0)] = ctypes.c_uint64(sock.address)
             request_id[ctypes.c_int(0)] = ctypes.c_uint64(sock.sock_id)
-            bpfsys.prog_test_run(self._sweep_gone_fd)
-            ended += 1
+            ended += bpfsys.prog_test_run(self._sweep_gone_fd)
         return ended
+
+    def catch_up(self, behind: Iterable[tuple[FollowedSocket, int]]) -> int:
+        """Move followed sockets to the state sock_diag lists them in (a
+        change of theirs went unseen), each only if the program still has it
+        as it was read. How many were moved."""
+        if self.bpf is None or self._sweep_behind_fd < 0:
+            return 0
+        request_sk = self.bpf["sweep_request_sk"]
+        request = self.bpf["sweep_request_behind"]
+        moved = 0
+        for sock, listed_state in behind:
+            want = request.Leaf()
+            want.sock_id = sock.sock_id
+            want.state_ns = sock.state_ns
+            want.recorded = sock.state
+            want.listed = listed_state
+            request_sk[ctypes.c_int(0)] = ctypes.c_uint64(sock.address)
+            request[ctypes.c_int(0)] = want
+            moved += bpfsys.prog_test_run(self._sweep_behind_fd)
+        return moved
 
     def program_skips(self) -> dict[str, int]:
         """Runs skipped by the kernel, by tracepoint: the program was not run

@@ -72,27 +72,54 @@ class HealSchedule:
         self.losses_checked = losses
 
 
+# A followed socket whose state began at least this long before a listing
+# did, and which the listing has in another state, missed a change: the
+# kernel stores a new state just after the program saw it change, and a
+# listing that began later reads what the program saw, unless that CPU stalls
+# for longer than this (a virtual machine's may, for milliseconds).
+SETTLED_NS = 1_000_000_000
+
+
+@dataclass
+class Reconciled:
+    """What a listing tells of the sockets the program follows."""
+
+    gone: list[FollowedSocket]  # not listed (or listed as a timewait socket): ended unseen
+    behind: list[tuple[FollowedSocket, int]]  # listed in another state: that state
+
+
 def reconcile(
     listed: dict[AddressPair, Record | None],
     followed: Iterable[FollowedSocket],
     provably_gone: Callable[[FollowedSocket], bool],
-) -> list[FollowedSocket]:
+    listing_began_ns: int,
+) -> Reconciled:
     """Match a listing with the sockets the program follows: mark in `listed`
-    those it follows (None: the program's count wins) and return those it
-    follows that the listing shows gone (if `provably_gone` agrees). A full
+    those it follows (None: the program's count wins) and tell those it
+    follows that the listing shows gone (if `provably_gone` agrees) or in
+    another state than the program's, one that began SETTLED_NS before the
+    listing (on CLOCK_MONOTONIC, the program's clock) or earlier. A full
     socket whose pair is listed as a timewait socket is gone too: the kernel
     skipped the program as it closed (it comes before any timewait socket
     the program follows there: full sockets come first in followed())."""
-    gone = []
+    result = Reconciled(gone=[], behind=[])
     for sock in followed:
         if sock.pair in listed:
             record = listed[sock.pair]
             if record is None or not record.timewait or sock.timewait:
                 listed[sock.pair] = None
+                if (
+                    record is not None
+                    and not sock.timewait
+                    and record.state != sock.state
+                    and sock.state in COUNTED
+                    and 0 < sock.state_ns <= listing_began_ns - SETTLED_NS
+                ):
+                    result.behind.append((sock, record.state))
                 continue
         if provably_gone(sock):
-            gone.append(sock)
-    return gone
+            result.gone.append(sock)
+    return result
 
 
 class SocketTracking:
@@ -130,7 +157,11 @@ class SocketTracking:
         as a timewait socket, see reconcile()) ended unseen: the program
         closes it (counted as end_unseen). A listed socket the program does
         not follow (older than tracing, or missed for a full map) is counted
-        from this listing until the program sees it change state.
+        from this listing until the program sees it change state. A
+        followed socket it lists in another state, one the program has had
+        it in since before the listing, missed a change: the program moves
+        it to the listed state (counted as missed_transition), or a
+        CLOSE_WAIT leak whose change the kernel skipped would never show.
 
         The program's maps are read once, after the listing, a chunk at a
         time, and only what is kept is kept (on a busy host both hold
@@ -146,6 +177,7 @@ class SocketTracking:
         if not self._watching_old_timewait:
             # Before the listing: one of its timewait sockets may go right after it.
             self._watching_old_timewait = self.tracer.watch_old_timewait(True)
+        listing_began_ns = time.monotonic_ns()
         try:
             listing = list_sockets(self.netns, filters.ports, filters.family, filters.pid)
         except (UserError, OSError) as err:
@@ -160,7 +192,7 @@ class SocketTracking:
         # With --pid the listing has only that process's sockets: not its
         # orphans or timewait sockets, which no process holds. Not a proof
         # of death, then.
-        gone = reconcile(
+        found_out = reconcile(
             listing.records,
             self.tracer.followed(),
             lambda sock: (
@@ -169,8 +201,11 @@ class SocketTracking:
                 and sock.state in COUNTED
                 and born_by(sock.sock_id, marks)
             ),
+            listing_began_ns,
         )
-        ended = self.tracer.end_gone(gone)
+        ended = self.tracer.end_gone(found_out.gone)
+        # A socket not moved changed state since it was read: the program saw it.
+        moved = self.tracer.catch_up(found_out.behind)
         snapshot = listing.preexisting()
         del listing
         previous = self.preexisting
@@ -182,9 +217,14 @@ class SocketTracking:
             found = 0
             log.info("start-up snapshot: %d existing sockets", len(snapshot))
         self.preexisting = snapshot
-        if ended or found:
-            log.info("gauges healed: %d sockets gone unseen, %d found unfollowed", ended, found)
-        self._heal_schedule.checked(started, losses, fixed=bool(ended or found))
+        if ended or found or moved:
+            log.info(
+                "gauges healed: %d sockets gone unseen, %d found unfollowed, %d in another state",
+                ended,
+                found,
+                moved,
+            )
+        self._heal_schedule.checked(started, losses, fixed=bool(ended or found or moved))
         release_freed_memory()  # the listing's, or each check leaves more heap held
 
     def losses(self) -> int:
