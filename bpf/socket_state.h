@@ -313,8 +313,10 @@ static __always_inline void syn_sent_ends(struct tt_ident *id, u64 sk, bool type
  * A change we never saw (the kernel skipped the program on it: see
  * end_unseen): carry on from `state`, the kernel's. When it began is not
  * known. The gauge follows: it counted the socket in the state we recorded.
+ * So does the CLOSE_WAIT map: a socket it has that left CLOSE_WAIT unseen
+ * would stay listed there after its end (step() deletes on leaving it).
  */
-static __always_inline void catch_up(struct tt_ident *id, u8 state)
+static __always_inline void catch_up(u64 sk, struct tt_ident *id, u8 state)
 {
 	count(TT_C_MISSED_TRANSITION);
 	id->flags |= TT_SF_LOST;
@@ -323,6 +325,8 @@ static __always_inline void catch_up(struct tt_ident *id, u8 state)
 		gauge_add(id->state, -1);
 		gauge_add(state, 1);
 	}
+	if (id->state == TT_CLOSE_WAIT)
+		close_wait.delete(&sk);
 #endif
 	id->state = state;
 	id->state_ns = 0;
@@ -435,7 +439,7 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 	if (id->pair_pending && t.dport)
 		tell_pending_pair(args, key, id, &t);
 	if (id->state != old)
-		catch_up(id, old);
+		catch_up(key, id, old);
 
 	/*
 	 * Only the process holding the socket closes it (close(), shutdown() or
@@ -559,10 +563,8 @@ static __always_inline int socket_sweep_behind(u64 sk)
 	if (!s || s->id.sock_id != want->sock_id || s->id.state != want->recorded ||
 	    s->id.state_ns != want->state_ns || (s->id.flags & TT_SF_OLD_UNCOUNTED))
 		return 0;
-	catch_up(&s->id, want->listed);
+	catch_up(sk, &s->id, want->listed);
 #if COLLECT_METRICS
-	if (want->recorded == TT_CLOSE_WAIT)
-		close_wait.delete(&sk);
 	/* Its age counts from now: when it began is not known. */
 	if (want->listed == TT_CLOSE_WAIT)
 		close_wait_enter(sk, &s->id, &s->tuple, bpf_ktime_get_ns());

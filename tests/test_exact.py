@@ -506,6 +506,44 @@ def test_a_check_moves_a_socket_whose_change_went_unseen() -> None:
         tracking.close()
 
 
+@requires_root
+def test_a_socket_seen_again_after_leaving_close_wait_unseen_leaves_the_close_wait_list() -> None:
+    """A change the kernel skipped is caught up on the socket's next one,
+    which tells the state the kernel has it in: one that left CLOSE_WAIT
+    unseen leaves the CLOSE_WAIT list then (not listed there after its end
+    for good). In a namespace of its own, the child's LAST_ACK is held by
+    dropping the client's ACKs until the program is attached again."""
+    port = free_port()
+    options = TracerOptions(emit_events=False, collect_metrics=True, ports=frozenset({port}))
+    with netns_single() as ns, Tracer(options) as tracer:
+        server, client = Peer(ns), Peer(ns)
+        try:
+            server.cmd(f"listen 127.0.0.1 {port}")
+            client.cmd(f"connect 127.0.0.1 {port}")
+            server.cmd("accept")
+            client.cmd("shutdown")  # the child in CLOSE_WAIT, seen
+            wait_for(lambda: len(tracer.close_wait_sockets()) == 1)
+            hold = f"tcp dport {port} drop"  # the client's ACKs, to the child
+            nft(ns, f"table inet t {{ chain o {{ type filter hook output priority 0; {hold}; }}; }}")
+            with changes_unseen(tracer):
+                server.cmd("shutdown")  # the child's FIN: LAST_ACK, unseen
+                wait_for(lambda: "LAST-ACK" in ns_ss(ns, port))
+            nft(ns, "flush ruleset")
+            # Its FIN sent again, the client's ACK ends it: LAST_ACK -> CLOSE, seen.
+            wait_for(lambda: "LAST-ACK" not in ns_ss(ns, port), timeout=30)
+            wait_for(lambda: tracer.counters()["missed_transitions"] == 1)
+            assert tracer.close_wait_sockets() == []
+        finally:
+            server.close()
+            client.close()
+
+
+def ns_ss(ns: str, port: int) -> str:
+    return sh(
+        "ip", "netns", "exec", ns, "ss", "-tanH", f"( sport = :{port} or dport = :{port} )"
+    ).stdout
+
+
 # Run inside the test's namespace: two connects that never complete. One to
 # 127.0.0.1:PORT, whose SYNs the namespace's firewall drops on their way out
 # (each is counted by the kernel, then its transmission fails); one to
