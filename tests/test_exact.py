@@ -523,7 +523,8 @@ def test_a_socket_seen_again_after_leaving_close_wait_unseen_leaves_the_close_wa
             server.cmd("accept")
             client.cmd("shutdown")  # the child in CLOSE_WAIT, seen
             wait_for(lambda: len(tracer.close_wait_sockets()) == 1)
-            hold = f"type filter hook output priority 0; tcp dport {port} drop;"  # the client's ACKs
+            # The client's ACKs to the child, dropped.
+            hold = f"type filter hook output priority 0; tcp dport {port} drop;"
             nft(ns, f"table inet t {{ chain o {{ {hold} }}; }}")
             with changes_unseen(tracer):
                 server.cmd("shutdown")  # the child's FIN: LAST_ACK, unseen
