@@ -552,6 +552,9 @@ static __always_inline int socket_sweep_gone(void *ctx, u64 sk)
  * on from the listed state now, as that change would: the gauge and the
  * CLOSE_WAIT map have it where it is. Only if it is still the lifecycle,
  * state and state start user space read (a change seen since sets another).
+ * A change run on another CPU in the instant between this check and the
+ * move could still interleave with it; the socket has sat unchanged for
+ * over a second, far less likely than the skip this repairs.
  */
 static __always_inline int socket_sweep_behind(u64 sk)
 {
