@@ -14,7 +14,7 @@ from support import Peer, free_port, requires_root, wait_for
 from test_serve import scrape, serving, value
 
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.kernel import loader, maps
+from tcptrace_ebpf.kernel import bpfsys, loader, maps
 
 # Issue 17: a node agent stays within tens of megabytes.
 MAX_RSS_MB = 50
@@ -82,6 +82,29 @@ def test_loader_reports_a_compile_error_in_one_line() -> None:
 
 
 @requires_root
+def test_loader_reports_an_error_longer_than_its_socket_takes_in_one_line() -> None:
+    """A compiler's error line can quote 300,000 characters: more than one
+    message of the loader's socket may carry (net.core.wmem_default). The
+    error still arrives, cut, as one line."""
+    quoted = "x" * 300_000
+    with pytest.raises(UserError, match=r"did not compile: .*error: x+ \[\.\.\. ") as caught:
+        loader.load(f"#error {quoted}\nint broken(void *ctx) {{ return 0; }}", [], [])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert len(message) <= loader.ERROR_CHARS + 100
+    assert message.endswith("--debug shows the compiler output)")
+
+
+def test_an_error_is_cut_in_the_middle_to_one_line() -> None:
+    assert loader.one_line_error("  first\n\n  second  \n") == "first second"
+    cut = loader.one_line_error("head " + "y" * 10_000 + " tail")
+    assert cut.startswith("head ")
+    assert cut.endswith(" tail")
+    assert "characters ...]" in cut
+    assert len(cut) <= loader.ERROR_CHARS + 50
+
+
+@requires_root
 def test_loader_hands_over_maps_with_their_layouts() -> None:
     """A map the loader created is read and written through its fd with the
     layout the compiler described, without BCC in this process."""
@@ -104,6 +127,29 @@ int noop(void *ctx) { return 0; }
             (42, 7, [0, 0, 9])
         ]
         del pairs[42]
+        assert pairs.items() == []
+        pairs[pairs.Key(43)] = value_
+        popped = pairs.pop(43)
+        assert (popped.a, list(popped.b)) == (7, [0, 0, 9])
+        assert pairs.items() == []
+        with pytest.raises(KeyError):
+            pairs.pop(43)
+        for number in (1, 2, 3):
+            value_.a = number
+            pairs[pairs.Key(number)] = value_
+        assert sorted((int(key.value), got.a) for key, got in pairs.pop_all()) == [
+            (1, 1),
+            (2, 2),
+            (3, 3),
+        ]
+        assert pairs.items() == []
+        assert list(pairs.pop_all()) == []
+        # This kernel reads and deletes a chunk per call (no key-by-key fallback).
+        pairs[pairs.Key(4)] = value_
+        chunk = bpfsys.map_lookup_batch(
+            pairs.fd, pairs.info.key_size, pairs.info.value_size, 16, delete=True
+        )
+        assert [key for key, _value in chunk] == [bytes(pairs.Key(4))]
         assert pairs.items() == []
         per_cpu = tables["per_cpu"]
         per_cpu[ctypes.c_int(3)] = ctypes.c_uint64(5)

@@ -37,13 +37,18 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_RAW_TP = 23
 
 VERIFIER_LOG_BYTES = 1 << 22
+# The kernel's internal "not supported" (include/linux/errno.h), which bpf()
+# can return for a command a map type lacks.
+ENOTSUPP = 524
 
 
 class BpfError(OSError):
@@ -279,6 +284,27 @@ def map_lookup(
     return True
 
 
+def map_lookup_and_delete(
+    map_fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char]
+) -> bool:
+    """Read `key`'s value into `value` and delete it, in one step: a value the
+    program writes meanwhile is either read here or left in the map, never
+    deleted unread (hash maps, kernel 5.14 and later; before that, a lookup
+    then a delete). False if the key is absent."""
+    attr = _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    try:
+        _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr)
+    except BpfError as err:
+        if err.errno == errnos.ENOENT:
+            return False
+        if err.errno not in {errnos.EINVAL, errnos.EOPNOTSUPP, ENOTSUPP}:
+            raise
+        if not map_lookup(map_fd, key, value):
+            return False
+        return map_delete(map_fd, key.raw)
+    return True
+
+
 def map_update(map_fd: int, key: bytes, value: bytes) -> None:
     key_buffer = ctypes.create_string_buffer(key, len(key))
     value_buffer = ctypes.create_string_buffer(value, len(value))
@@ -319,13 +345,17 @@ def map_keys(map_fd: int, key_size: int) -> list[bytes]:
 
 
 def map_lookup_batch(
-    map_fd: int, key_size: int, value_size: int, max_entries: int
+    map_fd: int, key_size: int, value_size: int, max_entries: int, delete: bool = False
 ) -> Iterator[tuple[bytes, bytes]]:
     """Every (key, value), read in chunks of up to 4096 by BPF_MAP_LOOKUP_BATCH
     (one call for a small array) and yielded as each chunk comes: a map of
     hundreds of thousands of sockets is never held whole in the daemon's
-    heap. Raises BpfError(EINVAL/ENOTSUPP) on the first next() on kernels or
-    map types without batch lookups: the caller iterates instead."""
+    heap. With `delete`, BPF_MAP_LOOKUP_AND_DELETE_BATCH: each chunk is
+    deleted as it is read, a hash bucket at a time under its lock, so a
+    value the program writes meanwhile is read or left, never deleted
+    unread. Raises BpfError(EINVAL/ENOTSUPP) on the first next() on kernels
+    or map types without it: the caller iterates instead."""
+    command = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
     chunk = max(1, min(max_entries, 4096))
     keys = ctypes.create_string_buffer(key_size * chunk)
     values = ctypes.create_string_buffer(value_size * chunk)
@@ -343,7 +373,7 @@ def map_lookup_batch(
         )
         done = False
         try:
-            _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+            _bpf(command, attr)
         except BpfError as err:
             if err.errno != errnos.ENOENT:
                 raise

@@ -51,6 +51,11 @@ BPF_PROG_TYPE_TRACING = 26
 # SCM_MAX_FD: the most descriptors one message may carry.
 MAX_FDS_PER_MESSAGE = 250
 REPLY_BYTES = 1 << 20
+# An error is one line for the user. One SOCK_SEQPACKET message must fit the
+# socket's send buffer (net.core.wmem_default, 208 KiB on Debian), and a
+# compiler's line can be longer (it quotes the identifier it chokes on), so
+# the loader cuts it to this many characters.
+ERROR_CHARS = 2000
 CACHE_FORMAT = 1
 CACHE_DEFAULT = Path("/var/cache/tcptrace-ebpf")
 CACHE_KEEP = 16  # entries kept (one per kernel and set of options in use)
@@ -330,6 +335,16 @@ def _run_loader(
 # -- the child -------------------------------------------------------------------
 
 
+def one_line_error(message: str) -> str:
+    """`message` as the one line the loader sends: its lines joined, cut in
+    the middle to ERROR_CHARS (the end holds the hint on what to do)."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    if len(line) > ERROR_CHARS:
+        cut = ERROR_CHARS // 2
+        line = f"{line[:cut]} [... {len(line) - 2 * cut} characters ...] {line[-cut:]}"
+    return line
+
+
 def _table_infos(bpf: Any) -> list[tuple[int, MapInfo]]:
     lib = bpf_lib()
     result = []
@@ -464,6 +479,8 @@ def _child() -> int:
         logging.basicConfig(level=logging.DEBUG, format="tcptrace-ebpf loader: %(message)s")
 
     def reply(header: dict[str, Any], fds: list[int]) -> None:
+        if "error" in header:
+            header = {"error": one_line_error(header["error"])}
         for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
             chunk = fds[start : start + MAX_FDS_PER_MESSAGE]
             if start + MAX_FDS_PER_MESSAGE < len(fds):

@@ -9,6 +9,7 @@ buffer (or perf buffer) through libbpf, which BCC's package already installs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -91,7 +92,8 @@ class MapInfo:
 class Table:
     """One map by fd, with the BCC Table methods the tracer uses: Key, Leaf,
     items(), values(), keys (iteration), [key], [key] = value, del [key],
-    items_lookup_batch(). Per-CPU maps give one value per possible CPU."""
+    items_lookup_batch(), and pop(key) and pop_all() (read and deleted in
+    one step). Per-CPU maps give one value per possible CPU."""
 
     def __init__(self, fd: int, info: MapInfo) -> None:
         self.fd = fd
@@ -140,6 +142,14 @@ class Table:
         if not bpfsys.map_delete(self.fd, self._key_bytes(key)):
             raise KeyError(key)
 
+    def pop(self, key: Any) -> Any:
+        """`key`'s value, deleted from the map in the same step."""
+        key_buffer = ctypes.create_string_buffer(self._key_bytes(key), self.info.key_size)
+        value = ctypes.create_string_buffer(self._value_size)
+        if not bpfsys.map_lookup_and_delete(self.fd, key_buffer, value):
+            raise KeyError(key)
+        return self._decode(value.raw)
+
     def __iter__(self) -> Iterator[Any]:
         for raw in bpfsys.map_keys(self.fd, self.info.key_size):
             yield self.Key.from_buffer_copy(raw)
@@ -164,18 +174,32 @@ class Table:
         """(key, value) pairs, a chunk of thousands per syscall, decoded as
         they are taken (iterating where the kernel has no batch lookups for
         this map type). An empty map yields nothing."""
+        return self._batches(delete=False)
+
+    def pop_all(self) -> Iterator[tuple[Any, Any]]:
+        """(key, value) pairs as items_lookup_batch() gives them, each
+        deleted as it is read: what the program writes meanwhile is yielded
+        or stays in the map."""
+        return self._batches(delete=True)
+
+    def _batches(self, delete: bool) -> Iterator[tuple[Any, Any]]:
         pairs = bpfsys.map_lookup_batch(
-            self.fd, self.info.key_size, self._value_size, self.info.max_entries
+            self.fd, self.info.key_size, self._value_size, self.info.max_entries, delete
         )
         try:
             first = next(pairs, None)
         except bpfsys.BpfError:
-            yield from self.items()
+            yield from self._pop_each() if delete else self.items()
             return
         if first is None:
             return
         for key, value in itertools.chain((first,), pairs):
             yield self.Key.from_buffer_copy(key), self._decode(value)
+
+    def _pop_each(self) -> Iterator[tuple[Any, Any]]:
+        for key in self:
+            with contextlib.suppress(KeyError):
+                yield key, self.pop(key)
 
 
 # -- the event buffer ----------------------------------------------------------

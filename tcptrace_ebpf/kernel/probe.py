@@ -721,12 +721,11 @@ class Tracer:
         (address pair, value), the value being the state a socket
         was first seen leaving, or TT_ADOPT_OLD_TIMEWAIT | the state of a
         timewait socket (CLOSE once it is gone)."""
-        table = self.table("adopted")
-        items = [(key, int(value.value)) for key, value in table.items()]
-        for key, _value in items:
-            with contextlib.suppress(KeyError):
-                del table[key]
-        return [(pair_of_tuple(key), value) for key, value in items]
+        # Read and deleted in one step: news the program writes for a socket
+        # meanwhile is read now or stays for the next call.
+        return [
+            (pair_of_tuple(key), int(value.value)) for key, value in self.table("adopted").pop_all()
+        ]
 
     def watch_old_timewait(self, on: bool) -> bool:
         """Have the program report when timewait sockets older than tracing
