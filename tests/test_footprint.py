@@ -128,12 +128,6 @@ int noop(void *ctx) { return 0; }
         ]
         del pairs[42]
         assert pairs.items() == []
-        pairs[pairs.Key(43)] = value_
-        popped = pairs.pop(43)
-        assert (popped.a, list(popped.b)) == (7, [0, 0, 9])
-        assert pairs.items() == []
-        with pytest.raises(KeyError):
-            pairs.pop(43)
         for number in (1, 2, 3):
             value_.a = number
             pairs[pairs.Key(number)] = value_

@@ -40,15 +40,11 @@ BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_RAW_TP = 23
 
 VERIFIER_LOG_BYTES = 1 << 22
-# The kernel's internal "not supported" (include/linux/errno.h), which bpf()
-# can return for a command a map type lacks.
-ENOTSUPP = 524
 
 
 class BpfError(OSError):
@@ -281,27 +277,6 @@ def map_lookup(
         if err.errno == errnos.ENOENT:
             return False
         raise
-    return True
-
-
-def map_lookup_and_delete(
-    map_fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char]
-) -> bool:
-    """Read `key`'s value into `value` and delete it, in one step: a value the
-    program writes meanwhile is either read here or left in the map, never
-    deleted unread (hash maps, kernel 5.14 and later; before that, a lookup
-    then a delete). False if the key is absent."""
-    attr = _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
-    try:
-        _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr)
-    except BpfError as err:
-        if err.errno == errnos.ENOENT:
-            return False
-        if err.errno not in {errnos.EINVAL, errnos.EOPNOTSUPP, ENOTSUPP}:
-            raise
-        if not map_lookup(map_fd, key, value):
-            return False
-        return map_delete(map_fd, key.raw)
     return True
 
 

@@ -92,8 +92,7 @@ class MapInfo:
 class Table:
     """One map by fd, with the BCC Table methods the tracer uses: Key, Leaf,
     items(), values(), keys (iteration), [key], [key] = value, del [key],
-    items_lookup_batch(), and pop(key) and pop_all() (read and deleted in
-    one step). Per-CPU maps give one value per possible CPU."""
+    items_lookup_batch() and pop_all(). Per-CPU maps give one value per possible CPU."""
 
     def __init__(self, fd: int, info: MapInfo) -> None:
         self.fd = fd
@@ -142,14 +141,6 @@ class Table:
         if not bpfsys.map_delete(self.fd, self._key_bytes(key)):
             raise KeyError(key)
 
-    def pop(self, key: Any) -> Any:
-        """`key`'s value, deleted from the map in the same step."""
-        key_buffer = ctypes.create_string_buffer(self._key_bytes(key), self.info.key_size)
-        value = ctypes.create_string_buffer(self._value_size)
-        if not bpfsys.map_lookup_and_delete(self.fd, key_buffer, value):
-            raise KeyError(key)
-        return self._decode(value.raw)
-
     def __iter__(self) -> Iterator[Any]:
         for raw in bpfsys.map_keys(self.fd, self.info.key_size):
             yield self.Key.from_buffer_copy(raw)
@@ -197,9 +188,12 @@ class Table:
             yield self.Key.from_buffer_copy(key), self._decode(value)
 
     def _pop_each(self) -> Iterator[tuple[Any, Any]]:
-        for key in self:
+        # Kernels before 5.6: a value written between the read and the
+        # delete is lost.
+        for key, value in self.items():
             with contextlib.suppress(KeyError):
-                yield key, self.pop(key)
+                del self[key]
+            yield key, value
 
 
 # -- the event buffer ----------------------------------------------------------
