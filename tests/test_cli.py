@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, wait_for
 
-from tcptrace_ebpf.commands.runner import skipped_tcp_runs
+from tcptrace_ebpf.commands.runner import noticed_summary, skipped_tcp_runs
 
 
 def run(
@@ -154,6 +154,16 @@ def test_stop_summary_namesskipped_tcp_runs() -> None:
     skips = {**quiet, "tcp:tcp_send_reset": 1, "tcp:tcp_retransmit_skb": 3}
     assert skipped_tcp_runs(skips) == (
         "; runs skipped by the kernel (tcp:tcp_retransmit_skb: 3, tcp:tcp_send_reset: 1)"
+    )
+
+
+def test_stop_summary_names_what_was_noticed_missing_later() -> None:
+    """A change or end the program never saw, noticed later, is named even
+    when no loss counter explains it: its lifecycle says `events_lost`."""
+    assert noticed_summary({"missed_transitions": 0, "missed_ends": 0, "lost_ringbuf": 3}) == ""
+    assert noticed_summary({"missed_transitions": 1}) == "; noticed later: 1 missed change"
+    assert noticed_summary({"missed_transitions": 2, "missed_ends": 1}) == (
+        "; noticed later: 2 missed changes, 1 missed end"
     )
 
 

@@ -10,6 +10,7 @@ traffic ends it: a new connection reusing the address pair.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
 from pathlib import Path
@@ -51,20 +52,24 @@ def path(life: dict[str, Any]) -> list[str]:
 
 def whole(run: Any, life: dict[str, Any], expected: list[str]) -> bool:
     """Check a lifecycle's state path; True when it is whole, so the rest of
-    it can be checked exactly. Rarely the kernel skips our program on a
-    change (an interrupt ran the same tracepoint while our program ran on
-    that CPU); then the lifecycle must say its events were lost, the run's
-    summary must count the loss, and the states it shows must be the
-    expected ones as far as they go."""
+    it can be checked exactly. Rarely the program misses a change: the
+    kernel skipped it (an interrupt ran the same tracepoint while our
+    program ran on that CPU) and counted that, or, rarer still, never gave
+    it the change at all. Then the lifecycle must say its events were lost,
+    the run's summary must show it (a counted loss, or a change or end
+    noticed missing later), and the states it shows must be expected ones,
+    in order (a missed change leaves a state out; a missed end, the rest)."""
     seen = path(life)
+    shown = json.dumps(life)  # in full: pytest would cut a dict short
     if not life["events_lost"]:
-        assert seen == expected, life
+        assert seen == expected, shown
         return True
     summary = run.stderr[-1]
     lost = re.search(r"(\d+) lost", summary)
     assert lost, summary
-    assert int(lost.group(1)) > 0, (life, summary)
-    assert seen == expected[: len(seen)], (life, summary)
+    assert int(lost.group(1)) > 0 or "noticed later: " in summary, f"{shown}\n{summary}"
+    rest = iter(expected)
+    assert all(state in rest for state in seen), f"{shown}\n{summary}"
     return False
 
 

@@ -15,7 +15,7 @@ from types import FrameType
 
 from ..host.listeners import collect_listener_seeds
 from ..host.workloads import shared as shared_workloads
-from ..kernel.interface import LOSS_SUMMARY
+from ..kernel.interface import LOSS_SUMMARY, NOTICED_SUMMARY
 from ..kernel.probe import Tracer, TracerOptions
 from ..model.events import Decoder
 from ..model.owners import Workload
@@ -127,6 +127,18 @@ def lost_summary(counters: dict[str, int]) -> str:
     return f"{total} lost" + (f" ({detail})" if detail else "")
 
 
+def noticed_summary(counters: dict[str, int]) -> str:
+    """The changes and ends the program never saw but noticed later, if any:
+    the lifecycles they belong to say `events_lost`, whether or not a loss
+    above explains them."""
+    parts = [
+        f"{counters[key]} {label}{'' if counters[key] == 1 else 's'}"
+        for key, label in NOTICED_SUMMARY.items()
+        if counters.get(key)
+    ]
+    return "; noticed later: " + ", ".join(parts) if parts else ""
+
+
 def skipped_tcp_runs(program_skips: dict[str, int]) -> str:
     """The reset and retransmission programs' runs the kernel skipped, if any:
     a skipped one leaves a close kind or a SYN retransmission count short.
@@ -187,5 +199,6 @@ def run_event_command(
     extra = finish(lost_socks)
     notice(
         f"stopped: {delivered[0]} events reported ({counters['events']} TCP state changes "
-        f"seen on the host), {lost_summary(counters)}{skipped}{extra}{out.stop_note()}"
+        f"seen on the host), {lost_summary(counters)}{noticed_summary(counters)}{skipped}"
+        f"{extra}{out.stop_note()}"
     )

@@ -12,7 +12,7 @@ from ..serve.api import check_path as check_api_path
 from ..serve.daemon import Exporter, ServeOptions
 from ..web.config import load_web_config, parse_listen_address
 from .output import notice
-from .runner import StopFlag, lost_summary, skipped_tcp_runs
+from .runner import StopFlag, lost_summary, noticed_summary, skipped_tcp_runs
 
 # Served by serve besides the metrics: not available as --web.telemetry-path.
 RESERVED_PATHS = ("/", "/-/healthy", "/-/ready")
@@ -70,5 +70,6 @@ def run_serve(
         finally:
             exporter.close()
     notice(
-        f"stopped: {counters['events']} TCP state changes seen, {lost_summary(counters)}{skipped}"
+        f"stopped: {counters['events']} TCP state changes seen, {lost_summary(counters)}"
+        f"{noticed_summary(counters)}{skipped}"
     )

@@ -165,6 +165,10 @@ class Counter:
     doc: str
     lost_cause: str | None = None  # its cause label in tcptrace_lost_events_total
     summary: str | None = None  # how the stop summary names a loss of it
+    # How the stop summary names one it noticed later: a change or an end the
+    # program never saw, whatever the cause (a skipped run is counted as a
+    # loss already; a change the kernel never gave the program is not).
+    noticed: str | None = None
 
 
 COUNTERS: Final = (
@@ -194,10 +198,12 @@ COUNTERS: Final = (
             "destination map full"),
     # A change whose old state was not the one recorded: one before it went unseen.
     Counter(11, "MISSED_TRANSITION", "missed_transitions",
-            "a change's old state was not the one we recorded", "missed_transition"),
+            "a change's old state was not the one we recorded", "missed_transition",
+            noticed="missed change"),
     # Sockets whose end went unseen, closed when noticed (a new socket in their
     # place, a timewait socket far past its time, or gone from sock_diag).
-    Counter(12, "MISSED_END", "missed_ends", "lifecycles whose end we never saw", "end_unseen"),
+    Counter(12, "MISSED_END", "missed_ends", "lifecycles whose end we never saw", "end_unseen",
+            noticed="missed end"),
     Counter(13, "LOST_FIN_WAIT2_MAP", "lost_fin_wait2_map",
             "timewait sockets in FIN_WAIT2 not checked: map full", "fin_wait2_map_full",
             "FIN_WAIT2 check map full"),
@@ -221,6 +227,7 @@ LOSS_SUMMARY: Final = {
     **{c.name: c.summary for c in COUNTERS if c.summary is not None},
     KERNEL_SKIPPED: "skipped by the kernel",
 }
+NOTICED_SUMMARY: Final = {c.name: c.noticed for c in COUNTERS if c.noticed is not None}
 
 # The per-CPU arrays a scrape reads, each named after its metric (tcptrace_<name>).
 METRIC_ARRAYS: Final = (
