@@ -154,6 +154,38 @@ static __always_inline bool tw_has_tuple(u64 tw, struct tt_tuple *t, const struc
 	return true;
 }
 
+/*
+ * Whether the timewait socket at tw still has the ports of e, our record of
+ * the one there: not if e's end went unseen and tw's memory now holds
+ * another connection's timewait socket (always, if we cannot tell). Then
+ * what tw shows (its substate, its timer) is not e's to take. One read where
+ * the two ports sit side by side, as in sock_common.
+ */
+static __always_inline bool tw_has_ports(u64 tw, const struct tt_timewait *e)
+{
+#if HAVE_TW_TUPLE
+	u16 ports[2] = {};
+#if OFF_SKC_NUM == OFF_SKC_DPORT + 2
+	if (bpf_probe_read_kernel(ports, sizeof(ports), (void *)(tw + OFF_SKC_DPORT)))
+		return true;
+#else
+	if (bpf_probe_read_kernel(&ports[0], 2, (void *)(tw + OFF_SKC_DPORT)) ||
+	    bpf_probe_read_kernel(&ports[1], 2, (void *)(tw + OFF_SKC_NUM)))
+		return true;
+#endif
+	return ntohs(ports[0]) == e->tuple.dport && ports[1] == e->tuple.sport;
+#else
+	return true;
+#endif
+}
+
+/* e, ours at tw, ended unseen: another timewait socket is there now. */
+static __always_inline void tw_end_stale(void *ctx, u64 tw, struct tt_timewait *e, u64 now)
+{
+	end_unseen(ctx, e->skaddr, &e->id, &e->tuple, now, TT_EVF_TIMEWAIT_SOCK);
+	timewait.delete(&tw);
+}
+
 #if WATCH_OLD_TIMEWAIT
 /*
  * Timewait sockets older than tracing are counted by user space from its
@@ -186,6 +218,10 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 
 	struct tt_timewait *e = timewait.lookup(&tw);
 	struct tt_tw_slot *slot = tw_slot.lookup(&zero);
+	if (e && !tw_has_ports(tw, e)) {
+		tw_end_stale(ctx, tw, e, now);
+		e = NULL;
+	}
 	if (e) {
 		/* Re-armed: the peer's FIN (or a duplicate) arrived. */
 		tw_check_fin(ctx, tw, e, now);
@@ -283,6 +319,11 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 {
 	u64 tw = timer - OFF_TW_TIMER;
 	struct tt_timewait *e = timewait.lookup(&tw);
+	if (e && !tw_has_ports(tw, e)) {
+		/* Not e's timer: whatever ends, e ended before, unseen. */
+		tw_end_stale(ctx, tw, e, bpf_ktime_get_ns());
+		return 0;
+	}
 	if (!e) {
 #if WATCH_OLD_TIMEWAIT
 		if (watching_old_timewait() &&
@@ -386,8 +427,12 @@ static __always_inline int skb_freed(void *ctx, u64 rx_sk)
 	if (!rx_sk)
 		return 0;
 	struct tt_timewait *e = timewait.lookup(&rx_sk);
-	if (e)
+	if (!e)
+		return 0;
+	if (tw_has_ports(rx_sk, e))
 		tw_check_fin(ctx, rx_sk, e, bpf_ktime_get_ns());
+	else
+		tw_end_stale(ctx, rx_sk, e, bpf_ktime_get_ns());
 	return 0;
 }
 
@@ -425,6 +470,11 @@ static __always_inline int tw_sweep_fin_wait2(void *ctx, u64 tw)
 	u64 now = bpf_ktime_get_ns();
 	struct tt_timewait *e = timewait.lookup(&tw);
 	if (e && e->id.state == TT_FIN_WAIT2) {
+		if (!tw_has_ports(tw, e)) {
+			tw_end_stale(ctx, tw, e, now);
+			tw_fin_wait2.delete(&tw);
+			return 0;
+		}
 		if (tw_read_substate(tw) != TT_TIME_WAIT)
 			return 0;	/* still waiting: checked again next time */
 		tw_fin_came(ctx, e, now, tw_read_expires(tw), bpf_jiffies64());

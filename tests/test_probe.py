@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import Peer, deadline, free_port, requires_root
+from support import Peer, deadline, free_port, requires_root, wait_for
 
 from tcptrace_ebpf.commands.runner import clock_offset_ns
 from tcptrace_ebpf.errors import UserError
@@ -325,6 +325,59 @@ def test_missed_transition_marks_the_lifecycle() -> None:
     assert client_life.lost is True
     assert client_life.complete is False
     assert client_life.close == "reset_sent"  # the rest of its life is still right
+
+
+@requires_root
+def test_a_timewait_record_of_another_connection_is_ended_not_carried_on() -> None:
+    """Our record of a timewait socket whose end went unseen, where the kernel
+    has put another connection's timewait socket since (planted: the record
+    at a live timewait socket's address is given other ports): what that
+    socket shows, the peer's FIN reaching it, is not taken for the record's.
+    The record is ended, flagged end_unseen and counted, not moved on to
+    TIME_WAIT, where it would stay until the other socket's timer ran out."""
+    port = free_port()
+    peers: dict = {}
+    planted: dict = {}
+
+    def body(tracer: Tracer) -> None:
+        server, client = Peer(), Peer()
+        peers.update(server=server, client=client)
+        server.cmd(f"listen 127.0.0.1 {port}")
+        cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
+        server.cmd("accept")
+        client.cmd("close")  # first: its timewait socket waits for the peer's FIN
+        table = tracer.table("timewait")
+
+        def waiting() -> list:  # in FIN_WAIT2: no FIN yet
+            return [(k, v) for k, v in table.items() if v.tuple.sport == cport and v.id.state == 5]
+
+        key, value = wait_for(waiting, what="the client's timewait socket in FIN_WAIT2")[0]
+        value.tuple.sport = cport + 1 if cport < 65535 else cport - 1
+        table[key] = value
+        planted["sock"] = value.id.sock_id
+        server.cmd("close")  # the peer's FIN reaches the timewait socket
+        server.cmd("close_listener")
+
+    try:
+        _events, lives, counters = _run_with_events(
+            TracerOptions(emit_events=True, ports=frozenset({port})),
+            body,
+            until=lambda lives: len(lives) >= 3,
+        )
+    finally:
+        for peer in peers.values():
+            peer.close()
+    records = [life for life in lives if life.sock == planted["sock"]]
+    assert records, "the record never ended: moved on to TIME_WAIT with the other socket"
+    record = records[0]
+    assert [span.state for span in record.states] == [2, 1, 4, 5], record  # no TIME_WAIT
+    assert record.ended, record
+    assert record.close is None, record
+    assert record.lost is True
+    assert counters["missed_ends"] == 1
+    child = next(life for life in lives if life.role == "server")
+    assert child.close == "passive", child
+    assert child.complete, child
 
 
 @requires_root
