@@ -288,16 +288,35 @@ def _run_with_events(options: TracerOptions, body, until, timeout: float = 10, t
     return events, lives, counters
 
 
+def _run_pair(port: int, body):  # type: ignore[no-untyped-def]
+    """_run_with_events following `port`, with events, until three lifecycles
+    (listener, client, server) ended: `body(tracer, server, client)` drives
+    two peers, closed after whatever happens."""
+    peers: list[Peer] = []
+
+    def run(tracer: Tracer) -> None:
+        server, client = Peer(), Peer()
+        peers.extend((server, client))
+        body(tracer, server, client)
+
+    try:
+        return _run_with_events(
+            TracerOptions(emit_events=True, ports=frozenset({port})),
+            run,
+            until=lambda lives: len(lives) >= 3,
+        )
+    finally:
+        for peer in peers:
+            peer.close()
+
+
 @requires_root
 def test_missed_transition_marks_the_lifecycle() -> None:
     """Make the recorded state disagree with the kernel's (as when the kernel
     skipped our program for a change): the next change is flagged."""
     port = free_port()
-    peers: dict = {}
 
-    def body(tracer: Tracer) -> None:
-        server, client = Peer(), Peer()
-        peers.update(server=server, client=client)
+    def body(tracer: Tracer, server: Peer, client: Peer) -> None:
         server.cmd(f"listen 127.0.0.1 {port}")
         cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
         server.cmd("accept")
@@ -311,15 +330,7 @@ def test_missed_transition_marks_the_lifecycle() -> None:
         server.cmd("close")
         server.cmd("close_listener")
 
-    try:
-        _events, lives, counters = _run_with_events(
-            TracerOptions(emit_events=True, ports=frozenset({port})),
-            body,
-            until=lambda lives: len(lives) >= 3,
-        )
-    finally:
-        for peer in peers.values():
-            peer.close()
+    _events, lives, counters = _run_pair(port, body)
     client_life = next(life for life in lives if life.role == "client")
     assert counters["missed_transitions"] == 1
     assert client_life.lost is True
@@ -336,12 +347,9 @@ def test_a_timewait_record_of_another_connection_is_ended_not_carried_on() -> No
     The record is ended, flagged end_unseen and counted, not moved on to
     TIME_WAIT, where it would stay until the other socket's timer ran out."""
     port = free_port()
-    peers: dict = {}
     planted: dict = {}
 
-    def body(tracer: Tracer) -> None:
-        server, client = Peer(), Peer()
-        peers.update(server=server, client=client)
+    def body(tracer: Tracer, server: Peer, client: Peer) -> None:
         server.cmd(f"listen 127.0.0.1 {port}")
         cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
         server.cmd("accept")
@@ -358,15 +366,7 @@ def test_a_timewait_record_of_another_connection_is_ended_not_carried_on() -> No
         server.cmd("close")  # the peer's FIN reaches the timewait socket
         server.cmd("close_listener")
 
-    try:
-        _events, lives, counters = _run_with_events(
-            TracerOptions(emit_events=True, ports=frozenset({port})),
-            body,
-            until=lambda lives: len(lives) >= 3,
-        )
-    finally:
-        for peer in peers.values():
-            peer.close()
+    _events, lives, counters = _run_pair(port, body)
     records = [life for life in lives if life.sock == planted["sock"]]
     assert records, "the record never ended: moved on to TIME_WAIT with the other socket"
     record = records[0]
