@@ -201,7 +201,8 @@ COUNTERS: Final = (
             "a change's old state was not the one we recorded", "missed_transition",
             noticed="missed change"),
     # Sockets whose end went unseen, closed when noticed (a new socket in their
-    # place, a timewait socket far past its time, or gone from sock_diag).
+    # place, another timewait socket in a timewait socket's memory, one far
+    # past its time, or gone from sock_diag).
     Counter(12, "MISSED_END", "missed_ends", "lifecycles whose end we never saw", "end_unseen",
             noticed="missed end"),
     Counter(13, "LOST_FIN_WAIT2_MAP", "lost_fin_wait2_map",
