@@ -469,9 +469,7 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		struct tt_timewait *stale = timewait.lookup(&tw);
 		if (stale) {
 			/* Its memory held a timewait socket whose end we missed. */
-			end_unseen(args, stale->skaddr, &stale->id, &stale->tuple, now,
-				   TT_EVF_TIMEWAIT_SOCK);
-			timewait.delete(&tw);
+			tw_end_stale(args, tw, stale, now);
 		}
 		/* In substate FIN_WAIT2 it still waits for the peer's FIN: no step yet. */
 		if (tw_substate != TT_FIN_WAIT2)

@@ -179,7 +179,7 @@ static __always_inline bool tw_has_ports(u64 tw, const struct tt_timewait *e)
 #endif
 }
 
-/* e, ours at tw, ended unseen: another timewait socket is there now. */
+/* e, ours at tw, ended unseen (another timewait socket may be there now). */
 static __always_inline void tw_end_stale(void *ctx, u64 tw, struct tt_timewait *e, u64 now)
 {
 	end_unseen(ctx, e->skaddr, &e->id, &e->tuple, now, TT_EVF_TIMEWAIT_SOCK);
@@ -429,10 +429,11 @@ static __always_inline int skb_freed(void *ctx, u64 rx_sk)
 	struct tt_timewait *e = timewait.lookup(&rx_sk);
 	if (!e)
 		return 0;
+	u64 now = bpf_ktime_get_ns();
 	if (tw_has_ports(rx_sk, e))
-		tw_check_fin(ctx, rx_sk, e, bpf_ktime_get_ns());
+		tw_check_fin(ctx, rx_sk, e, now);
 	else
-		tw_end_stale(ctx, rx_sk, e, bpf_ktime_get_ns());
+		tw_end_stale(ctx, rx_sk, e, now);
 	return 0;
 }
 
@@ -502,8 +503,7 @@ static __always_inline int tw_sweep_stale(void *ctx, u64 tw)
 	struct tt_timewait *e = timewait.lookup(&tw);
 	if (!e)
 		return 0;
-	end_unseen(ctx, e->skaddr, &e->id, &e->tuple, bpf_ktime_get_ns(), TT_EVF_TIMEWAIT_SOCK);
-	timewait.delete(&tw);
+	tw_end_stale(ctx, tw, e, bpf_ktime_get_ns());
 	return 1;
 }
 #endif /* HAVE_TIMEWAIT */
