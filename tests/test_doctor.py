@@ -30,7 +30,7 @@ from tcptrace_ebpf.kernel.features import (
     Capability,
     Features,
     detect_features,
-    kallsyms_present,
+    kallsyms,
     kernel_summary,
     release_series,
     unsupported_reason,
@@ -77,15 +77,30 @@ def test_release_series() -> None:
 
 def test_kallsyms_present_by_name_even_with_hidden_addresses(tmp_path: Path) -> None:
     """Without CAP_SYSLOG the addresses read 0; the names are what counts."""
-    kallsyms = tmp_path / "kallsyms"
-    kallsyms.write_text(
+    listing = tmp_path / "kallsyms"
+    listing.write_text(
         "0000000000000000 T bpf_ringbuf_output\n"
         "0000000000000000 t __pfx_bpf_prog_test_run_raw_tp\n"
         "0000000000000000 T bpf_prog_test_run_raw_tpx [module]\n"
     )
     wanted = ("bpf_ringbuf_output", "bpf_prog_test_run_raw_tp")
-    assert kallsyms_present(wanted, str(kallsyms)) == {"bpf_ringbuf_output"}
-    assert kallsyms_present(wanted, str(tmp_path / "absent")) == set()
+    assert kallsyms(wanted, str(listing)) == {"bpf_ringbuf_output": 0}
+    assert kallsyms(wanted, str(tmp_path / "absent")) == {}
+
+
+def test_kallsyms_gives_addresses_in_one_pass(tmp_path: Path) -> None:
+    """The first of duplicate names wins (a module may reuse a static name)."""
+    listing = tmp_path / "kallsyms"
+    listing.write_text(
+        "ffffffff81a2b3c0 t tw_timer_handler\n"
+        "ffffffff81000000 T bpf_skc_to_tcp_sock\n"
+        "ffffffffc0001000 t tw_timer_handler\t[some_module]\n"
+    )
+    found = kallsyms(("tw_timer_handler", "bpf_skc_to_tcp_sock", "absent"), str(listing))
+    assert found == {
+        "tw_timer_handler": 0xFFFFFFFF81A2B3C0,
+        "bpf_skc_to_tcp_sock": 0xFFFFFFFF81000000,
+    }
 
 
 def test_oldest_supported_is_the_newest_required_feature() -> None:

@@ -188,6 +188,9 @@ class Btf:
         # and has no record.
         self._type_positions = array("I", [0])
         self._struct_ids_by_name: dict[str, list[int]] = {}
+        # The first typedef of each name, by the name's string offset (raw
+        # tracepoints' prototypes are typedefs): found without a second walk.
+        self._typedef_ids_by_name_off: dict[int, int] = {}
         self._int_ids: list[int] = []
         self._index_types()
 
@@ -277,6 +280,7 @@ class Btf:
         append_position = positions.append
         struct_name_offsets: list[tuple[int, int]] = []  # (name_off, type id)
         int_ids = self._int_ids
+        typedef_ids = self._typedef_ids_by_name_off
 
         position = self._types_start
         while position < end:
@@ -294,6 +298,8 @@ class Btf:
                 struct_name_offsets.append((name_off, len(positions) - 1))
             elif kind == _KIND_INT:
                 int_ids.append(len(positions) - 1)
+            elif kind == _KIND_TYPEDEF:
+                typedef_ids.setdefault(name_off, len(positions) - 1)
             position += _TYPE_RECORD_SIZE + fixed + per_vlen_trailer[kind] * (info & 0xFFFF)
         if position != end:
             raise BtfError(f"BTF type section is truncated: last type runs past byte {end}")
@@ -313,7 +319,10 @@ class Btf:
         are unnamed, so the argument is found by type. The prototype's first
         parameter (the tracepoint's private data) is not an argument.
         """
-        typedef_id = self._named_type(f"btf_trace_{tracepoint}", _KIND_TYPEDEF)
+        name = f"btf_trace_{tracepoint}"
+        typedef_id = self.typedef_ids([name]).get(name)
+        if typedef_id is None:
+            raise BtfError(f"typedef {name} is not in the BTF")
         proto_id = self._strip_transparent(self._size_or_type(typedef_id))
         if self._kind(proto_id) == _KIND_PTR:
             proto_id = self._strip_transparent(self._size_or_type(proto_id))
@@ -338,51 +347,26 @@ class Btf:
         return found[0]
 
     def typedef_ids(self, names: Iterable[str]) -> dict[str, int]:
-        """Type ids of the typedefs of these names that the BTF has (one scan).
+        """Type ids of the typedefs of these names that the BTF has.
 
         A tp_btf program is loaded against ``typedef btf_trace_<tracepoint>``."""
-        wanted = set(names)
         strings = self._data[self._strings_start : self._strings_end]
-        offsets: dict[int, str] = {}
-        for name in wanted:
+        result: dict[str, int] = {}
+        for name in set(names):
             needle = name.encode() + b"\0"
             start = 0
+            # Every place the name is a whole string; the first typedef wins.
             while (found := strings.find(needle, start)) >= 0:
                 if found == 0 or strings[found - 1] == 0:
-                    offsets[found] = name
+                    type_id = self._typedef_ids_by_name_off.get(found)
+                    if type_id is not None:
+                        result[name] = min(type_id, result.get(name, type_id))
                 start = found + 1
-        result: dict[str, int] = {}
-        unpack = self._u32x3.unpack_from
-        for type_id in range(1, len(self._type_positions)):
-            if len(result) == len(wanted):
-                break
-            name_off, info, _ = unpack(self._data, self._type_positions[type_id])
-            found_name = offsets.get(name_off)
-            if found_name is not None and (info >> 24) & 0x1F == _KIND_TYPEDEF:
-                result.setdefault(found_name, type_id)
         return result
 
     def _type_name(self, type_id: int) -> str:
         name_off = self._record(type_id)[0]
         return self._string(name_off) if name_off else ""
-
-    def _named_type(self, name: str, kind: int) -> int:
-        """The first type of ``kind`` named ``name`` (a scan: for rare lookups)."""
-        wanted = name.encode() + b"\0"
-        strings = self._data[self._strings_start : self._strings_end]
-        offsets = set()
-        start = 0
-        while (found := strings.find(wanted, start)) >= 0:
-            if found == 0 or strings[found - 1] == 0:
-                offsets.add(found)
-            start = found + 1
-        if offsets:
-            unpack = self._u32x3.unpack_from
-            for type_id in range(1, len(self._type_positions)):
-                name_off, info, _ = unpack(self._data, self._type_positions[type_id])
-                if name_off in offsets and (info >> 24) & 0x1F == kind:
-                    return type_id
-        raise BtfError(f"{_KIND_NAMES[kind].lower()} {name} is not in the BTF")
 
     # -- reading types ------------------------------------------------------
 

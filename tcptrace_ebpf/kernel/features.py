@@ -66,33 +66,44 @@ def kernel_release() -> str:
     return os.uname().release
 
 
-def kallsyms_present(symbols: tuple[str, ...], path: str = "/proc/kallsyms") -> set[str]:
-    """Which of `symbols` the kernel has, in one pass. By name: the names are
-    shown even where the addresses are hidden (kptr_restrict, not root)."""
-    wanted = set(symbols)
-    found: set[str] = set()
+# The kernel symbols start-up looks for, found in one read of /proc/kallsyms
+# (the kernel formats its 100,000-odd lines at every read: a read costs 60 ms
+# here and about half a second under emulation).
+KALLSYMS_WANTED = (
+    "tw_timer_handler",  # its address: the timer function of a timewait socket
+    "bpf_get_raw_tracepoint",  # raw tracepoints (4.17+; renamed in 5.x)
+    "bpf_find_raw_tracepoint",
+    "bpf_skc_to_tcp_sock",  # BTF-typed raw tracepoints' helper (5.9+)
+    "bpf_ringbuf_output",  # the BPF ring buffer (5.8+)
+    "bpf_prog_test_run_raw_tp",  # BPF_PROG_TEST_RUN on raw tracepoints (5.10+)
+)
+
+
+def kallsyms(symbols: tuple[str, ...], path: str = "/proc/kallsyms") -> dict[str, int]:
+    """Which of `symbols` the kernel has, with their addresses, from one read.
+    Present by name: the names are shown even where the addresses are hidden
+    (kptr_restrict, not root), and then read 0. The first line of a name wins."""
     try:
-        with open(path) as kallsyms:
-            for line in kallsyms:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] in wanted:
-                    found.add(parts[2])
+        with open(path, "rb") as listing:
+            text = listing.read()
     except OSError:
-        return found
+        return {}
+    found: dict[str, int] = {}
+    for symbol in symbols:
+        # "<address> <type> <name>\n", or "<name>\t[<module>]\n": found by
+        # byte search, not by splitting 200,000 lines in Python.
+        name = symbol.encode()
+        hits = [text.find(b" " + name + end) for end in (b"\n", b"\t")]
+        hits = [hit for hit in hits if hit >= 0]
+        if not hits:
+            continue
+        line_start = text.rfind(b"\n", 0, min(hits)) + 1
+        address = text[line_start : text.find(b" ", line_start)]
+        try:
+            found[symbol] = int(address, 16)
+        except ValueError:
+            continue
     return found
-
-
-def kallsyms_address(symbol: str, path: str = "/proc/kallsyms") -> int:
-    """Address of a kernel symbol, 0 if absent or hidden (kptr_restrict)."""
-    try:
-        with open(path) as kallsyms:
-            for line in kallsyms:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] == symbol:
-                    return int(parts[0], 16)
-    except OSError:
-        return 0
-    return 0
 
 
 def _config_value(text: str, key: str) -> str | None:
@@ -244,6 +255,7 @@ def _member_size(btf: Btf | None, features: Features, macro: str) -> int:
 def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
     """Inspect the running kernel. Needs tracefs mounted to see tracepoints."""
     features = Features(release=kernel_release())
+    symbols = kallsyms(KALLSYMS_WANTED)
     root = find_tracefs()
     wanted = {
         "inet_sock_set_state": ("sock", "inet_sock_set_state"),
@@ -353,7 +365,7 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         is_u32 = _member_size(btf, features, macro) == 4
         features.note(name, is_u32, good if is_u32 else bad)
 
-    features.tw_timer_handler = kallsyms_address("tw_timer_handler")
+    features.tw_timer_handler = symbols.get("tw_timer_handler", 0)
     timer_fmts = [features.formats.get(k) for k in ("timer_start", "timer_cancel")]
     expire_fmt = features.formats.get("timer_expire_entry")
     timers_ok = (
@@ -366,8 +378,12 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
     reasons = []
     if not timers_ok:
         reasons.append("timer tracepoints missing")
-    if not features.tw_timer_handler:
+    if "tw_timer_handler" not in symbols:
         reasons.append("symbol tw_timer_handler not in /proc/kallsyms")
+    elif not features.tw_timer_handler:
+        reasons.append(
+            "the address of tw_timer_handler is hidden in /proc/kallsyms (kptr_restrict)"
+        )
     if "OFF_TW_TIMER" not in features.offsets:
         reasons.append("no inet_timewait_sock.tw_timer in BTF")
     features.note_unless(
@@ -394,9 +410,7 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
     # Raw tracepoints (Linux 4.17+): the program gets the tracepoint's C
     # arguments. Cheaper, and not skipped when another BPF program runs on the
     # CPU, which matters for the timer ones (they fire for every kernel timer).
-    raw = bool(
-        kallsyms_address("bpf_get_raw_tracepoint") or kallsyms_address("bpf_find_raw_tracepoint")
-    )
+    raw = "bpf_get_raw_tracepoint" in symbols or "bpf_find_raw_tracepoint" in symbols
     features.note(
         "raw_timers",
         raw and "OFF_TIMER_FUNCTION" in features.offsets,
@@ -495,7 +509,7 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         reasons.append("the raw state-change program is not usable")
     if "inet_sock_set_state" not in features.btf_trace_ids:
         reasons.append("no btf_trace_inet_sock_set_state in BTF")
-    if not kallsyms_address("bpf_skc_to_tcp_sock"):
+    if "bpf_skc_to_tcp_sock" not in symbols:
         reasons.append("no bpf_skc_to_tcp_sock helper (Linux < 5.9)")
     features.note_unless(
         "tp_btf",
@@ -512,12 +526,11 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
     )
     # Probed by the kernel's own symbols, never by version: distributions
     # backport BPF features into older kernels (RHEL 8's 4.18, for one).
-    present = kallsyms_present(("bpf_ringbuf_output", "bpf_prog_test_run_raw_tp"))
     features.note(
         "ringbuf",
-        "bpf_ringbuf_output" in present,
+        "bpf_ringbuf_output" in symbols,
         "BPF ring buffer: trace and lifecycles get events through one buffer shared by all CPUs"
-        if "bpf_ringbuf_output" in present
+        if "bpf_ringbuf_output" in symbols
         else "no BPF ring buffer (Linux < 5.8): trace and lifecycles get events through a "
         "perf buffer, one per CPU",
     )
@@ -526,10 +539,10 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
     # on demand: BPF_PROG_TEST_RUN on raw tracepoint programs.
     features.note(
         "sweepers",
-        "bpf_prog_test_run_raw_tp" in present,
+        "bpf_prog_test_run_raw_tp" in symbols,
         "BPF_PROG_TEST_RUN on raw tracepoint programs: held closes and cancelled timewait "
         "sockets are finished in the kernel"
-        if "bpf_prog_test_run_raw_tp" in present
+        if "bpf_prog_test_run_raw_tp" in symbols
         else "no BPF_PROG_TEST_RUN on raw tracepoint programs (Linux < 5.10): closes held for "
         "their RST and cancelled timewait sockets could never be finished",
     )
