@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -239,6 +240,25 @@ def test_stale_or_damaged_cache_entries_are_never_loaded(
     rewritten.rename(other)
     loader.load(text, ["-DX"], plan).close()
     assert compiled == [1, 1]
+
+
+def test_the_cache_keeps_the_entries_used_last(tmp_path: Path) -> None:
+    """Pruning removes the least recently used entries (a load from the cache
+    touches its entry), not the oldest written: a daemon's entry, used at
+    every restart, outlives any number of one-off traces."""
+    count = loader.CACHE_KEEP + 5
+    for index in range(count):
+        entry = tmp_path / f"{index:064x}.json"
+        entry.write_text("{}")
+        os.utime(entry, (1_000_000 + index, 1_000_000 + index))
+    daemon = tmp_path / f"{0:064x}.json"  # written first, used last
+    os.utime(daemon, (2_000_000, 2_000_000))
+    loader._prune(tmp_path)
+    kept = sorted(path.name for path in tmp_path.glob("*.json"))
+    assert len(kept) == loader.CACHE_KEEP
+    assert daemon.name in kept
+    assert f"{1:064x}.json" not in kept
+    assert f"{count - 1:064x}.json" in kept
 
 
 @requires_root

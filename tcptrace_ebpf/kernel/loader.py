@@ -58,7 +58,10 @@ REPLY_BYTES = 1 << 20
 ERROR_CHARS = 2000
 CACHE_FORMAT = 1
 CACHE_DEFAULT = Path("/var/cache/tcptrace-ebpf")
-CACHE_KEEP = 16  # entries kept (one per kernel and set of options in use)
+# Entries kept, the least recently used removed first: one per kernel and set
+# of options in use, and every `trace --pid N` is a set of its own (the pid is
+# compiled in); a few tens of those must not evict the daemon's. 30-110 KB each.
+CACHE_KEEP = 64
 # BPF_LD | BPF_IMM | BPF_DW with src_reg BPF_PSEUDO_MAP_FD: "load this map's address".
 LD_IMM64 = 0x18
 PSEUDO_MAP_FD = 1
