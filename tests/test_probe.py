@@ -175,6 +175,18 @@ DEGRADED = [
 ]
 
 
+def first_born(lives: list[Lifecycle], role: str) -> Lifecycle:
+    """The earliest-born lifecycle of `role`. Not the first reported: a
+    lifecycle is reported when it ends (a TIME_WAIT ended by reuse is known
+    only after the new connection's handshake), and a perf buffer's rings,
+    one per CPU, are read one after another."""
+
+    def born(life: Lifecycle) -> float:  # ids are unique, not ordered
+        return life.states[0].start or 0.0 if life.states else 0.0
+
+    return min((life for life in lives if life.role == role), key=born)
+
+
 def _close_then_reuse_the_pair(port: int) -> None:
     """A client connects to `port` and closes first, the server 50 ms later;
     then the client connects again from the same port (ending the first
@@ -234,11 +246,8 @@ def test_degraded_kernels_still_trace(missing: tuple[str, ...]) -> None:
         tracer.close()
     lives.extend(engine.flush())
 
-    def born(life: Lifecycle) -> float:  # ids are unique, not ordered
-        return life.states[0].start or 0.0 if life.states else 0.0
-
-    first = min((life for life in lives if life.role == "client"), key=born)
-    child = min((life for life in lives if life.role == "server"), key=born)
+    first = first_born(lives, "client")
+    child = first_born(lives, "server")
     states = [span.state for span in first.states]
     closing = first.states[2].duration_s + first.states[3].duration_s  # FIN_WAIT1 + FIN_WAIT2
     assert first.close == "active", first
@@ -652,7 +661,7 @@ def test_a_refused_btf_program_falls_back_to_raw(
     assert "is not a typedef" in caplog.text  # the kernel's words
     assert set(kinds.values()) == {"raw"}
     assert kinds["sock:inet_sock_set_state"] == "raw"
-    first_client = next(life for life in lives if life.role == "client")
+    first_client = first_born(lives, "client")
     assert [span.state for span in first_client.states][-1] == 6  # TIME_WAIT, seen to end
     assert first_client.time_wait_end == "reused"
 
@@ -671,5 +680,5 @@ def test_perf_buffer_delivers_the_same_lifecycles() -> None:
     assert roles.count("client") >= 2
     assert roles.count("server") >= 2
     assert counters["lost_ringbuf"] == 0
-    first_client = next(life for life in lives if life.role == "client")
+    first_client = first_born(lives, "client")
     assert first_client.time_wait_end == "reused"
