@@ -31,6 +31,7 @@
  *     same BTF;
  *   - map sizes, the mode (EMIT_EVENTS, COLLECT_METRICS), filters, and the
  *     bucket_*() functions of the histograms.
+ * The loader itself adds COMPILE_FALLBACKS (below) to the compiler's flags.
  *
  * Sockets are followed on sock:inet_sock_set_state. When a connection enters
  * TIME_WAIT the kernel replaces the socket by a timewait socket, whose life
@@ -48,6 +49,18 @@
 #include "time_wait.h"
 #include "socket_state.h"
 
+/*
+ * Where a tracepoint has a tp_btf program, its raw or classic one is only
+ * a fallback for a kernel whose verifier refuses the tp_btf one. Compiling
+ * the fallbacks costs a quarter of the compile (seconds; tens under
+ * emulation), so the loader compiles without them (COMPILE_FALLBACKS 0)
+ * and compiles again with them only after a refusal.
+ */
+#ifndef COMPILE_FALLBACKS
+#define COMPILE_FALLBACKS 1
+#endif
+#define WANT_FALLBACK (!USE_TP_BTF || COMPILE_FALLBACKS)
+
 /* ------------------------------------------------------------ TIME_WAIT -- */
 
 #if HAVE_TIMEWAIT
@@ -60,6 +73,7 @@
  * program.
  */
 #if USE_RAW_TIMERS
+#if WANT_FALLBACK
 int raw_timer_start(struct bpf_raw_tracepoint_args *ctx)
 {
 	u64 timer = ctx->args[0];
@@ -76,6 +90,7 @@ int raw_timer_expire_entry(struct bpf_raw_tracepoint_args *ctx)
 	u64 timer = ctx->args[0];
 	return timer_expiring(ctx, timer, timer_function(timer));
 }
+#endif /* WANT_FALLBACK */
 #else
 int on_timer_start(struct tp_timer_start *args)
 {
@@ -119,10 +134,12 @@ int btf_timer_expire_entry(u64 *ctx)
 
 #if HAVE_KFREE_RX_SK
 #if USE_RAW_KFREE
+#if WANT_FALLBACK
 int raw_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 {
 	return skb_freed(ctx, ctx->args[KFREE_SKB_RX_SK_ARG]);
 }
+#endif
 #else
 int on_kfree_skb(struct tp_kfree_skb *args)
 {
@@ -169,7 +186,7 @@ int sweep_timewait(struct bpf_raw_tracepoint_args *ctx)
  * with bpf_probe_read_kernel() (one read for sock_common's head, one for
  * inet_sock's, two more for IPv6 addresses).
  */
-#if USE_RAW_SET_STATE
+#if USE_RAW_SET_STATE && WANT_FALLBACK
 int raw_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
 	u64 sk = ctx->args[0];

@@ -16,6 +16,7 @@ from test_serve import scrape, serving, value
 
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.kernel import bpfsys, loader, maps
+from tcptrace_ebpf.kernel.features import detect_features
 
 # Issue 17: a node agent stays within tens of megabytes.
 MAX_RSS_MB = 50
@@ -150,6 +151,42 @@ int noop(void *ctx) { return 0; }
         per_cpu[ctypes.c_int(3)] = ctypes.c_uint64(5)
         rows = [sum(values) for _key, values in per_cpu.items_lookup_batch()]
         assert rows == [0, 0, 0, 5 * per_cpu.cpus]
+    finally:
+        loaded.close()
+
+
+@requires_root
+@pytest.mark.parametrize("refused", [False, True], ids=["accepted", "refused"])
+def test_fallbacks_are_compiled_only_for_a_refused_btf_program(
+    refused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracepoint's raw program, the fallback of its tp_btf one, is left
+    out of the compile (COMPILE_FALLBACKS 0) and compiled, in a second
+    compile, only when the kernel refuses the tp_btf program (here: loaded
+    for BTF type 1, no tracepoint's typedef)."""
+    monkeypatch.setenv("TCPTRACE_EBPF_NO_CACHE", "1")
+    btf_id = 1 if refused else detect_features().btf_trace_ids["timer_start"]
+    text = """
+int btf_timer_start(u64 *ctx) { return 0; }
+#if COMPILE_FALLBACKS
+BPF_ARRAY(fallbacks_compiled, u32, 1);
+int raw_timer_start(struct bpf_raw_tracepoint_args *ctx) {
+    int zero = 0;
+    fallbacks_compiled.lookup(&zero);
+    return 0;
+}
+#endif
+"""
+    request = loader.ProgramRequest(
+        key="timer:timer_start", name="timer_start", raw=True, btf_id=btf_id
+    )
+    loaded = loader.load(text, [], [request])
+    try:
+        kind = loaded.programs["timer:timer_start"][1].kind
+        assert (kind, "fallbacks_compiled" in loaded.maps) == (
+            ("raw", True) if refused else ("btf", False)
+        )
+        assert any("BTF-typed program refused" in line for line in loaded.warnings) == refused
     finally:
         loaded.close()
 

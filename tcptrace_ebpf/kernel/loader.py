@@ -4,7 +4,8 @@ BCC's compiler (libLLVM, libclang: over 100 MB mapped and touched) is needed
 once, at start; a daemon that imported bcc would keep it for life. So the
 tracer runs this module as a child process (`python -m tcptrace_ebpf.kernel.loader`):
 it compiles the program text it is given on stdin, creates the maps, loads
-the programs the plan names (tp_btf variants first, where asked), and sends
+the programs the plan names (tp_btf variants first, where asked: their
+raw fallbacks are compiled, in a second compile, only if one is refused), and sends
 back, over a unix socket (SCM_RIGHTS), every map's and program's file
 descriptor, with each map's type, sizes and key/value layouts as the
 compiler described them. Then it exits; the maps and programs live on in the
@@ -387,12 +388,25 @@ def bpf_lib() -> Any:
     return lib
 
 
+class _FallbacksNeeded(Exception):
+    """A program compiled without its fallbacks (COMPILE_FALLBACKS 0) needs one."""
+
+
 def _load_programs(
-    bpf: Any, requests: list[ProgramRequest], warnings: list[str]
+    bpf: Any, requests: list[ProgramRequest], warnings: list[str], *, fallbacks: bool
 ) -> list[tuple[int, LoadedProgram]]:
+    """Load what `requests` name from the compiled `bpf`. Without
+    `fallbacks` compiled in, a refused tp_btf program (or a program not
+    compiled) raises _FallbacksNeeded, with nothing left loaded."""
     from .probe import _capture_stderr, _first_error, _verifier_reason
 
     loaded: list[tuple[int, LoadedProgram]] = []
+
+    def fallbacks_needed(why: str) -> _FallbacksNeeded:
+        for fd, _ in loaded:
+            os.close(fd)
+        return _FallbacksNeeded(why)
+
     for request in requests:
         if request.btf_id is not None:
             function = f"btf_{request.name}"
@@ -403,6 +417,8 @@ def _load_programs(
                 loaded.append((fd, LoadedProgram(request.key, function, "btf")))
                 continue
             except bpfsys.BpfError as err:
+                if not fallbacks:
+                    raise fallbacks_needed(f"{function} refused ({err.strerror})") from None
                 warnings.append(
                     f"{request.key}: BTF-typed program refused ({err.strerror}), using a raw "
                     f"tracepoint: {_verifier_reason(err.log)}"
@@ -413,6 +429,8 @@ def _load_programs(
             function, kind, prog_type = f"raw_{request.name}", "raw", BPF_PROG_TYPE_RAW_TRACEPOINT
         else:
             function, kind, prog_type = f"on_{request.name}", "classic", BPF_PROG_TYPE_TRACEPOINT
+        if not fallbacks and not bpf_lib().bpf_function_start(bpf.module, function.encode()):
+            raise fallbacks_needed(f"{function} not compiled")
         with _capture_stderr() as output:
             try:
                 fd = int(bpf.load_func(function.encode(), prog_type).fd)
@@ -423,6 +441,20 @@ def _load_programs(
         # BCC closes its descriptors at exit; ours must outlive it.
         loaded.append((os.dup(fd), LoadedProgram(request.key, function, kind)))
     return loaded
+
+
+def _compile(bcc: Any, text: str, cflags: list[str]) -> Any:
+    from .probe import _capture_stderr, _first_error
+
+    with _capture_stderr() as output:
+        try:
+            # BCC takes bytes (a str costs a DeprecationWarning that quotes the whole program).
+            return bcc.BPF(text=text.encode(), cflags=cflags)
+        except Exception:
+            raise UserError(
+                f"the BPF program did not compile: {_first_error(output())} "
+                "(run 'tcptrace-ebpf doctor'; --debug shows the compiler output)"
+            ) from None
 
 
 def _write_cache(  # noqa: PLR0917 (one call site, all parts of one entry)
@@ -472,7 +504,7 @@ def _write_cache(  # noqa: PLR0917 (one call site, all parts of one entry)
 
 
 def _child() -> int:
-    from .probe import _capture_stderr, _first_error, import_bcc
+    from .probe import import_bcc
 
     # Ctrl-C reaches the whole process group: the caller decides (it kills
     # this process if it gives up), so no traceback from here.
@@ -496,18 +528,21 @@ def _child() -> int:
     try:
         request = json.loads(sys.stdin.buffer.read())
         bcc = import_bcc()
-        with _capture_stderr() as output:
-            try:
-                # BCC takes bytes (a str costs a DeprecationWarning that quotes the whole program).
-                bpf = bcc.BPF(text=request["text"].encode(), cflags=request["cflags"])
-            except Exception:
-                raise UserError(
-                    f"the BPF program did not compile: {_first_error(output())} "
-                    "(run 'tcptrace-ebpf doctor'; --debug shows the compiler output)"
-                ) from None
+        text, cflags = request["text"], request["cflags"]
         warnings: list[str] = []
         requests = [ProgramRequest(**item) for item in request["programs"]]
-        programs = _load_programs(bpf, requests, warnings)
+        # The fallbacks of tp_btf programs are compiled only if one is refused
+        # (COMPILE_FALLBACKS in bpf/tcptrace.bpf.c).
+        fallbacks = all(item.btf_id is None for item in requests)
+        while True:
+            bpf = _compile(bcc, text, [*cflags, f"-DCOMPILE_FALLBACKS={int(fallbacks)}"])
+            try:
+                programs = _load_programs(bpf, requests, warnings, fallbacks=fallbacks)
+                break
+            except _FallbacksNeeded as why:
+                logging.getLogger(__name__).debug("compiling the fallbacks: %s", why)
+                bpf.cleanup()
+                fallbacks = True
         tables = _table_infos(bpf)
         fds = [os.dup(fd) for fd, _ in tables] + [fd for fd, _ in programs]
         if request.get("cache_file"):
