@@ -119,6 +119,35 @@ def test_a_listing_keeps_only_what_the_program_does_not_follow() -> None:
     assert kept.counts() == {TcpState.CLOSE_WAIT: 1}
 
 
+def test_a_new_listing_keys_the_sockets_it_shares_by_the_earlier_snapshots_pairs() -> None:
+    """A heal builds a new snapshot from a new listing; the sockets both
+    have keep the earlier snapshot's pair objects (so that the listing's go
+    with it, not scattered through the heap), the rest the listing's. What
+    is counted is the listing's either way."""
+    both = key(4000)
+    earlier = snapshot(
+        Record(both, TcpState.ESTABLISHED, timewait=False, client=True),
+        Record(key(4002), TcpState.ESTABLISHED, timewait=False, client=True),
+    )
+    again, fresh = key(4000), key(4001)  # equal pairs, other objects
+    assert again == both
+    assert again is not both
+    listing = Listing(
+        {
+            again: Record(again, TcpState.CLOSE_WAIT, timewait=False, client=True),
+            fresh: Record(fresh, TcpState.TIME_WAIT, timewait=True, client=True),
+        },
+        [],
+        time.time(),
+    )
+    kept = listing.preexisting(earlier)
+    assert kept.keys() == {both, fresh}
+    kept_pairs = kept.pairs()
+    assert kept_pairs[both] is both
+    assert kept_pairs[fresh] is fresh
+    assert kept.counts() == {TcpState.CLOSE_WAIT: 1, TcpState.TIME_WAIT: 1}
+
+
 def listed(state: int, lport: int, rport: int, inode: int, timewait: bool = False) -> DiagSocket:
     return DiagSocket(
         family=socket.AF_INET, state=state, laddr="127.0.0.1", lport=lport, raddr="127.0.0.2",

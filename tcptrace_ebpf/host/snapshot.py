@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..kernel.interface import ADOPT_OLD_TIMEWAIT
 from ..model.addresses import AddressPair, Destination
@@ -139,6 +139,12 @@ class Preexisting:
             if self._dests[dest] <= 0:
                 del self._dests[dest]
 
+    def pairs(self) -> dict[AddressPair, AddressPair]:
+        """Every socket of the snapshot, each pair mapped to the very object
+        it is keyed by."""
+        with self._lock:
+            return {pair: pair for pairs in (self._state, self._timewait) for pair in pairs}
+
     def keys(self) -> set[AddressPair]:
         """Every socket of the snapshot, timewait ones included."""
         with self._lock:
@@ -212,10 +218,20 @@ class Listing:
     close_wait: list[OldCloseWait]
     started: float
 
-    def preexisting(self) -> Preexisting:
+    def preexisting(self, previous: Preexisting | None = None) -> Preexisting:
         """The sockets not marked followed, to count until the program sees
-        them. Built anew: it stays as small as what it keeps."""
-        kept = [record for record in self.records.values() if record is not None]
+        them. Built anew: it stays as small as what it keeps. A socket the
+        `previous` snapshot has too is keyed by that snapshot's pair, not
+        this listing's: the listing's objects then all go with it, instead
+        of staying scattered through the heap among its freed ones (measured
+        with 108,000 sockets: the daemon kept 17 MiB more after each heal)."""
+        earlier = previous.pairs() if previous is not None else {}
+        kept = [
+            record if (pair := earlier.get(record.pair)) is None else replace(record, pair=pair)
+            for record in self.records.values()
+            if record is not None
+        ]
+        del earlier
         close_wait = [item for item in self.close_wait if self.records.get(item.pair) is not None]
         return Preexisting(kept, self.started, close_wait)
 

@@ -206,9 +206,9 @@ class SocketTracking:
         ended = self.tracer.end_gone(found_out.gone)
         # A socket not moved changed state since it was read: the program saw it.
         moved = self.tracer.catch_up(found_out.behind)
-        snapshot = listing.preexisting()
-        del listing
         previous = self.preexisting
+        snapshot = listing.preexisting(previous)
+        del listing
         if previous is not None:
             snapshot.keep_ages_from(previous)
             # Found now, not counted before: missed by the program (a loss).
