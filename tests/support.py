@@ -165,11 +165,15 @@ class Peer:
         self.close()
 
 
-def _drain(stream: Any, sink: list[str], lines: queue.Queue[str] | None) -> None:
+def _drain(stream: Any, sink: list[str], lines: queue.Queue[str | None] | None) -> None:
+    """Read `stream` to its end into `sink`, each line also to `lines`, then
+    None there: the end (the process exited, or closed it)."""
     for line in stream:
         sink.append(line.rstrip("\n"))
         if lines is not None:
             lines.put(line)
+    if lines is not None:
+        lines.put(None)
 
 
 @dataclass
@@ -228,7 +232,7 @@ def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> 
         cli_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     run = CliRun(list(args), proc)
-    errors: queue.Queue[str] = queue.Queue()
+    errors: queue.Queue[str | None] = queue.Queue()
     threads = [
         threading.Thread(target=_drain, args=(proc.stdout, run.stdout, None), daemon=True),
         threading.Thread(target=_drain, args=(proc.stderr, run.stderr, errors), daemon=True),
@@ -242,10 +246,13 @@ def run_cli(*args: str, ready: str = "tracing started", timeout: float = 60) -> 
                 line = errors.get(timeout=max(0.01, give_up - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"no {ready!r} within {timeout}s: {run.stderr}") from None
+            if line is None:
+                # Told at once: waiting out `timeout` (minutes under emulation)
+                # for each test made a broken tracer take the matrix's whole budget.
+                proc.wait(timeout=5)
+                raise AssertionError(f"tracer exited early ({proc.returncode}): {run.stderr}")
             if ready in line:
                 break
-            if proc.poll() is not None and errors.empty():
-                raise AssertionError(f"tracer exited early: {run.stderr}")
         yield run
     finally:
         run.stop()

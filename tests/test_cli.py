@@ -74,6 +74,17 @@ def test_bad_flags(args: list[str], needle: str) -> None:
     assert result.returncode == 2
 
 
+def test_the_harness_tells_a_tracer_that_exits_before_it_is_ready_at_once() -> None:
+    """run_cli() (every test that starts the tracer) fails as soon as the
+    tracer exits without its ready line: not after its timeout, which is
+    minutes per test in the emulated kernels."""
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match=r"exited early \(2\).*--port"):
+        with run_cli("trace", "--port", "0", timeout=600):
+            pass
+    assert time.monotonic() - started < deadline(15)
+
+
 def test_help() -> None:
     result = run("--help")
     assert result.returncode == 0

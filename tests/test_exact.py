@@ -38,7 +38,7 @@ from test_serve import delta, scrape, serving, ss_counts, value
 
 from tcptrace_ebpf.host.listeners import own_netns_inum
 from tcptrace_ebpf.kernel.features import Capability, detect_features
-from tcptrace_ebpf.kernel.interface import STATE_SLOTS
+from tcptrace_ebpf.kernel.interface import KERNEL_SKIPPED, STATE_SLOTS
 from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions
 from tcptrace_ebpf.model.states import TcpState
 from tcptrace_ebpf.serve.tracking import (
@@ -181,15 +181,11 @@ def test_back_to_back_time_wait_reuse_loses_no_timewait_socket() -> None:
     assert value(after, "tcptrace_sockets", state="FIN_WAIT2") == 0
 
 
-@requires_root
-def test_without_rx_sk_the_fin_reaching_a_fin_wait2_timewait_socket_is_found() -> None:
-    """Kernels before 6.11 (kfree_skb without rx_sk, imitated here) do not
-    show the peer's FIN reaching a timewait socket in FIN_WAIT2: the kernel
-    re-arms its timer, traced only when the re-arm changes timer-wheel
-    bucket, which few do. Every sweep (each second) checks those sockets:
-    after one, the gauge has them all in TIME_WAIT, as ss does, and their
-    FIN_WAIT2 -> TIME_WAIT changes are dated from the re-armed timer."""
-    k = 20
+def fin_wait2_timewait_sockets_reached_by_fins(k: int) -> tuple[list[int], list[int], Any]:
+    """k connections closed by the client, then by the server once the
+    client's timewait sockets are in FIN_WAIT2, under a tracer without
+    kfree_skb's rx_sk; swept once all are in TIME_WAIT. The gauge, the
+    transition counts, and what to look at if they are wrong."""
     port = free_port()
     features = detect_features()
     features.capabilities["kfree_rx_sk"] = Capability("kfree_rx_sk", False, "taken away")
@@ -216,13 +212,34 @@ def test_without_rx_sk_the_fin_reaching_a_fin_wait2_timewait_socket_is_found() -
         tracer.sweep()
         gauge = tracer.percpu_array("sockets")
         transitions = tracer.percpu_array("state_transitions_total")
-        # What to look at if this fails (it did once in CI, not reproduced
-        # since): skipped program runs, lost records, ends by other routes.
         evidence = {
-            **{name: n for name, n in tracer.counters().items() if n},
+            "counters": {name: n for name, n in tracer.counters().items() if n},
+            "gauge": {state: n for state, n in enumerate(gauge) if n},  # TcpState numbers
             "FIN_WAIT2->CLOSE": transitions[FIN_WAIT2 * STATE_SLOTS + TcpState.CLOSE],
             "TIME_WAIT->CLOSE": transitions[TIME_WAIT * STATE_SLOTS + TcpState.CLOSE],
         }
+    return gauge, transitions, evidence
+
+
+@requires_root
+def test_without_rx_sk_the_fin_reaching_a_fin_wait2_timewait_socket_is_found() -> None:
+    """Kernels before 6.11 (kfree_skb without rx_sk, imitated here) do not
+    show the peer's FIN reaching a timewait socket in FIN_WAIT2: the kernel
+    re-arms its timer, traced only when the re-arm changes timer-wheel
+    bucket, which few do. Every sweep (each second) checks those sockets:
+    after one, the gauge has them all in TIME_WAIT, as ss does, and their
+    FIN_WAIT2 -> TIME_WAIT changes are dated from the re-armed timer.
+
+    A run in which the kernel skipped one of the program's runs (it does
+    when one would nest in another of the same program on that CPU) is
+    repeated, twice at most: the tracer alone cannot be exact then (`serve`
+    heals its gauges after such a loss). One CI run found 12 of the 20 in
+    neither state, cause unknown: the evidence printed on failure says more."""
+    k = 20
+    for _attempt in range(3):
+        gauge, transitions, evidence = fin_wait2_timewait_sockets_reached_by_fins(k)
+        if not evidence["counters"].get(KERNEL_SKIPPED):
+            break
     assert (gauge[FIN_WAIT2], gauge[TIME_WAIT]) == (0, k), evidence
     assert transitions[FIN_WAIT2 * STATE_SLOTS + TIME_WAIT] == k, evidence
 

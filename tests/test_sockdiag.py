@@ -606,6 +606,22 @@ def test_decoder_reads_every_field_of_inet_diag_msg() -> None:
     ]  # fmt: skip
 
 
+def test_decoded_sockets_share_their_addresses_and_ports() -> None:
+    """A snapshot keeps each old socket's pair: the two ends of a loopback
+    connection, and every connection to one server port, share the text
+    and number objects instead of holding a copy each."""
+    data = _diag_message(socket.AF_INET, "10.1.2.3", 443, "192.0.2.7", 50_000) + _diag_message(
+        socket.AF_INET, "192.0.2.7", 50_000, "10.1.2.3", 443
+    )
+    decoded: list[DiagSocket] = []
+    sockdiag._decode_replies(data, socket.AF_INET, sockdiag._SocketDecoder().decode, decoded)
+    server, client = decoded
+    assert (server.lport, server.rport) == (client.rport, client.lport) == (443, 50_000)
+    assert server.lport is client.rport
+    assert server.rport is client.lport
+    assert server.laddr is client.raddr
+
+
 def test_decoder_waits_for_the_end_of_the_dump_and_skips_other_replies() -> None:
     message = _diag_message(socket.AF_INET, "127.0.0.1", 1, "127.0.0.1", 2)
     foreign = _netlink(len(message), 20, sequence=1) + message[16:]

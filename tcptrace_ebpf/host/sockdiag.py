@@ -281,10 +281,19 @@ def _state_of(data: bytes, offset: int) -> int:
 
 class _SocketDecoder:
     """Decodes struct inet_diag_msg into DiagSocket. Addresses repeat (a
-    host has few), so each is turned into text once and the text shared."""
+    host has few), so each is turned into text once and the text shared;
+    so are ports (a server's connections share its port, and a busy host's
+    ephemeral ports recur), whose objects a snapshot keeps per socket."""
 
     def __init__(self) -> None:
         self._texts: dict[tuple[int, bytes], str] = {}
+        self._ports: dict[int, int] = {}
+
+    def _port(self, raw: int) -> int:
+        port = self._ports.get(raw)
+        if port is None:
+            port = self._ports[raw] = socket.ntohs(raw)
+        return port
 
     def _text(self, family: int, raw: bytes) -> str:
         key = (family, raw)
@@ -303,9 +312,9 @@ class _SocketDecoder:
             family=family,
             state=state,
             laddr=self._text(family, src),
-            lport=socket.ntohs(sport),
+            lport=self._port(sport),
             raddr=self._text(family, dst),
-            rport=socket.ntohs(dport),
+            rport=self._port(dport),
             inode=inode,
             uid=uid,
             recv_q=rqueue,
