@@ -93,9 +93,9 @@ def test_timewait_names_destinations_and_programs(tmp_path: Path) -> None:
         # "unknown" in a full host run, not reproduced alone): what the
         # daemon lost, skipped or followed of TIME_WAIT.
         evidence = {
-            f"{name}{dict(labels)}": n
-            for (name, labels), n in scrape(http).items()
-            if n and ("lost" in name or "skipped" in name or "TIME_WAIT" in str(labels))
+            f"{name}{dict(labels)}": count
+            for (name, labels), count in scrape(http).items()
+            if count and ("lost" in name or "skipped" in name or "TIME_WAIT" in str(labels))
         }
     view = json.loads(result.stdout)
     (dest,) = [d for d in view["destinations"] if d["rport"] == port]
