@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+import tracemalloc
 
 from tcptrace_ebpf.host.snapshot import (
     TIMEWAIT_GRACE_S,
@@ -119,33 +120,87 @@ def test_a_listing_keeps_only_what_the_program_does_not_follow() -> None:
     assert kept.counts() == {TcpState.CLOSE_WAIT: 1}
 
 
-def test_a_new_listing_keys_the_sockets_it_shares_by_the_earlier_snapshots_pairs() -> None:
-    """A heal builds a new snapshot from a new listing; the sockets both
-    have keep the earlier snapshot's pair objects (so that the listing's go
-    with it, not scattered through the heap), the rest the listing's. What
-    is counted is the listing's either way."""
-    both = key(4000)
+def test_a_new_snapshot_tells_what_the_earlier_one_did_not_count() -> None:
+    """A heal counts the sockets its listing found that the snapshot before
+    it did not count: new ones, and ones it had forgotten (missed by the
+    program: a loss)."""
+    kept, adopted, fresh = key(4000), key(4001), key(4002)
     earlier = snapshot(
-        Record(both, TcpState.ESTABLISHED, timewait=False, client=True),
-        Record(key(4002), TcpState.ESTABLISHED, timewait=False, client=True),
+        Record(kept, TcpState.ESTABLISHED, timewait=False, client=True),
+        Record(adopted, TcpState.ESTABLISHED, timewait=False, client=True),
+        Record(key(4003), TcpState.ESTABLISHED, timewait=False, client=True),
     )
-    again, fresh = key(4000), key(4001)  # equal pairs, other objects
-    assert again == both
-    assert again is not both
-    listing = Listing(
-        {
-            again: Record(again, TcpState.CLOSE_WAIT, timewait=False, client=True),
-            fresh: Record(fresh, TcpState.TIME_WAIT, timewait=True, client=True),
-        },
-        [],
-        time.time(),
+    earlier.adopt([(adopted, TcpState.ESTABLISHED)])
+    v6 = AddressPair(NETNS, socket.AF_INET6, "::1", 4000, "::1", 80)
+    later = snapshot(
+        *(
+            Record(pair, TcpState.CLOSE_WAIT, timewait=False, client=True)
+            for pair in (kept, adopted, fresh, v6)
+        )
     )
-    kept = listing.preexisting(earlier)
-    assert kept.keys() == {both, fresh}
-    kept_pairs = kept.pairs()
-    assert kept_pairs[both] is both
-    assert kept_pairs[fresh] is fresh
-    assert kept.counts() == {TcpState.CLOSE_WAIT: 1, TcpState.TIME_WAIT: 1}
+    assert later.count_not_in(earlier) == 3
+    assert earlier.count_not_in(later) == 1  # key(4003)
+    assert later.count_not_in(later) == 0
+
+
+def test_families_namespaces_and_duplicates() -> None:
+    """Pairs that differ only by family or network namespace are different
+    sockets; a pair listed twice is counted once."""
+    v4 = key(5000)
+    v6 = AddressPair(NETNS, socket.AF_INET6, "::1", 5000, "::2", 80)
+    elsewhere = v4.in_netns(NETNS + 1)
+    old = snapshot(
+        *(
+            Record(pair, TcpState.ESTABLISHED, timewait=False, client=False)
+            for pair in (v4, v6, elsewhere, v4)
+        )
+    )
+    assert len(old) == 3
+    assert old.keys() == {v4, v6, elsewhere}
+    old.adopt([(v6, TcpState.ESTABLISHED), (v6.in_netns(NETNS + 2), TcpState.ESTABLISHED)])
+    assert old.keys() == {v4, elsewhere}
+    old.adopt([(elsewhere, TcpState.ESTABLISHED)])
+    assert old.keys() == {v4}
+    assert old.counts() == {TcpState.ESTABLISHED: 1}
+
+
+def test_a_timewait_socket_re_armed_twice_waits_for_its_last_timer() -> None:
+    pair = key(6000)
+    old = snapshot(Record(pair, TcpState.TIME_WAIT, timewait=True, client=True, expires_ms=5_000))
+    now = time.monotonic()
+    old.adopt([(pair, ADOPT_OLD_TIMEWAIT | TcpState.TIME_WAIT)], now=now)
+    old.adopt([(pair, ADOPT_OLD_TIMEWAIT | TcpState.TIME_WAIT)], now=now + 20)
+    old.expire_timewait(now + TIMEWAIT_LEN_S + TIMEWAIT_GRACE_S + 1)
+    assert old.counts() == {TcpState.TIME_WAIT: 1}
+    old.expire_timewait(now + 20 + TIMEWAIT_LEN_S + TIMEWAIT_GRACE_S + 1)
+    assert old.counts() == {}
+    assert not old.has_timewait
+
+
+def test_the_snapshot_keeps_no_object_per_socket() -> None:
+    """A busy host has hundreds of thousands of sockets older than the
+    exporter: what is kept of each is a few bytes in shared buffers (as
+    dicts of address pairs, about 180 bytes; README, "Footprint")."""
+    count = 20_000
+    records = [
+        Record(
+            AddressPair(NETNS, socket.AF_INET, "127.0.0.1", 10_000 + i % 50_000, "10.0.0.1", 80),
+            TcpState.TIME_WAIT if i % 4 == 0 else TcpState.ESTABLISHED,
+            timewait=i % 4 == 0,
+            client=True,
+            expires_ms=30_000,
+        )
+        for i in range(count)
+    ]
+    tracemalloc.start()
+    try:
+        old = snapshot(*records)
+        kept, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(old) == count
+    assert old.counts() == {TcpState.TIME_WAIT: count // 4, TcpState.ESTABLISHED: count * 3 // 4}
+    assert kept < 40 * count, f"{kept / count:.0f} bytes kept per socket"
 
 
 def listed(state: int, lport: int, rport: int, inode: int, timewait: bool = False) -> DiagSocket:

@@ -11,29 +11,35 @@ address pair or a RST, or at its timer). Each is also forgotten once its
 timer, as the snapshot gave it, is well past due: the last word where the
 kernel cannot tell (see `tw_tuple` in `doctor`).
 
-On a busy host the snapshot has hundreds of thousands of sockets: only
-compact records of them are kept. Sockets are keyed by their address pair
-(network namespace included), the type the tracer turns the kernel's
-reports into, so the two match by equality. It runs in the daemon itself:
-measured with `bench/sockdiag.py` on 100,000 sockets, it takes 1.9 s and a
-peak of 48 MB that falls back to the 29 MB the records keep (about 240
-bytes a socket since the decoder shares ports as it shares addresses: 26 MB
-for 108,000, README "Footprint"). (In a child process, as it once ran to
+On a busy host the snapshot has hundreds of thousands of sockets: each is
+kept as a few bytes in buffers shared by all (`Preexisting`; its address
+pair packed, host/packedpairs.py), about 30 bytes a socket (3.3 MB for
+108,000, against 19 MB as address pairs keying dicts; README
+"Footprint"). Sockets are looked up by their address pair (network
+namespace included), the type the tracer turns the kernel's reports into.
+It runs in the daemon itself: measured with `bench/sockdiag.py` on 100,000
+sockets, the listing takes 1.9 s. (In a child process, as it once ran to
 contain pyroute2's memory, it took 3.5 s, the daemon kept 41 MB, and
 multiprocessing's resource tracker, 11 MB, stayed for the daemon's life.)
 """
 
 from __future__ import annotations
 
+import heapq
+import struct
 import threading
 import time
+from array import array
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Final
 
 from ..kernel.interface import ADOPT_OLD_TIMEWAIT
 from ..model.addresses import AddressPair, Destination
 from ..model.states import TcpState
+from .packedpairs import PackedPairs, pack, unpack
 from .sockdiag import DiagSocket
 
 # A timewait socket's timer runs at most TCP_TIMEWAIT_LEN; past its due time
@@ -75,7 +81,19 @@ class Record:
     expires_ms: int = 0  # a timewait socket's timer: milliseconds left at the snapshot
 
 
+# A socket's state byte: its TCP state, with this bit for a timewait socket;
+# 0 once it is forgotten (no TCP state is 0).
+_TIMEWAIT_BIT: Final = 0x80
+_STATE_MASK: Final = 0x7F
+
+
 class Preexisting:
+    """The snapshot's sockets, compact: their address pairs packed in one
+    sorted buffer per family (host/packedpairs.py), and per socket, in
+    arrays in that order, a state byte, a timewait socket's due time and
+    the index of a client's destination: about 30 bytes a socket in all,
+    and no object per socket, however many the host has."""
+
     def __init__(
         self,
         records: Iterable[Record],
@@ -84,26 +102,78 @@ class Preexisting:
     ) -> None:
         self.started = started
         self._lock = threading.Lock()
-        self._state: dict[AddressPair, int] = {}
-        self._timewait: dict[AddressPair, int] = {}
-        # When each timewait socket is surely gone (time.monotonic()).
-        self._timewait_due: dict[AddressPair, float] = {}
-        self._clients: set[AddressPair] = set()
-        self._dests: Counter[Destination] = Counter()
         # The snapshot's time on the monotonic clock.
         taken = time.monotonic() - max(0.0, time.time() - started)
+        by_family: dict[int, list[tuple[bytes, Record]]] = {}
         for record in records:
-            if record.timewait:
-                self._timewait[record.pair] = record.state
-                self._timewait_due[record.pair] = (
-                    taken + min(record.expires_ms / 1000, TIMEWAIT_LEN_S) + TIMEWAIT_GRACE_S
-                )
-            else:
-                self._state[record.pair] = record.state
-            if record.client:
-                self._clients.add(record.pair)
-                self._dests[record.pair.destination] += 1
-        self._close_wait = {item.pair: item for item in close_wait}
+            by_family.setdefault(record.pair.family, []).append((pack(record.pair), record))
+        self._families: dict[int, tuple[int, PackedPairs]] = {}  # family: (first index, pairs)
+        self._states = bytearray()
+        # When each timewait socket is surely gone (time.monotonic()).
+        self._due = array("d")
+        # A client's destination: its index in _destinations (0: not a client).
+        self._destination = array("I")
+        self._destinations: list[Destination | None] = [None]
+        self._dests: Counter[Destination] = Counter()
+        self._counts: Counter[int] = Counter()
+        self._timewait = 0
+        destination_index: dict[Destination, int] = {}
+        states, due, destination = self._states, self._due, self._destination
+        for family, rows in by_family.items():
+            rows.sort(key=itemgetter(0))
+            ordered: list[bytes] = []
+            for packed, record in rows:
+                if ordered and ordered[-1] == packed:
+                    continue  # listed twice: counted once
+                ordered.append(packed)
+                if record.timewait:
+                    states.append(record.state | _TIMEWAIT_BIT)
+                    expires_s = min(record.expires_ms / 1000, TIMEWAIT_LEN_S)
+                    due.append(taken + expires_s + TIMEWAIT_GRACE_S)
+                else:
+                    states.append(record.state)
+                    due.append(0.0)
+                if record.client:
+                    dest = record.pair.destination
+                    if (dest_index := destination_index.get(dest)) is None:
+                        dest_index = destination_index[dest] = len(self._destinations)
+                        self._destinations.append(dest)
+                    destination.append(dest_index)
+                    self._dests[dest] += 1
+                else:
+                    destination.append(0)
+            self._families[family] = (len(states) - len(ordered), PackedPairs(family, ordered))
+        for value in set(states):
+            self._counts[value & _STATE_MASK] += states.count(value)
+            if value & _TIMEWAIT_BIT:
+                self._timewait += states.count(value)
+        del by_family
+        # Timewait sockets in the order they fall due, as the snapshot gave
+        # them; those the kernel re-arms since wait in _rearmed.
+        expiring = sorted(
+            (due, index)
+            for index, due in enumerate(self._due)
+            if self._states[index] & _TIMEWAIT_BIT
+        )
+        self._expiring = array("I", (index for _due, index in expiring))
+        self._expiring_due = array("d", (due for due, _index in expiring))
+        del expiring
+        self._expired = 0  # how far expire_timewait() has gone through _expiring
+        self._rearmed: list[tuple[float, int]] = []  # a heap: (due, index)
+        self._close_wait = {pack(item.pair): item for item in close_wait}
+
+    def _index(self, pair: AddressPair) -> tuple[int, bytes]:
+        """The socket's index in the per-socket arrays (-1: not in the
+        snapshot), and its packed pair."""
+        try:
+            packed = pack(pair)
+        except (KeyError, OSError, struct.error):
+            return -1, b""  # no pair of a snapshot socket
+        if pair.family not in self._families:
+            return -1, packed
+        first, pairs = self._families[pair.family]
+        position = pairs.position(packed)
+        return (first + position if position >= 0 else -1), packed
 
     def adopt(self, news: Iterable[tuple[AddressPair, int]], now: float | None = None) -> None:
         """What the kernel program reported (see Tracer.drain_adopted): sockets
@@ -111,45 +181,97 @@ class Preexisting:
         now = time.monotonic() if now is None else now
         with self._lock:
             for key, value in news:
+                index, packed = self._index(key)
+                if index < 0 or not self._states[index]:
+                    continue  # not one of ours (made between the snapshot and the attach), or gone
+                timewait = self._states[index] & _TIMEWAIT_BIT
                 if not value & ADOPT_OLD_TIMEWAIT:
-                    self._forget(key)  # followed by the kernel from now on
+                    self._forget(index, packed)  # followed by the kernel from now on
+                elif not timewait:
+                    continue  # news of a timewait socket: ours is a full one
                 elif value & ~ADOPT_OLD_TIMEWAIT == TcpState.CLOSE:
-                    if key in self._timewait:
-                        self._forget(key)
-                elif key in self._timewait:
+                    self._forget(index, packed)
+                else:
                     # Re-armed (the peer's FIN): a full TIME_WAIT from now.
-                    self._timewait[key] = value & ~ADOPT_OLD_TIMEWAIT
-                    self._timewait_due[key] = now + TIMEWAIT_LEN_S + TIMEWAIT_GRACE_S
+                    state = value & ~ADOPT_OLD_TIMEWAIT
+                    self._recount(self._states[index] & _STATE_MASK, state)
+                    self._states[index] = state | _TIMEWAIT_BIT
+                    self._due[index] = now + TIMEWAIT_LEN_S + TIMEWAIT_GRACE_S
+                    heapq.heappush(self._rearmed, (self._due[index], index))
 
     def expire_timewait(self, now: float | None = None) -> None:
         """Forget timewait sockets whose timer is well past due."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            for key in [key for key, due in self._timewait_due.items() if due <= now]:
-                self._forget(key)
+            while self._expired < len(self._expiring) and self._expiring_due[self._expired] <= now:
+                self._expire(self._expiring[self._expired], now)
+                self._expired += 1
+            while self._rearmed and self._rearmed[0][0] <= now:
+                self._expire(heapq.heappop(self._rearmed)[1], now)
 
-    def _forget(self, key: AddressPair) -> None:
-        self._state.pop(key, None)
-        self._timewait.pop(key, None)
-        self._timewait_due.pop(key, None)
-        self._close_wait.pop(key, None)
-        if key in self._clients:
-            self._clients.discard(key)
-            dest = key.destination
+    def _expire(self, index: int, now: float) -> None:
+        # Re-armed since (due later now), or already gone: not this time.
+        if self._states[index] & _TIMEWAIT_BIT and self._due[index] <= now:
+            self._forget(index, b"")
+
+    def _recount(self, old: int, new: int) -> None:
+        self._counts[old] -= 1
+        if not self._counts[old]:
+            del self._counts[old]
+        self._counts[new] += 1
+
+    def _forget(self, index: int, packed: bytes) -> None:
+        state = self._states[index]
+        self._states[index] = 0
+        self._counts[state & _STATE_MASK] -= 1
+        if not self._counts[state & _STATE_MASK]:
+            del self._counts[state & _STATE_MASK]
+        if state & _TIMEWAIT_BIT:
+            self._timewait -= 1
+        elif packed:
+            self._close_wait.pop(packed, None)
+        if dest_index := self._destination[index]:
+            dest = self._destinations[dest_index]
+            assert dest is not None
             self._dests[dest] -= 1
             if self._dests[dest] <= 0:
                 del self._dests[dest]
 
-    def pairs(self) -> dict[AddressPair, AddressPair]:
-        """Every socket of the snapshot, each pair mapped to the very object
-        it is keyed by."""
-        with self._lock:
-            return {pair: pair for pairs in (self._state, self._timewait) for pair in pairs}
+    def _live(self) -> Iterator[tuple[int, PackedPairs, int]]:
+        """(family's first index, the family's pairs, position) of each
+        socket still counted, in order."""
+        for first, pairs in self._families.values():
+            for position in range(len(pairs)):
+                if self._states[first + position]:
+                    yield first, pairs, position
 
     def keys(self) -> set[AddressPair]:
-        """Every socket of the snapshot, timewait ones included."""
+        """Every socket still counted, timewait ones included."""
         with self._lock:
-            return set(self._state) | set(self._timewait)
+            return {unpack(pairs.family, pairs[position]) for _, pairs, position in self._live()}
+
+    def count_not_in(self, earlier: Preexisting) -> int:
+        """How many of the sockets counted here the earlier snapshot does not
+        count (one pass over both, in order)."""
+        if earlier is self:
+            return 0
+        found = 0
+        with self._lock, earlier._lock:
+            for family, (first, pairs) in self._families.items():
+                theirs_first, theirs = earlier._families.get(family, (0, PackedPairs(family, [])))
+                other = 0
+                for position, packed in enumerate(pairs):
+                    if not self._states[first + position]:
+                        continue
+                    while other < len(theirs) and theirs[other] < packed:
+                        other += 1
+                    if not (
+                        other < len(theirs)
+                        and theirs[other] == packed
+                        and earlier._states[theirs_first + other]
+                    ):
+                        found += 1
+        return found
 
     def keep_ages_from(self, earlier: Preexisting) -> None:
         """CLOSE_WAIT sockets an earlier snapshot had keep its (older) lower bound."""
@@ -162,13 +284,11 @@ class Preexisting:
 
     @property
     def has_timewait(self) -> bool:
-        return bool(self._timewait)
+        return self._timewait > 0
 
     def counts(self) -> dict[int, int]:
         with self._lock:
-            result = Counter(self._state.values())
-            result.update(self._timewait.values())
-            return dict(result)
+            return dict(self._counts)
 
     def close_wait(self) -> list[OldCloseWait]:
         with self._lock:
@@ -180,7 +300,7 @@ class Preexisting:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._state) + len(self._timewait)
+            return sum(self._counts.values())
 
 
 def record_of(sock: DiagSocket, netns: int, listening: Collection[int]) -> Record:
@@ -219,20 +339,9 @@ class Listing:
     close_wait: list[OldCloseWait]
     started: float
 
-    def preexisting(self, previous: Preexisting | None = None) -> Preexisting:
-        """The sockets not marked followed, to count until the program sees
-        them. Built anew: it stays as small as what it keeps. A socket the
-        `previous` snapshot has too is keyed by that snapshot's pair, not
-        this listing's: the listing's objects then all go with it, instead
-        of staying scattered through the heap among its freed ones (measured
-        with 108,000 sockets: the daemon kept 17 MiB more after each heal)."""
-        earlier = previous.pairs() if previous is not None else {}
-        kept = [
-            record if (pair := earlier.get(record.pair)) is None else replace(record, pair=pair)
-            for record in self.records.values()
-            if record is not None
-        ]
-        del earlier
+    def preexisting(self) -> Preexisting:
+        """The sockets not marked followed, to count until the program sees them."""
+        kept = (record for record in self.records.values() if record is not None)
         close_wait = [item for item in self.close_wait if self.records.get(item.pair) is not None]
         return Preexisting(kept, self.started, close_wait)
 

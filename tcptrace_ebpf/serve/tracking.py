@@ -207,12 +207,12 @@ class SocketTracking:
         # A socket not moved changed state since it was read: the program saw it.
         moved = self.tracer.catch_up(found_out.behind)
         previous = self.preexisting
-        snapshot = listing.preexisting(previous)
+        snapshot = listing.preexisting()
         del listing
         if previous is not None:
             snapshot.keep_ages_from(previous)
             # Found now, not counted before: missed by the program (a loss).
-            found = len(snapshot.keys() - previous.keys())
+            found = snapshot.count_not_in(previous)
         else:
             found = 0
             log.info("start-up snapshot: %d existing sockets", len(snapshot))
