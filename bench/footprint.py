@@ -1,8 +1,9 @@
 """Measure `serve`'s start-up time and steady-state memory.
 
 Starts `tcptrace-ebpf serve` on a free port (no API socket), times launch ->
-"tracing started" on stderr, waits `--settle` seconds, then reads VmRSS and
-whether libLLVM/libclang are mapped, from /proc/<pid>/status and maps. Runs
+"tracing started" on stderr, waits `--settle` seconds, then reads VmRSS (and
+VmHWM, its peak) and whether libLLVM/libclang are mapped, from
+/proc/<pid>/status and maps. Runs
 `--rounds` times and prints the median and range. Needs root.
 
     .venv/bin/python bench/footprint.py --rounds 5
@@ -36,9 +37,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def rss_kb(pid: int) -> int:
+def status_kb(pid: int, field: str) -> int:
+    """VmRSS (resident now) or VmHWM (the most it has been) of a process."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 
@@ -88,10 +90,10 @@ def running_serve(extra: list[str], source: str | None) -> Iterator[tuple[int, f
 
 def one_round(
     settle_s: float, extra: list[str], source: str | None
-) -> tuple[float, int, list[str]]:
+) -> tuple[float, int, int, list[str]]:
     with running_serve(extra, source) as (pid, startup):
         time.sleep(settle_s)
-        return startup, rss_kb(pid), compiler_mapped(pid)
+        return startup, status_kb(pid, "VmRSS"), status_kb(pid, "VmHWM"), compiler_mapped(pid)
 
 
 def main() -> None:
@@ -102,11 +104,14 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     startups, rss = [], []
     for _ in range(args.rounds):
-        startup, kb, libs = one_round(args.settle, extra, args.source)
+        startup, kb, peak_kb, libs = one_round(args.settle, extra, args.source)
         startups.append(startup)
         rss.append(kb / 1024)
         mapped = ", ".join(libs) or "no"
-        print(f"start-up {startup:.2f} s, VmRSS {kb / 1024:.1f} MB, compiler mapped: {mapped}")
+        print(
+            f"start-up {startup:.2f} s, VmRSS {kb / 1024:.1f} MB (VmHWM {peak_kb / 1024:.1f}),"
+            f" compiler mapped: {mapped}"
+        )
     print(
         f"median of {args.rounds}: start-up {statistics.median(startups):.2f} s "
         f"({min(startups):.2f}-{max(startups):.2f}), VmRSS {statistics.median(rss):.1f} MB "

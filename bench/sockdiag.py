@@ -100,7 +100,9 @@ from tcptrace_ebpf.host import snapshot as preexisting
 gc.collect()
 rss_before = status("VmRSS")
 started = time.perf_counter()
-taken = preexisting.list_sockets(os.stat("/proc/self/ns/net").st_ino).preexisting()
+taken = preexisting.list_sockets(os.stat("/proc/self/ns/net").st_ino)
+if hasattr(taken, "preexisting"):  # a checkout before 2026-12-04 (--source)
+    taken = taken.preexisting()
 elapsed = time.perf_counter() - started
 gc.collect()
 left_kb = 0  # processes the snapshot left behind (multiprocessing's resource tracker)

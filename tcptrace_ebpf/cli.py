@@ -287,9 +287,6 @@ def serve(
     **filters: Any,
 ) -> None:
     """Export Prometheus metrics of every TCP socket's life (the daemon)."""
-    from .host.memory import use_the_system_allocator
-
-    use_the_system_allocator()  # before any work: it runs the process again
     from .commands.serve import run_serve
 
     run_serve(

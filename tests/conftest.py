@@ -9,12 +9,6 @@ import os
 import pytest
 from support import ROOT_SKIP_REASON, slowdown, slowdown_parts
 
-# `serve` runs on glibc's allocator: started without this, it runs itself
-# again with it (host/memory.py). The deploy units set it, so production
-# starts it once; the tests do too, sparing the emulated guests a second
-# start of every daemon. tests/test_footprint.py starts one without it.
-os.environ.setdefault("PYTHONMALLOC", "malloc")
-
 
 def pytest_report_header() -> str:
     computing, starting = slowdown_parts()

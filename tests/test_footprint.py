@@ -75,28 +75,6 @@ def test_serve_keeps_no_compiler_and_stays_small() -> None:
         assert rss <= MAX_RSS_MB, f"serve uses {rss:.1f} MB (bound {MAX_RSS_MB} MB)"
 
 
-def environment_of(pid: int) -> dict[str, str]:
-    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(entry.decode().partition("=")[::2] for entry in entries if entry)
-
-
-@requires_root
-def test_serve_runs_itself_again_on_the_system_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Started without PYTHONMALLOC (the suite sets it, as the deploy units
-    do: conftest.py), serve runs itself again on glibc's allocator, as the
-    same process with the same command line; an allocator the user chose is
-    kept."""
-    monkeypatch.delenv("PYTHONMALLOC", raising=False)
-    with serving("--api.socket", "") as (run, _port):
-        pid = serve_pid(run)
-        assert environment_of(pid).get("PYTHONMALLOC") == "malloc"
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-        assert cmdline == list(run.proc.args)
-    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
-    with serving("--api.socket", "") as (run, _port):
-        assert environment_of(serve_pid(run)).get("PYTHONMALLOC") == "pymalloc"
-
-
 @requires_root
 def test_loader_reports_a_compile_error_in_one_line() -> None:
     with pytest.raises(UserError, match=r"did not compile: .*error") as caught:

@@ -5,8 +5,9 @@ no root): the bound the README states depends on them."""
 from __future__ import annotations
 
 import socket
+import time
 
-from tcptrace_ebpf.host.snapshot import Record
+from tcptrace_ebpf.host.snapshot import Preexisting, Record
 from tcptrace_ebpf.kernel.probe import FollowedSocket
 from tcptrace_ebpf.model.addresses import AddressPair
 from tcptrace_ebpf.model.states import TcpState
@@ -101,18 +102,22 @@ def followed(
     )
 
 
+def listing(*records: Record) -> Preexisting:
+    return Preexisting(records, time.time())
+
+
 def test_a_check_ends_what_the_listing_shows_gone() -> None:
     """A followed socket the listing has is the program's to count; one it
     lacks is gone. So is a full socket whose pair the listing has as a
     timewait socket: the kernel skipped the program on its way there (seen
     under load: 64 in FIN_WAIT1 whose timewait sockets nothing counted). A
     timewait socket the program follows there keeps it."""
-    listed: dict[AddressPair, Record | None] = {
-        pair(1): Record(pair(1), TcpState.ESTABLISHED, timewait=False, client=True),
-        pair(2): Record(pair(2), TcpState.TIME_WAIT, timewait=True, client=True),
-        pair(3): Record(pair(3), TcpState.TIME_WAIT, timewait=True, client=True),
-        pair(4): Record(pair(4), TcpState.TIME_WAIT, timewait=True, client=True),
-    }
+    listed = listing(
+        Record(pair(1), TcpState.ESTABLISHED, timewait=False, client=True),
+        Record(pair(2), TcpState.TIME_WAIT, timewait=True, client=True),
+        Record(pair(3), TcpState.TIME_WAIT, timewait=True, client=True),
+        Record(pair(4), TcpState.TIME_WAIT, timewait=True, client=True),
+    )
     sockets = [
         followed(1, TcpState.ESTABLISHED),
         followed(2, TcpState.FIN_WAIT1),  # its close into TIME_WAIT unseen
@@ -128,13 +133,14 @@ def test_a_check_ends_what_the_listing_shows_gone() -> None:
         (5, TcpState.CLOSE_WAIT),
     ]
     # Counted from the listing: only the timewait socket nothing follows.
-    assert [key.lport for key, record in listed.items() if record is not None] == [2]
-    # Not provably gone (born during the listing, say): neither ended nor marked.
-    listed = {pair(2): Record(pair(2), TcpState.TIME_WAIT, timewait=True, client=True)}
+    assert listed.keys() == {pair(2)}
+    assert listed.counts() == {TcpState.TIME_WAIT: 1}
+    # Not provably gone (born during the listing, say): neither ended nor claimed.
+    listed = listing(Record(pair(2), TcpState.TIME_WAIT, timewait=True, client=True))
     found_out = reconcile(listed, [followed(2, TcpState.FIN_WAIT1)], lambda sock: False, LISTED_AT)
     assert found_out.gone == []
     assert found_out.behind == []
-    assert listed[pair(2)] is not None
+    assert listed.keys() == {pair(2)}
 
 
 def test_a_check_moves_what_the_listing_shows_in_another_state() -> None:
@@ -146,10 +152,12 @@ def test_a_check_moves_what_the_listing_shows_in_another_state() -> None:
     listing did not see yet: left to the program. It is the program's to
     count either way."""
     settled = LISTED_AT - SETTLED_NS
-    listed: dict[AddressPair, Record | None] = {
-        pair(port): Record(pair(port), TcpState.FIN_WAIT2, timewait=False, client=True)
-        for port in (1, 2, 3, 4, 5)
-    }
+    listed = listing(
+        *(
+            Record(pair(port), TcpState.FIN_WAIT2, timewait=False, client=True)
+            for port in (1, 2, 3, 4, 5)
+        )
+    )
     sockets = [
         followed(1, TcpState.FIN_WAIT1, state_ns=settled),  # behind
         followed(2, TcpState.FIN_WAIT1, state_ns=settled + 1),  # too recent to tell
@@ -162,4 +170,4 @@ def test_a_check_moves_what_the_listing_shows_in_another_state() -> None:
         (1, TcpState.FIN_WAIT2)
     ]
     assert found_out.gone == []
-    assert all(record is None for record in listed.values())
+    assert len(listed) == 0  # all the program's to count

@@ -53,3 +53,15 @@ def test_pairs_of_another_width_are_refused() -> None:
     v6 = pack(AddressPair(NETNS, socket.AF_INET6, "::1", 1, "::1", 2))
     with pytest.raises(ValueError, match="16 bytes each"):
         PackedPairs(socket.AF_INET, [v6])
+
+
+def test_bytes_spanning_two_pairs_are_not_a_pair() -> None:
+    """A stretch of the buffer is searched as bytes: a match that starts
+    inside one pair and ends in the next is not one."""
+    first, second, third = bytes(16), b"\x01" * 8 + b"\x02" * 8, b"\x02" * 8 + b"\x03" * 8
+    packed = PackedPairs(socket.AF_INET, [first, second, third])
+    spanning = b"\x02" * 16  # the end of the second and the start of the third
+    assert spanning in b"".join([first, second, third])
+    assert packed.position(spanning) == -1
+    assert packed.position(third) == 2
+    assert packed.position(b"\x02" * 8) == -1  # not a whole pair

@@ -10,7 +10,7 @@ import tracemalloc
 from tcptrace_ebpf.host.snapshot import (
     TIMEWAIT_GRACE_S,
     TIMEWAIT_LEN_S,
-    Listing,
+    Listed,
     OldCloseWait,
     Preexisting,
     Record,
@@ -99,25 +99,30 @@ def test_timewait_goes_when_its_timer_is_past_due() -> None:
 
 
 def test_a_listing_keeps_only_what_the_program_does_not_follow() -> None:
-    """A heal marks the listed sockets the program follows; what it keeps
-    to count is the rest, their CLOSE_WAIT ages with them."""
+    """A heal claims from its listing the sockets the program follows; what
+    it keeps to count is the rest, their CLOSE_WAIT ages with them."""
     followed, leaking = key(3000), key(3001)
-    listing = Listing(
-        {
-            followed: Record(followed, TcpState.CLOSE_WAIT, timewait=False, client=True),
-            leaking: Record(leaking, TcpState.CLOSE_WAIT, timewait=False, client=True),
-        },
+    listed = Listed()  # as list_sockets() fills it, socket by socket
+    listed.add(Record(followed, TcpState.CLOSE_WAIT, timewait=False, client=True))
+    listed.add(Record(leaking, TcpState.CLOSE_WAIT, timewait=False, client=True))
+    listing = Preexisting(
+        listed,
+        time.time(),
         [
             OldCloseWait(followed, inode=1, since=1.0, comm="a"),
             OldCloseWait(leaking, inode=2, since=1.0, comm="b"),
         ],
-        time.time(),
     )
-    listing.records[followed] = None
-    kept = listing.preexisting()
-    assert kept.keys() == {leaking}
-    assert [item.pair for item in kept.close_wait()] == [leaking]
-    assert kept.counts() == {TcpState.CLOSE_WAIT: 1}
+    index, state, timewait = listing.listed(followed)
+    assert (state, timewait) == (TcpState.CLOSE_WAIT, False)
+    listing.claim(index)
+    listing.claim(index)  # twice: once counted out
+    assert listing.listed(followed)[1] == 0
+    assert listing.listed(key(3002)) == (-1, 0, False)
+    assert listing.keys() == {leaking}
+    assert [item.pair for item in listing.close_wait()] == [leaking]
+    assert listing.counts() == {TcpState.CLOSE_WAIT: 1}
+    assert listing.dests() == {leaking.destination: 1}
 
 
 def test_a_new_snapshot_tells_what_the_earlier_one_did_not_count() -> None:
@@ -145,23 +150,26 @@ def test_a_new_snapshot_tells_what_the_earlier_one_did_not_count() -> None:
 
 def test_families_namespaces_and_duplicates() -> None:
     """Pairs that differ only by family or network namespace are different
-    sockets; a pair listed twice is counted once."""
+    sockets; a pair listed twice (closing as the listing ran) is counted
+    once, as listed last."""
     v4 = key(5000)
     v6 = AddressPair(NETNS, socket.AF_INET6, "::1", 5000, "::2", 80)
     elsewhere = v4.in_netns(NETNS + 1)
     old = snapshot(
         *(
             Record(pair, TcpState.ESTABLISHED, timewait=False, client=False)
-            for pair in (v4, v6, elsewhere, v4)
-        )
+            for pair in (v4, v6, elsewhere)
+        ),
+        Record(v4, TcpState.FIN_WAIT1, timewait=False, client=False),
     )
     assert len(old) == 3
     assert old.keys() == {v4, v6, elsewhere}
+    assert old.counts() == {TcpState.ESTABLISHED: 2, TcpState.FIN_WAIT1: 1}
     old.adopt([(v6, TcpState.ESTABLISHED), (v6.in_netns(NETNS + 2), TcpState.ESTABLISHED)])
     assert old.keys() == {v4, elsewhere}
     old.adopt([(elsewhere, TcpState.ESTABLISHED)])
     assert old.keys() == {v4}
-    assert old.counts() == {TcpState.ESTABLISHED: 1}
+    assert old.counts() == {TcpState.FIN_WAIT1: 1}
 
 
 def test_a_timewait_socket_re_armed_twice_waits_for_its_last_timer() -> None:

@@ -298,13 +298,16 @@ def test_a_listing_keeps_each_counted_socket_compacted(tcp: Loopback) -> None:
         return AddressPair(netns, socket.AF_INET, "127.0.0.1", lport, "127.0.0.1", rport)
 
     listing = list_sockets(netns, every_netns=False)
-    made = listing.records[pair(port(client), port(listener))]
-    accepted = listing.records[pair(port(listener), port(client))]
-    assert made is not None
-    assert made.client
-    assert accepted is not None
-    assert not accepted.client
-    held = [item for item in listing.close_wait if item.pair == pair(port(listener), leaving_port)]
+    assert listing.listed(pair(port(client), port(listener)))[1:] == (TcpState.ESTABLISHED, False)
+    assert listing.listed(pair(port(listener), port(client)))[1:] == (TcpState.ESTABLISHED, False)
+    # Made by connect(): the two clients (one closed, in FIN_WAIT2) towards
+    # the listener; the accepted ends are not clients.
+    dests = listing.dests()
+    assert dests[pair(0, port(listener)).destination] == 2
+    assert pair(0, port(client)).destination not in dests
+    held = [
+        item for item in listing.close_wait() if item.pair == pair(port(listener), leaving_port)
+    ]
     assert [(item.inode, item.comm) for item in held] == [
         (os.fstat(leaking.fileno()).st_ino, Path("/proc/self/comm").read_text().strip())
     ]

@@ -13,8 +13,10 @@ kernel cannot tell (see `tw_tuple` in `doctor`).
 
 On a busy host the snapshot has hundreds of thousands of sockets: each is
 kept as a few bytes in buffers shared by all (`Preexisting`; its address
-pair packed, host/packedpairs.py), about 30 bytes a socket (3.3 MB for
-108,000, against 19 MB as address pairs keying dicts; README
+pair packed, host/packedpairs.py), about 32 bytes a socket (3.4 MB for
+108,000, against 19 MB as address pairs keying dicts), and so is each one
+the listing finds, as it finds it (`Listed`): serve with 108,000 older
+sockets went from 67 to 42 MB, its peak from 94 to 60 MB (README
 "Footprint"). Sockets are looked up by their address pair (network
 namespace included), the type the tracer turns the kernel's reports into.
 It runs in the daemon itself: measured with `bench/sockdiag.py` on 100,000
@@ -33,13 +35,12 @@ from array import array
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Final
 
 from ..kernel.interface import ADOPT_OLD_TIMEWAIT
 from ..model.addresses import AddressPair, Destination
 from ..model.states import TcpState
-from .packedpairs import PackedPairs, pack, unpack
+from .packedpairs import PACKING, PackedPairs, pack, unpack
 from .sockdiag import DiagSocket
 
 # A timewait socket's timer runs at most TCP_TIMEWAIT_LEN; past its due time
@@ -87,67 +88,129 @@ _TIMEWAIT_BIT: Final = 0x80
 _STATE_MASK: Final = 0x7F
 
 
+class _Family:
+    """One family's sockets, per socket a packed pair, a state byte, a due
+    time (timewait sockets: seconds from the snapshot) and a destination
+    index, in parallel buffers: no object per socket."""
+
+    def __init__(self, family: int) -> None:
+        self.family = family
+        self.width = PACKING[family].size
+        self.pairs = bytearray()
+        self.states = bytearray()
+        self.due = array("d")
+        self.destination = array("I")
+
+    def sorted_by_pair(self) -> tuple[PackedPairs, bytearray, array[float], array[int]]:
+        """The same sockets in the order of their packed pairs, each pair
+        once. The transient objects this takes (a key each) all go together
+        when it returns."""
+        width = self.width
+        keys = [
+            bytes(self.pairs[start : start + width]) for start in range(0, len(self.pairs), width)
+        ]
+        self.pairs = bytearray()
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        last = len(order) - 1
+        # A pair listed twice (a socket closing as the listing ran) is
+        # counted once, as listed last.
+        unique = [
+            index
+            for rank, index in enumerate(order)
+            if rank == last or keys[order[rank + 1]] != keys[index]
+        ]
+        del order
+        pairs = PackedPairs(self.family, [keys[index] for index in unique])
+        del keys
+        return (
+            pairs,
+            bytearray(self.states[index] for index in unique),
+            array("d", (self.due[index] for index in unique)),
+            array("I", (self.destination[index] for index in unique)),
+        )
+
+
+class Listed:
+    """Sockets as a listing finds them, packed as they come (see `add`), to
+    become a `Preexisting`: a busy host's hundreds of thousands are never
+    held as objects, which would be most of a listing's memory and, freed,
+    leave the heap scattered."""
+
+    def __init__(self) -> None:
+        self.families: dict[int, _Family] = {}
+        self.destinations: list[Destination | None] = [None]  # index 0: not a client
+        self._destination_index: dict[Destination, int] = {}
+
+    def add(self, record: Record) -> None:
+        family = self.families.get(record.pair.family)
+        if family is None:
+            family = self.families[record.pair.family] = _Family(record.pair.family)
+        family.pairs += pack(record.pair)
+        if record.timewait:
+            family.states.append(record.state | _TIMEWAIT_BIT)
+            family.due.append(min(record.expires_ms / 1000, TIMEWAIT_LEN_S) + TIMEWAIT_GRACE_S)
+        else:
+            family.states.append(record.state)
+            family.due.append(0.0)
+        if record.client:
+            dest = record.pair.destination
+            if (index := self._destination_index.get(dest)) is None:
+                index = self._destination_index[dest] = len(self.destinations)
+                self.destinations.append(dest)
+            family.destination.append(index)
+        else:
+            family.destination.append(0)
+
+
 class Preexisting:
     """The snapshot's sockets, compact: their address pairs packed in one
     sorted buffer per family (host/packedpairs.py), and per socket, in
     arrays in that order, a state byte, a timewait socket's due time and
     the index of a client's destination: about 30 bytes a socket in all,
-    and no object per socket, however many the host has."""
+    and no object per socket, however many the host has.
+
+    A heal's listing is one too before it is checked against the program's
+    maps: `claim` takes out each socket the program follows."""
 
     def __init__(
         self,
-        records: Iterable[Record],
+        records: Iterable[Record] | Listed,
         started: float,
         close_wait: Sequence[OldCloseWait] = (),
     ) -> None:
         self.started = started
         self._lock = threading.Lock()
+        if isinstance(records, Listed):
+            listed = records
+        else:
+            listed = Listed()
+            for record in records:
+                listed.add(record)
         # The snapshot's time on the monotonic clock.
         taken = time.monotonic() - max(0.0, time.time() - started)
-        by_family: dict[int, list[tuple[bytes, Record]]] = {}
-        for record in records:
-            by_family.setdefault(record.pair.family, []).append((pack(record.pair), record))
         self._families: dict[int, tuple[int, PackedPairs]] = {}  # family: (first index, pairs)
         self._states = bytearray()
         # When each timewait socket is surely gone (time.monotonic()).
         self._due = array("d")
         # A client's destination: its index in _destinations (0: not a client).
         self._destination = array("I")
-        self._destinations: list[Destination | None] = [None]
-        self._dests: Counter[Destination] = Counter()
+        self._destinations = listed.destinations
+        for family in list(listed.families):
+            pairs, states, due, destination = listed.families.pop(family).sorted_by_pair()
+            self._families[family] = (len(self._states), pairs)
+            self._states += states
+            self._due.extend(taken + seconds if seconds else 0.0 for seconds in due)
+            self._destination += destination
         self._counts: Counter[int] = Counter()
         self._timewait = 0
-        destination_index: dict[Destination, int] = {}
-        states, due, destination = self._states, self._due, self._destination
-        for family, rows in by_family.items():
-            rows.sort(key=itemgetter(0))
-            ordered: list[bytes] = []
-            for packed, record in rows:
-                if ordered and ordered[-1] == packed:
-                    continue  # listed twice: counted once
-                ordered.append(packed)
-                if record.timewait:
-                    states.append(record.state | _TIMEWAIT_BIT)
-                    expires_s = min(record.expires_ms / 1000, TIMEWAIT_LEN_S)
-                    due.append(taken + expires_s + TIMEWAIT_GRACE_S)
-                else:
-                    states.append(record.state)
-                    due.append(0.0)
-                if record.client:
-                    dest = record.pair.destination
-                    if (dest_index := destination_index.get(dest)) is None:
-                        dest_index = destination_index[dest] = len(self._destinations)
-                        self._destinations.append(dest)
-                    destination.append(dest_index)
-                    self._dests[dest] += 1
-                else:
-                    destination.append(0)
-            self._families[family] = (len(states) - len(ordered), PackedPairs(family, ordered))
-        for value in set(states):
-            self._counts[value & _STATE_MASK] += states.count(value)
+        for value in set(self._states):
+            self._counts[value & _STATE_MASK] += self._states.count(value)
             if value & _TIMEWAIT_BIT:
-                self._timewait += states.count(value)
-        del by_family
+                self._timewait += self._states.count(value)
+        self._dests: Counter[Destination] = Counter()
+        for index, count in Counter(self._destination).items():
+            if dest := self._destinations[index]:
+                self._dests[dest] = count
         # Timewait sockets in the order they fall due, as the snapshot gave
         # them; those the kernel re-arms since wait in _rearmed.
         expiring = sorted(
@@ -174,6 +237,29 @@ class Preexisting:
         first, pairs = self._families[pair.family]
         position = pairs.position(packed)
         return (first + position if position >= 0 else -1), packed
+
+    def listed(self, pair: AddressPair) -> tuple[int, int, bool]:
+        """The socket with this pair: its index (-1 if none), its state (0
+        once claimed or forgotten) and whether it is a timewait socket."""
+        with self._lock:
+            index, _packed = self._index(pair)
+            if index < 0:
+                return -1, 0, False
+            state = self._states[index]
+            return index, state & _STATE_MASK, bool(state & _TIMEWAIT_BIT)
+
+    def claim(self, index: int) -> None:
+        """The program follows this socket (an index from `listed`): it is
+        counted there, not here."""
+        with self._lock:
+            if self._states[index]:
+                self._forget(index, b"")
+
+    def _packed_at(self, index: int) -> bytes:
+        for first, pairs in self._families.values():
+            if first <= index < first + len(pairs):
+                return pairs[index - first]
+        raise IndexError(index)
 
     def adopt(self, news: Iterable[tuple[AddressPair, int]], now: float | None = None) -> None:
         """What the kernel program reported (see Tracer.drain_adopted): sockets
@@ -228,8 +314,8 @@ class Preexisting:
             del self._counts[state & _STATE_MASK]
         if state & _TIMEWAIT_BIT:
             self._timewait -= 1
-        elif packed:
-            self._close_wait.pop(packed, None)
+        elif state == TcpState.CLOSE_WAIT and self._close_wait:
+            self._close_wait.pop(packed or self._packed_at(index), None)
         if dest_index := self._destination[index]:
             dest = self._destinations[dest_index]
             assert dest is not None
@@ -329,65 +415,43 @@ def wanted(
     return held is None or sock.inode in held
 
 
-@dataclass
-class Listing:
-    """One sock_diag listing, compacted: each counted socket by its address
-    pair. A check against the program's maps marks those the program
-    follows (None); the rest are counted from the listing (preexisting())."""
-
-    records: dict[AddressPair, Record | None]
-    close_wait: list[OldCloseWait]
-    started: float
-
-    def preexisting(self) -> Preexisting:
-        """The sockets not marked followed, to count until the program sees them."""
-        kept = (record for record in self.records.values() if record is not None)
-        close_wait = [item for item in self.close_wait if self.records.get(item.pair) is not None]
-        return Preexisting(kept, self.started, close_wait)
-
-
 def list_sockets(
     netns: int,
     ports: frozenset[int] = frozenset(),
     family: int | None = None,
     pid: int | None = None,
     every_netns: bool = True,
-) -> Listing:
+) -> Preexisting:
     """sock_diag listing of the TCP sockets the filters want, now, in this
     network namespace and (`every_netns`) all others (pods have their own),
     with the programs holding the ones already in CLOSE_WAIT. Each socket
-    is compacted as it is decoded: a busy host's hundreds of thousands are
-    never all held as decoded rows."""
+    is packed as it is decoded (`Listed`): a busy host's hundreds of
+    thousands are never all held as objects. A check against the program's
+    maps then claims those it follows (serve/tracking.py)."""
     from . import procfs, sockdiag
     from .netns import in_each_netns
 
     # With --pid, only the sockets that process holds (its open files).
     held = set(procfs.socket_holders(pids=[pid])) if pid is not None else None
-    Found = tuple[dict[AddressPair, Record | None], list[tuple[AddressPair, int]]]
+    listed = Listed()
+    leaking: list[tuple[AddressPair, int]] = []  # in CLOSE_WAIT: pair, socket inode
 
-    def list_here(inode: int) -> Found:
-        records: dict[AddressPair, Record | None] = {}
-        leaking: list[tuple[AddressPair, int]] = []  # in CLOSE_WAIT: pair, socket inode
+    def list_here(inode: int) -> None:
         listening = {sock.lport for sock in sockdiag.snapshot(states=[TcpState.LISTEN])}
 
         def keep(sock: DiagSocket) -> None:
             if sock.state in COUNTED and wanted(sock, ports, family, held):
                 record = record_of(sock, inode, listening)
-                records[record.pair] = record
+                listed.add(record)
                 if sock.state == TcpState.CLOSE_WAIT and not sock.is_timewait:
                     leaking.append((record.pair, sock.inode))
 
         sockdiag.for_each(keep)
-        return records, leaking
 
     # A namespace not listed (gone meanwhile, or not ours to enter) is
     # counted from its first change.
-    per_netns = in_each_netns(netns, list_here, every_netns)
+    in_each_netns(netns, list_here, every_netns)
     started = time.time()
-    records, leaking = per_netns[0][1]  # our own namespace: usually most of them
-    for _inode, (more, more_leaking) in per_netns[1:]:
-        records.update(more)
-        leaking += more_leaking
     # Socket inodes are unique on the host: one search of /proc for every namespace.
     inodes = {inode for _pair, inode in leaking if inode}
     holders = procfs.socket_holders(inodes) if inodes else {}
@@ -402,4 +466,4 @@ def list_sockets(
     close_wait = [
         OldCloseWait(pair, inode, started, *comm_of_inode(inode)) for pair, inode in leaking
     ]
-    return Listing(records, close_wait, started)
+    return Preexisting(listed, started, close_wait)

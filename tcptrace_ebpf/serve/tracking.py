@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..host.memory import release_freed_memory
-from ..host.snapshot import COUNTED, Preexisting, Record, list_sockets
+from ..host.snapshot import COUNTED, Preexisting, list_sockets
 from ..kernel.interface import LOST_CAUSES, born_by
 from ..kernel.probe import FollowedSocket, Tracer, TracerOptions
-from ..model.addresses import AddressPair
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +88,13 @@ class Reconciled:
 
 
 def reconcile(
-    listed: dict[AddressPair, Record | None],
+    listed: Preexisting,
     followed: Iterable[FollowedSocket],
     provably_gone: Callable[[FollowedSocket], bool],
     listing_began_ns: int,
 ) -> Reconciled:
-    """Match a listing with the sockets the program follows: mark in `listed`
-    those it follows (None: the program's count wins) and tell those it
+    """Match a listing with the sockets the program follows: claim from
+    `listed` those it follows (the program's count wins) and tell those it
     follows that the listing shows gone (if `provably_gone` agrees) or in
     another state than the program's, one that began SETTLED_NS before the
     listing (on CLOCK_MONOTONIC, the program's clock) or earlier. A full
@@ -104,19 +103,18 @@ def reconcile(
     the program follows there: full sockets come first in followed())."""
     result = Reconciled(gone=[], behind=[])
     for sock in followed:
-        if sock.pair in listed:
-            record = listed[sock.pair]
-            if record is None or not record.timewait or sock.timewait:
-                listed[sock.pair] = None
+        index, state, timewait = listed.listed(sock.pair)
+        if index >= 0 and (not state or not timewait or sock.timewait):
+            if state:  # not claimed yet
+                listed.claim(index)
                 if (
-                    record is not None
-                    and not sock.timewait
-                    and record.state != sock.state
+                    not sock.timewait
+                    and state != sock.state
                     and sock.state in COUNTED
                     and 0 < sock.state_ns <= listing_began_ns - SETTLED_NS
                 ):
-                    result.behind.append((sock, record.state))
-                continue
+                    result.behind.append((sock, state))
+            continue
         if provably_gone(sock):
             result.gone.append(sock)
     return result
@@ -193,7 +191,7 @@ class SocketTracking:
         # orphans or timewait sockets, which no process holds. Not a proof
         # of death, then.
         found_out = reconcile(
-            listing.records,
+            listing,
             self.tracer.followed(),
             lambda sock: (
                 filters.pid is None
@@ -207,8 +205,7 @@ class SocketTracking:
         # A socket not moved changed state since it was read: the program saw it.
         moved = self.tracer.catch_up(found_out.behind)
         previous = self.preexisting
-        snapshot = listing.preexisting()
-        del listing
+        snapshot = listing  # what the program does not follow, counted from here on
         if previous is not None:
             snapshot.keep_ages_from(previous)
             # Found now, not counted before: missed by the program (a loss).
