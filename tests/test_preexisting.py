@@ -125,6 +125,24 @@ def test_a_listing_keeps_only_what_the_program_does_not_follow() -> None:
     assert listing.dests() == {leaking.destination: 1}
 
 
+def test_a_close_wait_age_goes_with_the_socket_listed_last() -> None:
+    """A socket closing while the listing ran may be listed twice, in
+    CLOSE_WAIT and then in LAST_ACK: it is counted as listed last, so no
+    CLOSE_WAIT age stays behind for it."""
+    moved, leaking = key(3100), key(3101)
+    listing = Preexisting(
+        [
+            Record(moved, TcpState.CLOSE_WAIT, timewait=False, client=False),
+            Record(leaking, TcpState.CLOSE_WAIT, timewait=False, client=False),
+            Record(moved, TcpState.LAST_ACK, timewait=False, client=False),
+        ],
+        time.time(),
+        [OldCloseWait(pair, inode=1, since=1.0, comm="a") for pair in (moved, leaking)],
+    )
+    assert listing.counts() == {TcpState.CLOSE_WAIT: 1, TcpState.LAST_ACK: 1}
+    assert [item.pair for item in listing.close_wait()] == [leaking]
+
+
 def test_a_new_snapshot_tells_what_the_earlier_one_did_not_count() -> None:
     """A heal counts the sockets its listing found that the snapshot before
     it did not count: new ones, and ones it had forgotten (missed by the

@@ -5,7 +5,8 @@ kernel program sees it (host/snapshot.py): on a busy host, hundreds of
 thousands. As `AddressPair` tuples keying dicts they took about 180 bytes
 each, and a new set of them at every heal left the heap scattered (README,
 "Footprint"). Packed here they take 16 bytes (IPv4) or 40 (IPv6), all in
-one buffer per family, found by binary search: no object per socket.
+one sorted buffer per family, found by bisecting every 64th pair and then
+searching those 64: no object per socket.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class Preexisting:
     """The snapshot's sockets, compact: their address pairs packed in one
     sorted buffer per family (host/packedpairs.py), and per socket, in
     arrays in that order, a state byte, a timewait socket's due time and
-    the index of a client's destination: about 30 bytes a socket in all,
+    the index of a client's destination: about 32 bytes a socket in all,
     and no object per socket, however many the host has.
 
     A heal's listing is one too before it is checked against the program's
@@ -223,7 +223,12 @@ class Preexisting:
         del expiring
         self._expired = 0  # how far expire_timewait() has gone through _expiring
         self._rearmed: list[tuple[float, int]] = []  # a heap: (due, index)
-        self._close_wait = {pack(item.pair): item for item in close_wait}
+        # (Of a pair listed twice, the last is kept: it may no longer be in CLOSE_WAIT.)
+        self._close_wait: dict[bytes, OldCloseWait] = {}
+        for item in close_wait:
+            index, packed = self._index(item.pair)
+            if index >= 0 and self._states[index] == TcpState.CLOSE_WAIT:
+                self._close_wait[packed] = item
 
     def _index(self, pair: AddressPair) -> tuple[int, bytes]:
         """The socket's index in the per-socket arrays (-1: not in the
