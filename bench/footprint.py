@@ -3,8 +3,8 @@
 Starts `tcptrace-ebpf serve` on a free port (no API socket), times launch ->
 "tracing started" on stderr, waits `--settle` seconds, then reads VmRSS (and
 VmHWM, its peak) and whether libLLVM/libclang are mapped, from
-/proc/<pid>/status and maps. Runs
-`--rounds` times and prints the median and range. Needs root.
+/proc/<pid>/status and maps. Runs `--rounds` times and prints the median and
+range. Needs root.
 
     .venv/bin/python bench/footprint.py --rounds 5
     .venv/bin/python bench/footprint.py --source /tmp/old   # another checkout's code

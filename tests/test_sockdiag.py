@@ -30,7 +30,7 @@ from tcptrace_ebpf.host import sockdiag
 from tcptrace_ebpf.host.netns import run_in
 from tcptrace_ebpf.host.snapshot import list_sockets
 from tcptrace_ebpf.host.sockdiag import DiagSocket
-from tcptrace_ebpf.model.addresses import AddressPair
+from tcptrace_ebpf.model.addresses import AddressPair, Destination
 from tcptrace_ebpf.model.states import SHORT_NAMES, TcpState
 
 T = TypeVar("T")
@@ -303,8 +303,8 @@ def test_a_listing_keeps_each_counted_socket_compacted(tcp: Loopback) -> None:
     # Made by connect(): the two clients (one closed, in FIN_WAIT2) towards
     # the listener; the accepted ends are not clients.
     dests = listing.dests()
-    assert dests[pair(0, port(listener)).destination] == 2
-    assert pair(0, port(client)).destination not in dests
+    assert dests[Destination(netns, socket.AF_INET, "127.0.0.1", port(listener))] == 2
+    assert Destination(netns, socket.AF_INET, "127.0.0.1", port(client)) not in dests
     held = [
         item for item in listing.close_wait() if item.pair == pair(port(listener), leaving_port)
     ]
