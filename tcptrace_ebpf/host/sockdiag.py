@@ -283,7 +283,9 @@ class _SocketDecoder:
     """Decodes struct inet_diag_msg into DiagSocket. Addresses repeat (a
     host has few), so each is turned into text once and the text shared;
     so are ports (a server's connections share its port, and a busy host's
-    ephemeral ports recur), whose objects a snapshot keeps per socket."""
+    ephemeral ports recur). Sharing ports paid when the start-up snapshot
+    kept each socket's pair as objects; it now packs them (host/snapshot.py),
+    so the listing's rows live one at a time and the sharing saves little."""
 
     def __init__(self) -> None:
         self._texts: dict[tuple[int, bytes], str] = {}
