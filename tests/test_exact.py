@@ -531,6 +531,44 @@ def test_a_check_moves_a_socket_whose_change_went_unseen() -> None:
 
 
 @requires_root
+def test_a_check_ends_sockets_of_another_namespace_that_ended_unseen() -> None:
+    """Sockets of a namespace other than the exporter's (a pod's) whose end
+    the kernel never gave the program: the check lists that namespace too,
+    finds them gone and ends them (counted as end_unseen), so the gauge
+    says what ss says there. (Seen on the development machine: a connect
+    timed out in a softirq that ran no BPF program, left in SYN_SENT.)"""
+    port = free_port()
+    options = TracerOptions(emit_events=False, collect_metrics=True, ports=frozenset({port}))
+    tracking = SocketTracking(options, own_netns_inum())
+    with netns_single() as ns:
+        server, client = Peer(ns), Peer(ns)
+        try:
+            tracking.start()
+            tracer = tracking.tracer
+
+            def established() -> int:
+                return int(tracer.metric_arrays()["sockets"][TcpState.ESTABLISHED])
+
+            server.cmd(f"listen 127.0.0.1 {port}")
+            client.cmd(f"connect 127.0.0.1 {port}")
+            server.cmd("accept")
+            wait_for(lambda: established() == 2, what=lambda: f"{established()} established")
+            with changes_unseen(tracer):
+                client.cmd("linger0")
+                client.cmd("close")  # its RST ends the child too: both gone, unseen
+                wait_for(lambda: ns_ss(ns, port).count("ESTAB") == 0)
+            assert established() == 2
+            tracking.heal()
+            assert established() == 0
+            assert tracer.counters()["missed_ends"] == 2
+            assert not [sock for sock in tracer.followed() if sock.state != TcpState.LISTEN]
+        finally:
+            server.close()
+            client.close()
+            tracking.close()
+
+
+@requires_root
 def test_a_socket_seen_again_after_leaving_close_wait_unseen_leaves_the_close_wait_list() -> None:
     """A change the kernel skipped is caught up on the socket's next one,
     which tells the state the kernel has it in: one that left CLOSE_WAIT

@@ -177,8 +177,12 @@ class Preexisting:
         records: Iterable[Record] | Listed,
         started: float,
         close_wait: Sequence[OldCloseWait] = (),
+        namespaces: frozenset[int] = frozenset(),
     ) -> None:
         self.started = started
+        # The network namespaces (inodes) listed whole: a socket of one of
+        # them that the listing lacks was not there.
+        self.namespaces = namespaces
         self._lock = threading.Lock()
         if isinstance(records, Listed):
             listed = records
@@ -455,7 +459,7 @@ def list_sockets(
 
     # A namespace not listed (gone meanwhile, or not ours to enter) is
     # counted from its first change.
-    in_each_netns(netns, list_here, every_netns)
+    namespaces = frozenset(inode for inode, _ in in_each_netns(netns, list_here, every_netns))
     started = time.time()
     # Socket inodes are unique on the host: one search of /proc for every namespace.
     inodes = {inode for _pair, inode in leaking if inode}
@@ -471,4 +475,4 @@ def list_sockets(
     close_wait = [
         OldCloseWait(pair, inode, started, *comm_of_inode(inode)) for pair, inode in leaking
     ]
-    return Preexisting(listed, started, close_wait)
+    return Preexisting(listed, started, close_wait, namespaces)

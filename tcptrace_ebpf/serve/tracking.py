@@ -148,7 +148,8 @@ class SocketTracking:
         self.tracer.close()
 
     def heal(self) -> None:
-        """Make the counted sockets what sock_diag lists (this namespace).
+        """Make the counted sockets what sock_diag lists (every namespace it
+        could enter: pods have their own).
 
         Run once the probes are attached, then after any recorded loss. A
         socket the program follows but sock_diag no longer lists (or lists
@@ -189,13 +190,13 @@ class SocketTracking:
             return
         # With --pid the listing has only that process's sockets: not its
         # orphans or timewait sockets, which no process holds. Not a proof
-        # of death, then.
+        # of death, then; nor is a namespace the listing could not enter.
         found_out = reconcile(
             listing,
             self.tracer.followed(),
             lambda sock: (
                 filters.pid is None
-                and sock.pair.netns == self.netns
+                and sock.pair.netns in listing.namespaces
                 and sock.state in COUNTED
                 and born_by(sock.sock_id, marks)
             ),
