@@ -35,7 +35,7 @@ from array import array
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from ..kernel.interface import ADOPT_OLD_TIMEWAIT
 from ..model.addresses import AddressPair, Destination
@@ -86,6 +86,17 @@ class Record:
 # 0 once it is forgotten (no TCP state is 0).
 _TIMEWAIT_BIT: Final = 0x80
 _STATE_MASK: Final = 0x7F
+
+K = TypeVar("K")
+
+
+def _take_one(counter: Counter[K], key: K) -> None:
+    """One fewer of `key`; at none, no row (counts() and the metrics list
+    only what there is). Each socket is taken once (its state byte is then
+    0), so none goes below zero; one that did would stay, to show."""
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
 
 
 class _Family:
@@ -310,17 +321,13 @@ class Preexisting:
             self._forget(index, b"")
 
     def _recount(self, old: int, new: int) -> None:
-        self._counts[old] -= 1
-        if not self._counts[old]:
-            del self._counts[old]
+        _take_one(self._counts, old)
         self._counts[new] += 1
 
     def _forget(self, index: int, packed: bytes) -> None:
         state = self._states[index]
         self._states[index] = 0
-        self._counts[state & _STATE_MASK] -= 1
-        if not self._counts[state & _STATE_MASK]:
-            del self._counts[state & _STATE_MASK]
+        _take_one(self._counts, state & _STATE_MASK)
         if state & _TIMEWAIT_BIT:
             self._timewait -= 1
         elif state == TcpState.CLOSE_WAIT and self._close_wait:
@@ -328,9 +335,7 @@ class Preexisting:
         if dest_index := self._destination[index]:
             dest = self._destinations[dest_index]
             assert dest is not None
-            self._dests[dest] -= 1
-            if self._dests[dest] <= 0:
-                del self._dests[dest]
+            _take_one(self._dests, dest)
 
     def _live(self) -> Iterator[tuple[int, PackedPairs, int]]:
         """(family's first index, the family's pairs, position) of each
