@@ -1446,6 +1446,30 @@ def sockets_in_use() -> int:
 # -- summary and report ------------------------------------------------------------
 
 
+def median_interval(
+    values: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """
+    A distribution-free interval for the median of `values` (the sign test's:
+    two order statistics, chosen so that the true median lies between them
+    with at least `confidence`), or None if there are too few values for one.
+    Rounds on a shared machine are not normally distributed (a neighbour's
+    burst drags one round far off), so no mean and standard deviation here.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    # P(B <= j) for B ~ Binomial(n, 1/2), growing j until the tails exceed 1 - confidence.
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2**n
+        if 1 - 2 * tail < confidence:
+            break
+        k += 1
+    if k == 0:
+        return None
+    return ordered[k - 1], ordered[n - k]
+
+
 def summarize(runs: Sequence[RunResult]) -> dict[str, Any]:
     by_mode: dict[str, list[RunResult]] = {}
     for run in runs:
@@ -1472,6 +1496,7 @@ def summarize(runs: Sequence[RunResult]) -> dict[str, Any]:
             "ratio_of_medians": median / base_median if base_median else math.nan,
             "ratio_per_round": per_round,
             "ratio_per_round_median": statistics.median(per_round) if per_round else math.nan,
+            "ratio_per_round_interval95": median_interval(per_round),
             "tracer_cpu_s_median": statistics.median(cpus) if cpus else math.nan,
             "tracer_cpu_core_fraction_median": (
                 statistics.median(c / d for c, d in zip(cpus, durations, strict=False))
@@ -1616,6 +1641,22 @@ def report(results: dict[str, Any]) -> str:
         f"ratio = median {unit} / median baseline {unit}; per round = each round's ratio to "
         "that round's baseline."
     )
+    for mode in ALL_MODES:
+        if mode == MODE_BASELINE or mode not in summary:
+            continue
+        s = summary[mode]
+        interval = s.get("ratio_per_round_interval95")
+        if s["ratio_per_round"]:
+            lines.append(
+                f"{MODE_TITLES[mode]}: median of the per-round ratios "
+                f"{s['ratio_per_round_median']:.3f}, "
+                + (
+                    f"95% interval {interval[0]:.3f}-{interval[1]:.3f}"
+                    if interval
+                    else "too few rounds for a 95% interval (6 or more)"
+                )
+                + f" ({len(s['ratio_per_round'])} rounds; sign test, no distribution assumed)"
+            )
     lines.append(
         "tracer CPU = utime+stime of the tracer process (all threads) during wrk's run; "
         "% core = of one CPU. In-kernel BPF time is not in it (it is charged to nginx, wrk "
