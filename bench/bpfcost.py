@@ -114,23 +114,32 @@ def wrk_load(args: argparse.Namespace, nginx: tcpbench.Nginx) -> float:
 def bulk(duration: float) -> float:
     """One iperf3 transfer over loopback for `duration` s; returns seconds."""
     port = free_port()
+    # Not a one-off server (-1): the probe below would be its one client.
     server = subprocess.Popen(
-        ["iperf3", "-s", "-1", "-p", str(port)],
+        ["iperf3", "-s", "-B", tcpbench.LOOPBACK, "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(50):
+        deadline = time.monotonic() + 10
+        while True:
             with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                if probe.connect_ex((tcpbench.LOOPBACK, port)) == 0:
                     break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise tcpbench.BenchError("iperf3 -s did not start")
             time.sleep(0.1)
         started = time.monotonic()
-        subprocess.run(
-            tcpbench.iperf3_command(port, duration), stdout=subprocess.DEVNULL, check=True
+        done = subprocess.run(
+            tcpbench.iperf3_command(port, duration), capture_output=True, text=True, check=False
         )
-        return time.monotonic() - started
+        elapsed = time.monotonic() - started
+        # iperf3 -J exits 0 even when it could not connect: its JSON says so.
+        bits_per_s = tcpbench.parse_iperf3(done.stdout)
+        print(f"  iperf3: {bits_per_s / 1e9:.1f} Gbit/s", flush=True)
+        return elapsed
     finally:
+        server.terminate()
         server.wait(timeout=30)
 
 
@@ -216,6 +225,8 @@ def main() -> None:
                         f"round {round_no + 1} {source or 'this checkout'}: {total:.0f} ns of BPF",
                         flush=True,
                     )
+        except tcpbench.BenchError as err:
+            raise SystemExit(f"bpfcost: {err}") from None
         finally:
             if nginx:
                 nginx.stop()
