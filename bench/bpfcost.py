@@ -44,11 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tcpbench
 from footprint import free_port, running_serve
 
+from tcptrace_ebpf.kernel import bpfsys
+
 NR_BPF = {"x86_64": 321, "aarch64": 280}
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_ENABLE_STATS = 32
-BPF_STATS_RUN_TIME = 0
 # struct bpf_prog_info: the name (char[16]) sits at this offset (uapi, stable).
 PROG_INFO_NAME_OFFSET = 64
 PROG_INFO_SIZE = 256
@@ -62,17 +62,6 @@ def bpf(command: int, attr: ctypes.Array[ctypes.c_char]) -> int:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
     return result
-
-
-@contextmanager
-def bpf_stats() -> Iterator[None]:
-    """Run-time statistics on while the returned fd is held (Linux 5.8)."""
-    attr = ctypes.create_string_buffer(BPF_STATS_RUN_TIME.to_bytes(4, "little"), 8)
-    fd = bpf(BPF_ENABLE_STATS, attr)
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def prog_name(prog_id: int) -> str:
@@ -147,7 +136,7 @@ def one_run(
     args: argparse.Namespace, nginx: tcpbench.Nginx | None, source: str | None, extra: list[str]
 ) -> dict[str, tuple[int, int, float]]:
     """program name -> (runs, run time ns, units of the workload) over one run."""
-    with serve(source, extra) as pid, bpf_stats():
+    with serve(source, extra) as pid, bpfsys.run_stats():
         before = tcpbench.prog_stats(pid)
         units = wrk_load(args, nginx) if nginx else bulk(args.duration)
         after = tcpbench.prog_stats(pid)

@@ -18,6 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import Peer, cli_argv, deadline, free_port, requires_root, run_cli, sh, wait_for
 
+from tcptrace_ebpf.kernel import bpfsys
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -197,6 +199,30 @@ def test_counters_move_by_exactly_what_connections_did() -> None:
     assert delta(before, after, "tcptrace_events_total") >= (
         sum(phase_a.values()) + sum(phase_b.values()) - k
     )
+
+
+@requires_root
+def test_the_programs_own_cost_is_exported_while_the_kernel_counts_it() -> None:
+    """With the kernel's BPF statistics on (held by this test, as
+    kernel.bpf_stats_enabled=1 would), each program's runs and time in the
+    kernel are exported by tracepoint: at least the runs our connections
+    made, in plausible time."""
+    port, k = free_port(), 20
+    runs, seconds = "tcptrace_program_runs_total", "tcptrace_program_run_seconds_total"
+    with serving("--port", str(port)) as (run, http_port), bpfsys.run_stats():
+        before = scrape(http_port)
+        churn(port, k)
+        after = scrape(http_port)
+    assert run.returncode == 0, run.stderr
+    # Ten state changes a connection (both ends; other traffic on the host adds).
+    state = "sock:inet_sock_set_state"
+    assert delta(before, after, runs, tracepoint=state) >= 10 * k
+    # Each client end closing first arms its timewait socket's timer.
+    assert delta(before, after, runs, tracepoint="timer:timer_start") >= k
+    for tracepoint in (state, "timer:timer_start"):
+        took = delta(before, after, seconds, tracepoint=tracepoint)
+        per_run = took / delta(before, after, runs, tracepoint=tracepoint)
+        assert 0 < per_run < 1e-3, (tracepoint, per_run)
 
 
 @requires_root

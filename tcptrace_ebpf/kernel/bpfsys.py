@@ -4,7 +4,7 @@ BCC compiles the program and creates its maps, in a short-lived loader
 process (loader.py); the daemon, which never imports BCC, then uses these:
 map reads and writes by file descriptor, attaching programs to raw and
 classic tracepoints, running a program on demand (BPF_PROG_TEST_RUN),
-reading a program's skipped-run count (BPF_OBJ_GET_INFO_BY_FD), and loading
+reading what the kernel counts of a program (BPF_OBJ_GET_INFO_BY_FD), and loading
 BTF-typed raw tracepoint (tp_btf) programs, which BCC 0.26 cannot load: it
 gives every tracing program the attach type of its name prefix, and none
 means tp_btf.
@@ -19,6 +19,8 @@ import functools
 import os
 import platform
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
@@ -41,6 +43,8 @@ BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_RAW_TP = 23
 
@@ -187,18 +191,55 @@ def prog_test_run(prog_fd: int, arg: int = 0) -> int:
     return int(attr.retval)
 
 
-def recursion_misses(prog_fd: int) -> int:
-    """The kernel's count of skipped runs of a program (0 where not reported)."""
+@dataclass(frozen=True)
+class ProgramRuns:
+    """What the kernel counts of one program: its runs and their time (both
+    only while its BPF statistics are on: kernel.bpf_stats_enabled, or a
+    BPF_ENABLE_STATS file descriptor held by anyone) and its skipped runs
+    (always)."""
+
+    runs: int
+    run_ns: int
+    skipped: int
+
+
+def program_runs(prog_fd: int) -> ProgramRuns:
+    """The kernel's counts for a loaded program (zeros where not reported)."""
     info = _ProgInfo()
     attr = _InfoAttr(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     try:
         _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     except BpfError:
-        return 0
-    # Older kernels fill less of the struct: then the field is not there.
-    if attr.info_len < _ProgInfo.recursion_misses.offset + 8:
-        return 0
-    return int(info.recursion_misses)
+        return ProgramRuns(0, 0, 0)
+
+    # Older kernels fill less of the struct: then a field is not there.
+    filled = int(attr.info_len)
+
+    def counted(name: str) -> int:
+        offset: int = getattr(_ProgInfo, name).offset
+        return int(getattr(info, name)) if filled >= offset + 8 else 0
+
+    return ProgramRuns(
+        runs=counted("run_cnt"), run_ns=counted("run_time_ns"), skipped=counted("recursion_misses")
+    )
+
+
+class _EnableStatsAttr(ctypes.Structure):
+    # union bpf_attr, the BPF_ENABLE_STATS member
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+@contextmanager
+def run_stats() -> Iterator[None]:
+    """The kernel counts every BPF program's runs and run time while this is
+    held (BPF_ENABLE_STATS, Linux 5.8; it adds a little to every run). The
+    sysctl kernel.bpf_stats_enabled is neither read nor written, so another
+    user of it is not disturbed."""
+    fd = _bpf(BPF_ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_tp_btf(instructions: bytes, name: str, license: str, btf_id: int) -> int:

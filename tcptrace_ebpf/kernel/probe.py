@@ -634,15 +634,19 @@ class Tracer:
             moved += bpfsys.prog_test_run(self._sweep_behind_fd)
         return moved
 
-    def program_skips(self) -> dict[str, int]:
-        """Runs skipped by the kernel, by tracepoint: the program was not run
-        because another tracing BPF program was running on that CPU."""
+    def program_runs(self) -> dict[str, bpfsys.ProgramRuns]:
+        """The kernel's counts of each attached program, by tracepoint."""
         if self.bpf is None:
             return {}
         return {
-            tracepoint: bpfsys.recursion_misses(prog_fd)
+            tracepoint: bpfsys.program_runs(prog_fd)
             for tracepoint, prog_fd in self._attached_progs.items()
         }
+
+    def program_skips(self) -> dict[str, int]:
+        """Runs skipped by the kernel, by tracepoint: the program was not run
+        because another tracing BPF program was running on that CPU."""
+        return {tracepoint: runs.skipped for tracepoint, runs in self.program_runs().items()}
 
     def pending_killed(self) -> list[KilledTimewait]:
         if self.bpf is None or self._sweep_fd < 0:

@@ -30,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..kernel import buckets
+from ..kernel.bpfsys import ProgramRuns
 from ..kernel.interface import (
     CLOSE_SLOTS,
     CONNECTION_CLOSES,
@@ -87,7 +88,7 @@ class KernelReading:
     close_wait: list[CloseWaitOwner] = field(default_factory=list)
     ephemeral_ports: int = 0
     ephemeral_ports_in_use_max: int = 0
-    program_skips: Mapping[str, int] = field(default_factory=dict)  # tracepoint -> skipped runs
+    programs: Mapping[str, ProgramRuns] = field(default_factory=dict)  # by tracepoint
     now: float = 0.0
 
 
@@ -303,16 +304,36 @@ def build_families(reading: KernelReading, port_labels: Sequence[str] = ()) -> l
     for counter, cause in LOST_CAUSES.items():
         lost.add_metric([cause], reading.counters.get(counter, 0))
     families.append(lost)
-    skipped_runs = CounterMetricFamily(
+    families.extend(program_families(reading.programs))
+    return families
+
+
+def program_families(programs: Mapping[str, ProgramRuns]) -> list[Metric]:
+    """What the kernel counts of the tracer's own BPF programs: their cost,
+    in the kernel, where it shows in no process's CPU time."""
+    skipped = CounterMetricFamily(
         PREFIX + "program_skipped_runs_total",
         "Runs of the tracer's BPF programs the kernel skipped because another tracing "
         "program was running on that CPU, by tracepoint (most timer ones concern no socket).",
         labels=["tracepoint"],
     )
-    for tracepoint, count in sorted(reading.program_skips.items()):
-        skipped_runs.add_metric([tracepoint], count)
-    families.append(skipped_runs)
-    return families
+    runs = CounterMetricFamily(
+        PREFIX + "program_runs_total",
+        "Runs of the tracer's BPF programs, by tracepoint, counted only while the kernel's "
+        "BPF statistics are on (sysctl kernel.bpf_stats_enabled=1).",
+        labels=["tracepoint"],
+    )
+    seconds = CounterMetricFamily(
+        PREFIX + "program_run_seconds_total",
+        "Time the tracer's BPF programs ran in the kernel, by tracepoint, counted only while "
+        "the kernel's BPF statistics are on (sysctl kernel.bpf_stats_enabled=1).",
+        labels=["tracepoint"],
+    )
+    for tracepoint, counts in sorted(programs.items()):
+        skipped.add_metric([tracepoint], counts.skipped)
+        runs.add_metric([tracepoint], counts.runs)
+        seconds.add_metric([tracepoint], counts.run_ns / 1e9)
+    return [skipped, runs, seconds]
 
 
 CLOSE_WAIT_LABELS = ["comm", "namespace", "pod", "container"]
@@ -363,7 +384,7 @@ def catalog(port_label: bool = True) -> list[MetricInfo]:
         arrays={name: [1] * 4096 for name in METRIC_ARRAYS},
         counters=dict.fromkeys([*LOST_CAUSES, "events", "time_wait_skipped", "syn_retransmits"], 1),
         close_wait=[CloseWaitOwner("comm", 0.0)],
-        program_skips={"sock:inet_sock_set_state": 1},
+        programs={"sock:inet_sock_set_state": ProgramRuns(runs=1, run_ns=1, skipped=1)},
         now=1.0,
     )
     collector = TcpTraceCollector(lambda: reading, "v", "k")

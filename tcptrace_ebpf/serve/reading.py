@@ -72,6 +72,6 @@ def read_kernel(
         close_wait=owners,
         ephemeral_ports=ephemeral_port_count(),
         ephemeral_ports_in_use_max=max(dests.values(), default=0),
-        program_skips=tracer.program_skips(),
+        programs=tracer.program_runs(),
         now=now,
     )
