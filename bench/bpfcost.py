@@ -29,7 +29,6 @@ import argparse
 import ctypes
 import os
 import platform
-import socket
 import statistics
 import struct
 import subprocess
@@ -42,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tcpbench
-from footprint import free_port, running_serve
+from footprint import running_serve
 
 from tcptrace_ebpf.kernel import bpfsys
 
@@ -100,24 +99,10 @@ def wrk_load(args: argparse.Namespace, nginx: tcpbench.Nginx) -> float:
     return float(parsed.requests) if args.workload == "churn" else parsed.seconds
 
 
-def bulk(duration: float) -> float:
+def bulk(duration: float, procs: tcpbench.Processes) -> float:
     """One iperf3 transfer over loopback for `duration` s; returns seconds."""
-    port = free_port()
-    # Not a one-off server (-1): the probe below would be its one client.
-    server = subprocess.Popen(
-        ["iperf3", "-s", "-B", tcpbench.LOOPBACK, "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server, port = tcpbench.start_iperf3_server(procs)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex((tcpbench.LOOPBACK, port)) == 0:
-                    break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise tcpbench.BenchError("iperf3 -s did not start")
-            time.sleep(0.1)
         started = time.monotonic()
         done = subprocess.run(
             tcpbench.iperf3_command(port, duration), capture_output=True, text=True, check=False
@@ -128,17 +113,20 @@ def bulk(duration: float) -> float:
         print(f"  iperf3: {bits_per_s / 1e9:.1f} Gbit/s", flush=True)
         return elapsed
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        procs.stop(server)
 
 
 def one_run(
-    args: argparse.Namespace, nginx: tcpbench.Nginx | None, source: str | None, extra: list[str]
+    args: argparse.Namespace,
+    nginx: tcpbench.Nginx | None,
+    procs: tcpbench.Processes,
+    source: str | None,
+    extra: list[str],
 ) -> dict[str, tuple[int, int, float]]:
     """program name -> (runs, run time ns, units of the workload) over one run."""
     with serve(source, extra) as pid, bpfsys.run_stats():
         before = tcpbench.prog_stats(pid)
-        units = wrk_load(args, nginx) if nginx else bulk(args.duration)
+        units = wrk_load(args, nginx) if nginx else bulk(args.duration, procs)
         after = tcpbench.prog_stats(pid)
         names = {prog_id: prog_name(prog_id) for prog_id in after}
     result: dict[str, tuple[int, int, float]] = {}
@@ -207,7 +195,7 @@ def main() -> None:
                 for source in sources[shift:] + sources[:shift]:
                     if nginx:
                         nginx.wait_idle()
-                    run = one_run(args, nginx, source, extra)
+                    run = one_run(args, nginx, procs, source, extra)
                     results[source].append(run)
                     total = sum(ns for _, ns, _ in run.values()) / next(iter(run.values()))[2]
                     print(

@@ -627,6 +627,21 @@ def iperf3_command(port: int, duration: float) -> list[str]:
     return ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", f"{max(1, round(duration))}", "-J"]
 
 
+def start_iperf3_server(procs: Processes) -> tuple[subprocess.Popen[Any], int]:
+    """An iperf3 server on a free loopback port, once it accepts: (process, port).
+    Not a one-off server (-1): the readiness probe would be its one client."""
+    port = free_port()
+    proc = procs.start("iperf3", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)])
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError("iperf3 -s did not start")
+        time.sleep(0.1)
+    return proc, port
+
+
 def parse_iperf3(output: str) -> float:
     """Bits per second the receiver got."""
     try:
@@ -1087,16 +1102,7 @@ class Bench:
     def iperf3_port(self) -> int:
         """The port of the bench's own iperf3 server (started on first use)."""
         if self.iperf3 is None:
-            port = free_port()
-            proc = self.procs.start("iperf3", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)])
-            deadline = time.monotonic() + 10
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError("iperf3 -s did not start")
-                time.sleep(0.1)
-            self.iperf3 = (proc, port)
+            self.iperf3 = start_iperf3_server(self.procs)
         return self.iperf3[1]
 
     def load(self, seconds: float) -> None:
