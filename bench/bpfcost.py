@@ -26,11 +26,8 @@ arguments go to serve.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import platform
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -45,42 +42,10 @@ from footprint import running_serve
 
 from tcptrace_ebpf.kernel import bpfsys
 
-NR_BPF = {"x86_64": 321, "aarch64": 280}
-BPF_PROG_GET_FD_BY_ID = 13
-BPF_OBJ_GET_INFO_BY_FD = 15
-# struct bpf_prog_info: the name (char[16]) sits at this offset (uapi, stable).
-PROG_INFO_NAME_OFFSET = 64
-PROG_INFO_SIZE = 256
-
-
-def bpf(command: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    result = int(libc.syscall(NR_BPF[platform.machine()], command, attr, len(attr)))
-    if result < 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-    return result
-
 
 def prog_name(prog_id: int) -> str:
     """The program's name as the kernel keeps it (15 characters at most)."""
-    attr = ctypes.create_string_buffer(prog_id.to_bytes(4, "little"), 12)
-    try:
-        fd = bpf(BPF_PROG_GET_FD_BY_ID, attr)
-    except OSError:
-        return f"id {prog_id}"
-    try:
-        info = ctypes.create_string_buffer(PROG_INFO_SIZE)
-        # bpf_attr.info: bpf_fd, info_len, info (a pointer).
-        request = ctypes.create_string_buffer(
-            struct.pack("<IIQ", fd, PROG_INFO_SIZE, ctypes.addressof(info)), 16
-        )
-        bpf(BPF_OBJ_GET_INFO_BY_FD, request)
-        raw = info.raw[PROG_INFO_NAME_OFFSET : PROG_INFO_NAME_OFFSET + 16]
-        return raw.split(b"\0", 1)[0].decode() or f"id {prog_id}"
-    finally:
-        os.close(fd)
+    return bpfsys.program_name_by_id(prog_id) or f"id {prog_id}"
 
 
 @contextmanager

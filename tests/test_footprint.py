@@ -323,3 +323,24 @@ int noop(void *ctx) { return 0; }
         assert read == {key: key * 3 for key in range(10_000)}
     finally:
         loaded.close()
+
+
+@requires_root
+def test_a_program_is_named_by_its_id_as_the_kernel_keeps_it() -> None:
+    """The benchmarks name another process's programs from /proc/PID/fdinfo's
+    prog_id; the name is the kernel's (15 characters), and a program that is
+    gone has none."""
+    # BPF_PROG_TYPE_SOCKET_FILTER: r0 = 0; exit.
+    fd = bpfsys.prog_load(
+        1, bytes.fromhex("b7000000000000009500000000000000"), "tt_name_probe_long", "GPL"
+    )
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+        )
+        prog_id = int(fields["prog_id"])
+        assert bpfsys.program_name_by_id(prog_id) == "tt_name_probe_l"
+    finally:
+        os.close(fd)
+    # Freed once its last reference goes (after an RCU grace period).
+    wait_for(lambda: bpfsys.program_name_by_id(prog_id) is None, timeout=10)

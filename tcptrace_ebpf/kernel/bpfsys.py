@@ -41,6 +41,7 @@ BPF_PROG_LOAD = 5
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_ENABLE_STATS = 32
@@ -222,6 +223,34 @@ def program_runs(prog_fd: int) -> ProgramRuns:
     return ProgramRuns(
         runs=counted("run_cnt"), run_ns=counted("run_time_ns"), skipped=counted("recursion_misses")
     )
+
+
+class _GetFdByIdAttr(ctypes.Structure):
+    # union bpf_attr, the BPF_*_GET_FD_BY_ID member
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
+
+
+def program_name_by_id(prog_id: int) -> str | None:
+    """The name the kernel keeps for a loaded program (15 characters at most;
+    any process's, by its id as /proc/PID/fdinfo shows it), or None if it is
+    gone or has none."""
+    try:
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, _GetFdByIdAttr(id=prog_id))
+    except BpfError:
+        return None
+    try:
+        info = _ProgInfo()
+        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    except BpfError:
+        return None
+    finally:
+        os.close(fd)
+    return info.name.decode(errors="replace") or None
 
 
 class _EnableStatsAttr(ctypes.Structure):
