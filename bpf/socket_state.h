@@ -356,7 +356,13 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 	/* Take the timewait socket the kernel made for this one just now, if any. */
 	u64 tw = 0;
 	u8 tw_substate = 0;
-#if HAVE_TIMEWAIT
+#if HAVE_TIMEWAIT && USE_TW_EHASH
+	if (new == TT_CLOSE && (old == TT_FIN_WAIT2 || old == TT_CLOSING)) {
+		tw = tw_in_ehash(key, &t);
+		if (tw)
+			tw_substate = tw_read_substate(tw);
+	}
+#elif HAVE_TIMEWAIT
 	if (new == TT_CLOSE) {
 		u32 zero = 0;
 		struct tt_tw_slot *slot = tw_slot.lookup(&zero);

@@ -38,6 +38,10 @@
  * no TCP tracepoint shows; we follow it through its timer (timer:timer_start,
  * timer_cancel, timer_expire_entry filtered on tw_timer_handler) and see the
  * peer's FIN reach it on skb:kfree_skb, whose rx_sk is the timewait socket.
+ * Where the kernel has that rx_sk (USE_TW_EHASH), a new timewait socket is
+ * found in the connection table when its full socket's CLOSE is traced
+ * instead, and timer_start, which runs for every timer on the host, is not
+ * hooked.
  */
 #include "tcptrace.h"
 #include "maps.h"
@@ -74,11 +78,13 @@
  */
 #if USE_RAW_TIMERS
 #if WANT_FALLBACK
+#if !USE_TW_EHASH
 int raw_timer_start(struct bpf_raw_tracepoint_args *ctx)
 {
 	u64 timer = ctx->args[0];
 	return timer_started(ctx, timer, timer_function(timer));
 }
+#endif
 
 int raw_timer_cancel(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -92,10 +98,12 @@ int raw_timer_expire_entry(struct bpf_raw_tracepoint_args *ctx)
 }
 #endif /* WANT_FALLBACK */
 #else
+#if !USE_TW_EHASH
 int on_timer_start(struct tp_timer_start *args)
 {
 	return timer_started(args, (u64)args->timer, (u64)args->function);
 }
+#endif
 
 int on_timer_cancel(struct tp_timer_cancel *args)
 {
@@ -109,11 +117,13 @@ int on_timer_expire_entry(struct tp_timer_expire_entry *args)
 #endif
 #if USE_TP_BTF
 /* The same, BTF-typed (see BTF_LOAD): the timer's function is a plain load. */
+#if !USE_TW_EHASH
 int btf_timer_start(u64 *ctx)
 {
 	u64 timer = ctx[0];
 	return timer_started(ctx, timer, BTF_LOAD(u64, timer, OFF_TIMER_FUNCTION));
 }
+#endif
 
 int btf_timer_cancel(u64 *ctx)
 {

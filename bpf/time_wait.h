@@ -208,6 +208,118 @@ static __always_inline void old_timewait_news(const struct tt_tuple *t, u8 state
 }
 #endif
 
+/*
+ * The timer of timewait socket tw was cancelled on this CPU just before
+ * (cancel_slot): was it only moved? mod_timer re-arms a timer in another
+ * bucket of the wheel (the kernel does so when the peer's FIN or a
+ * duplicate reaches the socket), which is traced as a cancel. If tw still
+ * has the pair, the record timer_cancelled() parked goes back (and the
+ * gauge with it), or an older-than-tracing one's news is told. Returns
+ * whether it was a move; `cs` is consumed either way.
+ */
+static __always_inline bool tw_timer_moved(void *ctx, u64 tw, struct tt_cancel_slot *cs, u64 now)
+{
+	cs->tw = 0;
+	struct tt_tuple t = {};
+	if (!tw_has_tuple(tw, &t, &cs->tuple))
+		return false;	/* a new timewait socket in the memory just freed */
+	struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
+	if (k && k->killed_ns == cs->ts_ns) {
+		struct tt_timewait alive = *k;
+		alive.killed_ns = 0;
+#if COLLECT_METRICS
+		/* Only moved: back in the gauge (timer_cancelled took it out). */
+		if (alive.id.flags & TT_SF_OLD_UNCOUNTED) {
+			gauge_add(alive.id.state, 1);
+			alive.id.flags &= ~TT_SF_OLD_UNCOUNTED;
+		}
+#endif
+		killed_delete(&cs->tuple);
+		if (timewait.update(&tw, &alive) == 0) {
+			struct tt_timewait *e = timewait.lookup(&tw);
+			if (e)
+				tw_check_fin(ctx, tw, e, now);
+		}
+		return true;
+	}
+	/*
+	 * Ours, and no longer parked: a new connection took the pair
+	 * (tw_match_reuse) and is closing into TIME_WAIT again, in the memory
+	 * just freed: a new timewait socket, not a move (returning here lost it,
+	 * counted as skipped, in back-to-back reuse).
+	 */
+	if (cs->followed)
+		return false;
+#if WATCH_OLD_TIMEWAIT
+	if (!k && watching_old_timewait()) {
+		/* An old timewait socket lives on (the peer's FIN re-armed it). */
+		u8 substate = tw_read_substate(tw);
+		old_timewait_news(&t, substate ? substate : TT_TIME_WAIT);
+	}
+#endif
+	return true;
+}
+
+#if USE_TW_EHASH
+/* Whether timewait socket tw is still in the connection table (not killed). */
+static __always_inline bool tw_hashed(u64 tw)
+{
+	u64 pprev = 0;
+	bpf_probe_read_kernel(&pprev, sizeof(pprev),
+			      (void *)(tw + OFF_SKC_NULLS_NODE + sizeof(void *)));
+	return pprev != 0;
+}
+
+#define TW_EHASH_DEPTH 4
+/*
+ * The timewait socket the kernel made for socket sk, closing now with
+ * address pair t, or 0 if it made none (tcp_max_tw_buckets reached, an
+ * orphan with TCP_LINGER2 < 0, a reset). inet_twsk_hashdance_schedule() puts
+ * the timewait socket at the head of sk's bucket of the connection table and
+ * unhashes sk before tcp_done() traces the CLOSE; another socket may have
+ * been put in front of it since, on another CPU, so a few are looked at.
+ * Each is read in one go from the head of its sock_common (TW_HEAD_LEN
+ * bytes: its state, hash, ports and IPv4 addresses; the loader checks they
+ * lie there) and matched by netns, state, hash and ports (and addresses for
+ * IPv4): a timewait socket with all those of sk is sk's.
+ */
+static __always_inline u64 tw_in_ehash(u64 sk, const struct tt_tuple *t)
+{
+	u32 hash = 0, mask = 0;
+	u64 net = 0, hashinfo = 0, ehash = 0, node = 0;
+	if (bpf_probe_read_kernel(&hash, 4, (void *)(sk + OFF_SKC_HASH)) ||
+	    bpf_probe_read_kernel(&net, 8, (void *)(sk + OFF_SKC_NET)) ||
+	    bpf_probe_read_kernel(&hashinfo, 8, (void *)(net + OFF_NET_TW_HASHINFO)) ||
+	    bpf_probe_read_kernel(&ehash, 8, (void *)(hashinfo + OFF_HASHINFO_EHASH)) ||
+	    bpf_probe_read_kernel(&mask, 4, (void *)(hashinfo + OFF_HASHINFO_EHASH_MASK)) ||
+	    bpf_probe_read_kernel(&node, 8,
+				  (void *)(ehash + (u64)(hash & mask) * EHASH_BUCKET_SIZE)))
+		return 0;
+	u16 dport = htons(t->dport);
+#pragma unroll
+	for (int i = 0; i < TW_EHASH_DEPTH; i++) {
+		if (!node || (node & 1))	/* a nulls marker ends a chain */
+			return 0;
+		u64 tw = node - OFF_SKC_NULLS_NODE;
+		u8 head[TW_HEAD_LEN] = {};
+		u64 tw_net = 0;
+		if (bpf_probe_read_kernel(head, sizeof(head), (void *)tw) ||
+		    bpf_probe_read_kernel(&tw_net, 8, (void *)(tw + OFF_SKC_NET)))
+			return 0;
+		if (head[OFF_SKC_STATE] == TT_TIME_WAIT && tw_net == net &&
+		    *(u32 *)(head + OFF_SKC_HASH) == hash &&
+		    *(u16 *)(head + OFF_SKC_DPORT) == dport &&
+		    *(u16 *)(head + OFF_SKC_NUM) == t->sport &&
+		    (t->family != TT_AF_INET ||
+		     (*(u32 *)(head + OFF_SKC_DADDR) == *(u32 *)t->daddr &&
+		      *(u32 *)(head + OFF_SKC_RCV_SADDR) == *(u32 *)t->saddr)))
+			return tw;
+		if (bpf_probe_read_kernel(&node, 8, (void *)node))
+			return 0;
+	}
+	return 0;
+}
+#else
 static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 {
 	if (function != TW_TIMER_HANDLER)
@@ -246,52 +358,9 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 	 * can close into a new timewait socket in the same memory.
 	 */
 	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
-	if (cs && cs->tw == tw && (cs->followed || now - cs->ts_ns < 100000)) {
-		cs->tw = 0;
-		struct tt_tuple t = {};
-		/*
-		 * Not a death if the same pair is there: mod_timer moved the timer
-		 * to another bucket. (A different pair is a new timewait socket in
-		 * the memory of the one just freed.)
-		 */
-		if (tw_has_tuple(tw, &t, &cs->tuple)) {
-			struct tt_timewait *k = tw_killed.lookup(&cs->tuple);
-			if (k && k->killed_ns == cs->ts_ns) {
-				struct tt_timewait alive = *k;
-				alive.killed_ns = 0;
-#if COLLECT_METRICS
-				/* Only moved: back in the gauge (timer_cancelled took it out). */
-				if (alive.id.flags & TT_SF_OLD_UNCOUNTED) {
-					gauge_add(alive.id.state, 1);
-					alive.id.flags &= ~TT_SF_OLD_UNCOUNTED;
-				}
-#endif
-				killed_delete(&cs->tuple);
-				if (timewait.update(&tw, &alive) == 0) {
-					e = timewait.lookup(&tw);
-					if (e)
-						tw_check_fin(ctx, tw, e, now);
-				}
-				return 0;
-			}
-			/*
-			 * Ours, and no longer parked: a new connection took the pair
-			 * (tw_match_reuse) and is closing into TIME_WAIT again, in the
-			 * memory just freed. A new timewait socket, below; returning
-			 * here lost it (counted as skipped) in back-to-back reuse.
-			 */
-			if (!cs->followed) {
-#if WATCH_OLD_TIMEWAIT
-				if (!k && watching_old_timewait()) {
-					/* An old timewait socket lives on (the peer's FIN re-armed it). */
-					u8 substate = tw_read_substate(tw);
-					old_timewait_news(&t, substate ? substate : TT_TIME_WAIT);
-				}
-#endif
-				return 0;
-			}
-		}
-	}
+	if (cs && cs->tw == tw && (cs->followed || now - cs->ts_ns < 100000) &&
+	    tw_timer_moved(ctx, tw, cs, now))
+		return 0;
 	/* A new timewait socket: its full socket goes to CLOSE right after. */
 	if (slot) {
 		slot->tw = tw;
@@ -313,6 +382,7 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 	}
 	return 0;
 }
+#endif /* USE_TW_EHASH */
 
 /* `function`: the timer's, if the caller read it already (0: not read). */
 static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
@@ -427,8 +497,21 @@ static __always_inline int skb_freed(void *ctx, u64 rx_sk)
 	if (!rx_sk)
 		return 0;
 	struct tt_timewait *e = timewait.lookup(&rx_sk);
-	if (!e)
+	if (!e) {
+#if USE_TW_EHASH
+		/*
+		 * Without timer_start, a segment tells a move: the timer this
+		 * socket's segment made the kernel cancel on this CPU belongs to
+		 * a timewait socket still in the connection table (a reset kills
+		 * it, unhashed, before the segment is freed).
+		 */
+		u32 zero = 0;
+		struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
+		if (cs && cs->tw == rx_sk && tw_hashed(rx_sk))
+			tw_timer_moved(ctx, rx_sk, cs, bpf_ktime_get_ns());
+#endif
 		return 0;
+	}
 	u64 now = bpf_ktime_get_ns();
 	if (tw_has_ports(rx_sk, e))
 		tw_check_fin(ctx, rx_sk, e, now);

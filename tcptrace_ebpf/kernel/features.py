@@ -43,6 +43,7 @@ class Features:
     tw_timer_handler: int = 0
     hz: int = 0
     kfree_skb_rx_sk_arg: int = -1  # position of rx_sk among kfree_skb's raw arguments
+    ehash_bucket_size: int = 0  # sizeof(struct inet_ehash_bucket); 0 if not known
     # BTF type id of typedef btf_trace_<tracepoint>, for tp_btf programs.
     btf_trace_ids: dict[str, int] = field(default_factory=dict)
     sk_head: tuple[int, int] = (0, 0)  # (start, length) of the one read of sock_common's head
@@ -196,7 +197,31 @@ BTF_OFFSETS = {
     # The kernel's own count of a socket's retransmissions, raised where it
     # counts TCPSynRetrans: in SYN_SENT, the SYNs sent again.
     "OFF_TCP_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
+    # Where a closing socket's timewait socket is found: the head of its
+    # bucket of the connection table (see tw_in_ehash in bpf/time_wait.h).
+    "OFF_SKC_HASH": ("sock_common", "skc_hash"),
+    "OFF_SKC_STATE": ("sock_common", "skc_state"),
+    "OFF_SKC_NULLS_NODE": ("sock_common", "skc_nulls_node"),
+    "OFF_NET_TW_HASHINFO": ("net", "ipv4.tcp_death_row.hashinfo"),
+    "OFF_HASHINFO_EHASH": ("inet_hashinfo", "ehash"),
+    "OFF_HASHINFO_EHASH_MASK": ("inet_hashinfo", "ehash_mask"),
 }
+# Those, all needed to find a timewait socket in the connection table.
+TW_EHASH_FIELDS = (
+    "OFF_SKC_HASH", "OFF_SKC_STATE", "OFF_SKC_NULLS_NODE", "OFF_NET_TW_HASHINFO",
+    "OFF_HASHINFO_EHASH", "OFF_HASHINFO_EHASH_MASK", "OFF_SKC_NET",
+)  # fmt: skip
+# The fields read from a timewait socket in one go, from the start of its
+# sock_common (TW_HEAD_LEN bytes), by size.
+TW_HEAD_FIELDS = {
+    "OFF_SKC_DADDR": 4,
+    "OFF_SKC_RCV_SADDR": 4,
+    "OFF_SKC_HASH": 4,
+    "OFF_SKC_DPORT": 2,
+    "OFF_SKC_NUM": 2,
+    "OFF_SKC_STATE": 1,
+}
+TW_HEAD_LEN = 24
 # Raw tracepoints whose programs can be BTF-typed (tp_btf).
 TP_BTF_TRACEPOINTS = (
     "inet_sock_set_state", "timer_start", "timer_cancel", "timer_expire_entry", "kfree_skb",
@@ -524,6 +549,44 @@ def detect_features(btf_path: str = "/sys/kernel/btf/vmlinux") -> Features:
         if kfree is not None and kfree.has("rx_sk")
         else "no skb:kfree_skb rx_sk (Linux < 6.11): such FINs are dated from the timer",
     )
+    # A new timewait socket found where the kernel puts it, at the head of
+    # its bucket of the connection table, when its full socket's CLOSE is
+    # traced: then timer:timer_start, which runs for every timer on the host,
+    # need not be hooked. Only with kfree_skb's rx_sk: that is what tells a
+    # timewait socket's timer moved by a segment (its FIN) from one cancelled.
+    if btf is not None:
+        try:
+            features.ehash_bucket_size = btf.struct_size("inet_ehash_bucket")
+        except BtfError:
+            features.ehash_bucket_size = 0
+    reasons = []
+    if not features.has("tw_tuple"):
+        reasons.append("no timewait address pairs")
+    if not features.has("kfree_rx_sk"):
+        reasons.append("no skb:kfree_skb rx_sk (Linux < 6.11)")
+    missing = [macro for macro in TW_EHASH_FIELDS if macro not in features.offsets]
+    if missing:
+        reasons.append("BTF lacks " + ", ".join(missing))
+    if features.ehash_bucket_size != 8:
+        reasons.append("no 8-byte struct inet_ehash_bucket in BTF")
+    if not all(
+        macro in features.offsets
+        and features.offsets[macro] + size <= TW_HEAD_LEN
+        and features.offsets[macro] % size == 0
+        and _member_size(btf, features, macro) == size
+        for macro, size in TW_HEAD_FIELDS.items()
+    ):
+        reasons.append(
+            f"sock_common's state, hash, ports and addresses not in its first {TW_HEAD_LEN} bytes"
+        )
+    features.note_unless(
+        "tw_ehash",
+        reasons,
+        "new timewait sockets found in the kernel's connection table at their socket's close: "
+        "timer:timer_start, which runs for every timer on the host, is not hooked",
+        "new timewait sockets seen through timer:timer_start, which runs for every timer "
+        "on the host ({})",
+    )
     # Probed by the kernel's own symbols, never by version: distributions
     # backport BPF features into older kernels (RHEL 8's 4.18, for one).
     features.note(
@@ -610,6 +673,10 @@ FEATURE_MACROS: Final[dict[str, tuple[str, ...]]] = {
     # live (before 6.11).
     "CHECK_TW_FIN": ("timewait", "tw_substate", "tw_tuple", "!kfree_rx_sk"),
     "WATCH_OLD_TIMEWAIT": ("tw_tuple",),
+    # A closing socket's timewait socket is looked up in the connection
+    # table (tw_in_ehash) and timer:timer_start is not hooked: only where
+    # kfree_skb's rx_sk tells a timer moved by a segment from one cancelled.
+    "USE_TW_EHASH": ("timewait", "tw_tuple", "kfree_rx_sk", "tw_ehash"),
 }
 
 

@@ -37,6 +37,7 @@ from .features import (
     REQUIRED,
     SET_STATE_FIELDS,
     TIMEWAIT_LEN_S,
+    TW_HEAD_LEN,
     Features,
     detect_features,
     macro_on,
@@ -181,6 +182,8 @@ def build_source(features: Features, options: TracerOptions) -> tuple[str, list[
     for name, offset in features.offsets.items():
         defines[name] = offset
     defines["TW_TIMER_HANDLER"] = f"0x{features.tw_timer_handler:x}ULL"
+    defines["EHASH_BUCKET_SIZE"] = features.ehash_bucket_size
+    defines["TW_HEAD_LEN"] = TW_HEAD_LEN
     hz = features.hz or 250  # only used when HAVE_TIMER_EXPIRES, which needs hz
     defines["NS_PER_JIFFY"] = f"{1_000_000_000 // hz}ULL"
     defines["TIMEWAIT_LEN_JIFFIES"] = f"{TIMEWAIT_LEN_S * hz}ULL"
@@ -401,9 +404,10 @@ class Tracer:
 
     def _plan(self) -> list[loader.ProgramRequest]:
         """The programs to load, in the order they are attached: the timer
-        programs first (the set_state program relies on seeing each timewait
-        socket's timer start just before its close), set_state last. A busy
-        program is tried as tp_btf (btf_<name>) where the kernel has it."""
+        programs first (without USE_TW_EHASH the set_state program relies on
+        seeing each timewait socket's timer start just before its close),
+        set_state last. A busy program is tried as tp_btf (btf_<name>) where
+        the kernel has it."""
         assert self.features is not None
         features = self.features
         plan: list[loader.ProgramRequest] = []
@@ -422,7 +426,10 @@ class Tracer:
 
         if macro_on(features, "HAVE_TIMEWAIT"):
             raw_timers = macro_on(features, "USE_RAW_TIMERS")
-            for event in ("timer_start", "timer_cancel", "timer_expire_entry"):
+            timers = ["timer_start", "timer_cancel", "timer_expire_entry"]
+            if macro_on(features, "USE_TW_EHASH"):
+                timers.remove("timer_start")
+            for event in timers:
                 tracepoint(f"timer:{event}", raw_timers)
             if macro_on(features, "HAVE_KFREE_RX_SK"):
                 tracepoint("skb:kfree_skb", macro_on(features, "USE_RAW_KFREE"))
