@@ -686,3 +686,16 @@ def test_perf_buffer_delivers_the_same_lifecycles() -> None:
     assert counters["lost_ringbuf"] == 0
     first_client = first_born(lives, "client")
     assert first_client.time_wait_end == "reused"
+
+
+@requires_root
+def test_timewait_sockets_are_found_in_the_connection_table_where_rx_sk_is() -> None:
+    """Where kfree_skb has rx_sk (6.11+), a new timewait socket is found in
+    the connection table and timer:timer_start, which runs for every timer
+    on the host, is not hooked; before, it is. A kernel whose BTF lacked a
+    field of the lookup would fall back silently but for this test."""
+    features = detect_features()
+    assert features.has("tw_ehash") == features.has("kfree_rx_sk"), features.capabilities[
+        "tw_ehash"
+    ].detail
+    assert macro_on(features, "USE_TW_EHASH") == features.has("kfree_rx_sk")
