@@ -245,8 +245,7 @@ static __always_inline bool tw_timer_moved(void *ctx, u64 tw, struct tt_cancel_s
 	/*
 	 * Ours, and no longer parked: a new connection took the pair
 	 * (tw_match_reuse) and is closing into TIME_WAIT again, in the memory
-	 * just freed: a new timewait socket, not a move (returning here lost it,
-	 * counted as skipped, in back-to-back reuse).
+	 * just freed: a new timewait socket, not a move.
 	 */
 	if (cs->followed)
 		return false;
