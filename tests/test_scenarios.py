@@ -665,3 +665,53 @@ def test_time_wait_skipped_when_the_kernel_makes_none() -> None:
     assert delta(before, after, "tcptrace_time_wait_skipped_total") == 1
     closed = "tcptrace_connections_closed_total"
     assert delta(before, after, closed, role="client", close="active") == 1
+
+
+def test_time_wait_in_a_namespace_with_its_own_connection_table() -> None:
+    """A namespace created while net.ipv4.tcp_child_ehash_entries is set gets
+    a connection table of its own (6.1+). Its timewait sockets are put there,
+    and where the program finds a new timewait socket in the connection table
+    (6.11+) it must look in the namespace's own (its tcp_death_row's): else
+    each would read as a close into no TIME_WAIT (skipped)."""
+    from test_serve import delta, scrape, value
+
+    sysctl = Path("/proc/sys/net/ipv4/tcp_child_ehash_entries")
+    if not sysctl.exists():
+        pytest.skip("this kernel has no per-namespace connection tables (Linux < 6.1)")
+    port, http = free_port(), free_port()
+    tw_gauge = ("tcptrace_sockets", "TIME_WAIT")
+    with run_cli(
+        "serve", "--web.listen-address", f"127.0.0.1:{http}", "--api.socket", "",
+        "--port", str(port),
+    ):  # fmt: skip
+        wait_for(lambda: ("tcptrace_events_total", ()) in scrape(http))
+        before = scrape(http)
+        saved = sysctl.read_text()
+        sysctl.write_text("128\n")  # only namespaces created meanwhile take it
+        restored = False
+        try:
+            with netns_single() as ns:
+                sysctl.write_text(saved)
+                restored = True
+                with Peer(netns=ns) as server, Peer(netns=ns) as client:
+                    server.cmd(f"listen 127.0.0.1 {port}")
+                    cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
+                    server.cmd("accept")
+                    client.cmd("close")
+                    time.sleep(0.1)
+                    server.cmd("close")
+                    assert _tw_visible(ns, cport)
+                    wait_for(
+                        lambda: (
+                            value(scrape(http), tw_gauge[0], state=tw_gauge[1])
+                            - value(before, tw_gauge[0], state=tw_gauge[1])
+                            == 1
+                        )
+                    )
+                    after = scrape(http)
+        finally:
+            if not restored:
+                sysctl.write_text(saved)
+    assert delta(before, after, "tcptrace_time_wait_skipped_total") == 0
+    transitions = "tcptrace_state_transitions_total"
+    assert delta(before, after, transitions, old_state="FIN_WAIT2", new_state="TIME_WAIT") == 1
