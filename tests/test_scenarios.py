@@ -9,6 +9,7 @@ traffic ends it: a new connection reusing the address pair.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -487,6 +488,19 @@ def test_ack_and_fin_in_one_segment(first_closer: str) -> None:
         assert_sane(life)
 
 
+def _client_closes_first(server: Peer, client: Peer, port: int) -> int:
+    """A connection to 127.0.0.1:port whose client closes first, the server
+    0.1 s later (so the client's end goes through FIN_WAIT2 into TIME_WAIT);
+    returns the client's port."""
+    server.cmd(f"listen 127.0.0.1 {port}")
+    cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
+    server.cmd("accept")
+    client.cmd("close")
+    time.sleep(0.1)
+    server.cmd("close")
+    return cport
+
+
 def _tw_visible(netns: str | None, cport: int) -> bool:
     """Whether `ss` (sock_diag) still shows a TIME_WAIT socket on local port cport."""
     argv = ["ss", "-tanH", "state", "time-wait", "sport", "=", f":{cport}"]
@@ -645,12 +659,7 @@ def test_time_wait_skipped_when_the_kernel_makes_none() -> None:
         ):  # fmt: skip
             before = scrape(http)
             with Peer(netns=ns) as server, Peer(netns=ns) as client:
-                server.cmd(f"listen 127.0.0.1 {port}")
-                cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
-                server.cmd("accept")
-                client.cmd("close")
-                time.sleep(0.1)
-                server.cmd("close")
+                cport = _client_closes_first(server, client, port)
                 server.cmd("close_listener")
             wait_for(lambda: len(lifecycles_on(run, port)) >= 3)
             # serve's held close is swept within a second of its tick (later
@@ -673,45 +682,32 @@ def test_time_wait_in_a_namespace_with_its_own_connection_table() -> None:
     and where the program finds a new timewait socket in the connection table
     (6.11+) it must look in the namespace's own (its tcp_death_row's): else
     each would read as a close into no TIME_WAIT (skipped)."""
-    from test_serve import delta, scrape, value
+    from test_serve import delta, scrape
 
     sysctl = Path("/proc/sys/net/ipv4/tcp_child_ehash_entries")
     if not sysctl.exists():
         pytest.skip("this kernel has no per-namespace connection tables (Linux < 6.1)")
     port, http = free_port(), free_port()
-    tw_gauge = ("tcptrace_sockets", "TIME_WAIT")
-    with run_cli(
-        "serve", "--web.listen-address", f"127.0.0.1:{http}", "--api.socket", "",
-        "--port", str(port),
+    with (
+        run_cli("serve", "--web.listen-address", f"127.0.0.1:{http}", "--api.socket", "",
+                "--port", str(port)),
+        contextlib.ExitStack() as stack,
     ):  # fmt: skip
         wait_for(lambda: ("tcptrace_events_total", ()) in scrape(http))
         before = scrape(http)
         saved = sysctl.read_text()
         sysctl.write_text("128\n")  # only namespaces created meanwhile take it
-        restored = False
         try:
-            with netns_single() as ns:
-                sysctl.write_text(saved)
-                restored = True
-                with Peer(netns=ns) as server, Peer(netns=ns) as client:
-                    server.cmd(f"listen 127.0.0.1 {port}")
-                    cport = int(client.cmd(f"connect 127.0.0.1 {port}"))
-                    server.cmd("accept")
-                    client.cmd("close")
-                    time.sleep(0.1)
-                    server.cmd("close")
-                    assert _tw_visible(ns, cport)
-                    wait_for(
-                        lambda: (
-                            value(scrape(http), tw_gauge[0], state=tw_gauge[1])
-                            - value(before, tw_gauge[0], state=tw_gauge[1])
-                            == 1
-                        )
-                    )
-                    after = scrape(http)
+            ns = stack.enter_context(netns_single())
         finally:
-            if not restored:
-                sysctl.write_text(saved)
+            sysctl.write_text(saved)
+        with Peer(netns=ns) as server, Peer(netns=ns) as client:
+            cport = _client_closes_first(server, client, port)
+            assert _tw_visible(ns, cport)
+            wait_for(
+                lambda: delta(before, scrape(http), "tcptrace_sockets", state="TIME_WAIT") == 1
+            )
+            after = scrape(http)
     assert delta(before, after, "tcptrace_time_wait_skipped_total") == 0
     transitions = "tcptrace_state_transitions_total"
     assert delta(before, after, transitions, old_state="FIN_WAIT2", new_state="TIME_WAIT") == 1
