@@ -204,17 +204,25 @@ class ProgramRuns:
     skipped: int
 
 
-def program_runs(prog_fd: int) -> ProgramRuns:
-    """The kernel's counts for a loaded program (zeros where not reported)."""
+def _prog_info(prog_fd: int) -> tuple[_ProgInfo, int] | None:
+    """A loaded program's struct bpf_prog_info and how many bytes of it the
+    kernel filled (older kernels fill less: the fields past that are not
+    there); None if the kernel would not say."""
     info = _ProgInfo()
     attr = _InfoAttr(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     try:
         _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     except BpfError:
-        return ProgramRuns(0, 0, 0)
+        return None
+    return info, int(attr.info_len)
 
-    # Older kernels fill less of the struct: then a field is not there.
-    filled = int(attr.info_len)
+
+def program_runs(prog_fd: int) -> ProgramRuns:
+    """The kernel's counts for a loaded program (zeros where not reported)."""
+    got = _prog_info(prog_fd)
+    if got is None:
+        return ProgramRuns(0, 0, 0)
+    info, filled = got
 
     def counted(name: str) -> int:
         offset: int = getattr(_ProgInfo, name).offset
@@ -243,14 +251,12 @@ def program_name_by_id(prog_id: int) -> str | None:
     except BpfError:
         return None
     try:
-        info = _ProgInfo()
-        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
-    except BpfError:
-        return None
+        got = _prog_info(fd)
     finally:
         os.close(fd)
-    return info.name.decode(errors="replace") or None
+    if got is None:
+        return None
+    return got[0].name.decode(errors="replace") or None
 
 
 class _EnableStatsAttr(ctypes.Structure):
