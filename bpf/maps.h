@@ -58,10 +58,12 @@ BPF_ARRAY(parked, s64, TT_PARKED_SLOTS + 1);
  */
 BPF_PERCPU_ARRAY(next_sock_id, u64, 1);
 
+#if !USE_TW_EHASH
 /*
  * A timewait socket is created (and its timer started) just before the full
  * socket it replaces goes FIN_WAIT2/CLOSING -> CLOSE, on the same CPU: the
  * timer_start handler leaves it here for the set_state handler to take.
+ * (With USE_TW_EHASH that handler finds it in the connection table.)
  */
 struct tt_tw_slot {
 	u64 tw;
@@ -70,6 +72,7 @@ struct tt_tw_slot {
 	u8 substate;
 };
 BPF_PERCPU_ARRAY(tw_slot, struct tt_tw_slot, 1);
+#endif
 
 /*
  * timer_cancel is traced not only when a timer is deleted but also when
