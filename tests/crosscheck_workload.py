@@ -28,8 +28,10 @@ OVERFLOW = 3  # active closes past tcp_max_tw_buckets
 QUEUED = 2  # connections filling an accept queue of backlog 1 (full past 1)
 DROPPED = 2  # connects whose SYNs that full queue drops until they time out
 LINGER2 = 3  # FIN_WAIT2 timeouts (TCP_LINGER2 of 1 s)
+ABORT_ON_LINGER = 3  # closes in FIN_WAIT2 with TCP_LINGER2 < 0: a RST, no timewait socket
 LINGER0 = struct.pack("ii", 1, 0)
-TCP_FIN_WAIT2 = 5  # tcp_info's state
+TCP_FIN_WAIT2 = 5  # tcp_info's states
+TCP_CLOSE = 7
 
 
 def listener(family: int, host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -223,6 +225,22 @@ def main() -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
         s.close()
     did["fin_wait2_timeout"] = LINGER2
+
+    # TCP_LINGER2 < 0: close() in FIN_WAIT2 sends a RST instead of leaving a
+    # timewait socket (TCPAbortOnLinger); the server, in CLOSE_WAIT, gets it
+    # before it closes.
+    for _ in range(ABORT_ON_LINGER):
+        c = client()
+        c.connect(("127.0.0.1", base + 9))
+        s, _ = servers["linger2"].accept()
+        c.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        poll(lambda c=c: tcp_info(c)[0] == TCP_FIN_WAIT2, "FIN_WAIT2")
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, -1)
+        c.close()
+        poll(lambda s=s: tcp_info(s)[0] == TCP_CLOSE, "the RST of an abort on linger")
+        s.close()
+    did["abort_on_linger"] = ABORT_ON_LINGER
 
     # connect() failing before its SYN: a bound port whose pair is in use.
     held = []

@@ -225,8 +225,10 @@ def rules(
             closed(before, after, "refused", "client") + closed(before, after, "timeout", "client"),
         ),
         (
-            "EstabResets = closed{reset_sent} + closed{reset_received}",
-            kernel("EstabResets"),
+            # A RST sent from FIN_WAIT2 (TCP_LINGER2 < 0: TCPAbortOnLinger)
+            # ends no established connection; its peer's, in CLOSE_WAIT, does.
+            "EstabResets + TCPAbortOnLinger = closed{reset_sent} + closed{reset_received}",
+            kernel("EstabResets") + kernel("TCPAbortOnLinger"),
             reset_sent + closed(before, after, "reset_received", *BOTH),
         ),
         (
@@ -235,8 +237,8 @@ def rules(
             reset_sent + closed(before, after, "refused", "client"),
         ),
         (
-            "TCPAbortOnData + TCPAbortOnClose = closed{reset_sent}",
-            kernel("TCPAbortOnData") + kernel("TCPAbortOnClose"),
+            "TCPAbortOnData + TCPAbortOnClose + TCPAbortOnLinger = closed{reset_sent}",
+            kernel("TCPAbortOnData") + kernel("TCPAbortOnClose") + kernel("TCPAbortOnLinger"),
             reset_sent,
         ),
         (
@@ -278,10 +280,11 @@ def rules(
         ),
         (
             # A timewait socket in FIN_WAIT2 whose timer (TCP_LINGER2, 4 s or
-            # less) ran out before the peer's FIN; the rest of FIN_WAIT2 -> CLOSE
-            # are closes that got no timewait socket.
-            "TWKilled = transitions{FIN_WAIT2->CLOSE} - time_wait_skipped_total",
-            kernel("TWKilled"),
+            # less) ran out before the peer's FIN, or a close in FIN_WAIT2 with
+            # TCP_LINGER2 < 0 (a RST); the rest of FIN_WAIT2 -> CLOSE are
+            # closes that got no timewait socket.
+            "TWKilled + TCPAbortOnLinger = transitions{FIN_WAIT2->CLOSE} - time_wait_skipped_total",
+            kernel("TWKilled") + kernel("TCPAbortOnLinger"),
             d(TRANSITIONS, old_state="FIN_WAIT2", new_state="CLOSE")
             - d("tcptrace_time_wait_skipped_total"),
         ),
@@ -354,6 +357,7 @@ def cross_check() -> None:
                 assert did["queued"] == 2, did
                 assert did["full_queue_timeout"] == 2, did
                 assert did["fin_wait2_timeout"] == 3, did
+                assert did["abort_on_linger"] == 3, did
                 # Kill the server side's timewait sockets (server-first closes).
                 sh("ip", "netns", "exec", ns, "ss", "-K", "-tan", "state", "time-wait",
                    f"( sport = :{base + 1} )")  # fmt: skip
