@@ -699,3 +699,43 @@ def test_timewait_sockets_are_found_in_the_connection_table_where_rx_sk_is() -> 
         "tw_ehash"
     ].detail
     assert macro_on(features, "USE_TW_EHASH") == features.has("kfree_rx_sk")
+
+
+@requires_root
+def test_paused_programs_do_not_run_and_resume_runs_them_again() -> None:
+    """pause() detaches every program (bench/toggle.py measures their cost
+    by alternating): state changes made while paused are not seen, and
+    resume() attaches the same programs again."""
+    port = free_port()
+    tracer = Tracer(TracerOptions(emit_events=False, collect_metrics=True, ports=frozenset({port})))
+    tracer.start()
+
+    def one_connection() -> None:
+        server, client = Peer(), Peer()
+        try:
+            server.cmd(f"listen 127.0.0.1 {port}")
+            client.cmd(f"connect 127.0.0.1 {port}")
+            server.cmd("accept")
+        finally:
+            client.close()
+            server.close()
+
+    try:
+        attached = tracer.program_runs()
+        one_connection()
+        seen = wait_for(lambda: tracer.counters()["sockets_born"] >= 3 or None)
+        assert seen
+        tracer.pause()
+        born = tracer.counters()["sockets_born"]
+        set_state_runs = tracer.program_runs()["sock:inet_sock_set_state"].runs
+        one_connection()
+        time.sleep(0.2)
+        assert tracer.counters()["sockets_born"] == born
+        assert tracer.program_runs()["sock:inet_sock_set_state"].runs == set_state_runs
+        tracer.resume()
+        tracer.resume()  # a second call attaches nothing more
+        assert tracer.program_runs().keys() == attached.keys()
+        one_connection()
+        wait_for(lambda: tracer.counters()["sockets_born"] >= born + 3 or None)
+    finally:
+        tracer.close()

@@ -471,24 +471,42 @@ class Tracer:
             self._open_event_buffer()
 
     def _attach(self, tracepoint: str, prog_fd: int, kind: str) -> None:
+        self._attachments.append(self._link(tracepoint, prog_fd, kind))
+        self._attached_progs[tracepoint] = prog_fd
+        self.attached.append(tracepoint)
+        self.attach_kinds[tracepoint] = kind
+
+    def _link(self, tracepoint: str, prog_fd: int, kind: str) -> int:
         """Attach a loaded program: a tp_btf program where it was loaded for,
-        a raw one to the raw tracepoint, a classic one to the tracepoint."""
+        a raw one to the raw tracepoint, a classic one to the tracepoint.
+        Returns the attachment's fd (closing it detaches)."""
         try:
             if kind == "btf":
-                link = bpfsys.raw_tracepoint_open(prog_fd)
-            elif kind == "raw":
-                link = bpfsys.raw_tracepoint_attach(prog_fd, tracepoint.split(":", 1)[1])
-            else:
-                link = bpfsys.tracepoint_attach(prog_fd, self._tracefs, tracepoint)
+                return bpfsys.raw_tracepoint_open(prog_fd)
+            if kind == "raw":
+                return bpfsys.raw_tracepoint_attach(prog_fd, tracepoint.split(":", 1)[1])
+            return bpfsys.tracepoint_attach(prog_fd, self._tracefs, tracepoint)
         except (bpfsys.BpfError, OSError) as err:
             what = {"btf": "BTF-typed raw tracepoint", "raw": "raw tracepoint"}.get(
                 kind, "tracepoint"
             )
             raise UserError(f"could not attach to {what} {tracepoint}: {err.strerror}") from None
-        self._attachments.append(link)
-        self._attached_progs[tracepoint] = prog_fd
-        self.attached.append(tracepoint)
-        self.attach_kinds[tracepoint] = kind
+
+    def pause(self) -> None:
+        """Detach every program, keeping them and their maps: until resume(),
+        the kernel runs none of them. bench/toggle.py alternates the two to
+        measure what the programs cost under the same load, second by second."""
+        for fd in self._attachments:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._attachments.clear()
+
+    def resume(self) -> None:
+        """Attach again every program pause() detached."""
+        if self._attachments:
+            return
+        for tracepoint, prog_fd in self._attached_progs.items():
+            self._attachments.append(self._link(tracepoint, prog_fd, self.attach_kinds[tracepoint]))
 
     def _open_event_buffer(self) -> None:
         handler = self.on_event
