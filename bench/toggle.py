@@ -39,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tcpbench
 
+from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions
 
 SETTLE_S = 0.2  # after each switch, before a window starts
@@ -140,6 +141,7 @@ def main() -> None:
         raise SystemExit("toggle: --pairs 6 or more, --window above 0, --connections >= --threads")
     duration = WARMUP_S + args.pairs * 2 * (args.window + SETTLE_S + 0.05) + 10
     procs = tcpbench.Processes()
+    nginx: tcpbench.Nginx | None = None
     tracer = Tracer(TracerOptions(emit_events=False, collect_metrics=True))
     with tempfile.TemporaryDirectory(prefix="tcptrace-toggle-") as workdir:
         try:
@@ -153,17 +155,19 @@ def main() -> None:
                     procs, Path(workdir), workers=1, keepalive=args.workload == "keepalive"
                 )
                 nginx.start()
-                args.duration = duration
                 load = procs.start("wrk", tcpbench.wrk_command(args, nginx.port, duration))
-                count = passive_opens if args.workload == "churn" else lambda: nginx.stub().requests
+                stub = nginx.stub
+                count = passive_opens if args.workload == "churn" else lambda: stub().requests
             time.sleep(WARMUP_S)
             pairs = measure(args, tracer, count)
             if load.poll() is not None:
                 raise tcpbench.BenchError(f"the load ended early ({load.returncode})")
-        except tcpbench.BenchError as err:
+        except (tcpbench.BenchError, UserError) as err:
             raise SystemExit(f"toggle: {err}") from None
         finally:
             tracer.close()
+            if nginx:
+                nginx.stop()
             procs.stop_all()
     summary = report(args, pairs)
     if args.json:

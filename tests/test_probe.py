@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import re
 import shutil
 import time
@@ -20,7 +21,7 @@ from support import Peer, deadline, free_port, requires_root, wait_for
 
 from tcptrace_ebpf.commands.runner import clock_offset_ns
 from tcptrace_ebpf.errors import UserError
-from tcptrace_ebpf.kernel import loader
+from tcptrace_ebpf.kernel import bpfsys, loader
 from tcptrace_ebpf.kernel.features import (
     FEATURE_MACROS,
     Capability,
@@ -704,11 +705,10 @@ def test_timewait_sockets_are_found_in_the_connection_table_where_rx_sk_is() -> 
 @requires_root
 def test_paused_programs_do_not_run_and_resume_runs_them_again() -> None:
     """pause() detaches every program (bench/toggle.py measures their cost
-    by alternating): state changes made while paused are not seen, and
-    resume() attaches the same programs again."""
+    by alternating): state changes made while paused run none of them, and
+    resume() attaches the same programs again, once."""
     port = free_port()
     tracer = Tracer(TracerOptions(emit_events=False, collect_metrics=True, ports=frozenset({port})))
-    tracer.start()
 
     def one_connection() -> None:
         server, client = Peer(), Peer()
@@ -720,22 +720,30 @@ def test_paused_programs_do_not_run_and_resume_runs_them_again() -> None:
             client.close()
             server.close()
 
-    try:
-        attached = tracer.program_runs()
-        one_connection()
-        seen = wait_for(lambda: tracer.counters()["sockets_born"] >= 3 or None)
-        assert seen
-        tracer.pause()
-        born = tracer.counters()["sockets_born"]
-        set_state_runs = tracer.program_runs()["sock:inet_sock_set_state"].runs
-        one_connection()
-        time.sleep(0.2)
-        assert tracer.counters()["sockets_born"] == born
-        assert tracer.program_runs()["sock:inet_sock_set_state"].runs == set_state_runs
-        tracer.resume()
-        tracer.resume()  # a second call attaches nothing more
-        assert tracer.program_runs().keys() == attached.keys()
-        one_connection()
-        wait_for(lambda: tracer.counters()["sockets_born"] >= born + 3 or None)
-    finally:
-        tracer.close()
+    def set_state_runs() -> int:
+        return tracer.program_runs()["sock:inet_sock_set_state"].runs
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    # Run counts are kept only while the kernel's BPF statistics are on.
+    with bpfsys.run_stats():
+        tracer.start()
+        try:
+            one_connection()
+            wait_for(lambda: tracer.counters()["sockets_born"] >= 3 or None)
+            attached_fds = open_fds()
+            tracer.pause()
+            assert open_fds() < attached_fds
+            born, runs = tracer.counters()["sockets_born"], set_state_runs()
+            one_connection()
+            time.sleep(0.2)
+            assert (tracer.counters()["sockets_born"], set_state_runs()) == (born, runs)
+            tracer.resume()
+            tracer.resume()  # a second call attaches nothing more
+            assert open_fds() == attached_fds
+            one_connection()
+            wait_for(lambda: tracer.counters()["sockets_born"] >= born + 3 or None)
+            assert set_state_runs() > runs
+        finally:
+            tracer.close()
