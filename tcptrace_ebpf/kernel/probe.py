@@ -787,10 +787,7 @@ class Tracer:
         if self._events is not None:
             self._events.close()
             self._events = None
-        for fd in self._attachments:  # the attachments first: that detaches
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._attachments.clear()
+        self.pause()  # the attachments first: that detaches
         self._attached_progs.clear()
         if self._loaded is not None:
             self._loaded.close()
