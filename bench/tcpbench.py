@@ -454,9 +454,15 @@ class Nginx:
     """A private nginx: its own config, pid file and logs in a temp dir; stopped by pid."""
 
     def __init__(
-        self, procs: Processes, workdir: Path, workers: int, keepalive: bool = False
+        self,
+        procs: Processes,
+        workdir: Path,
+        workers: int,
+        keepalive: bool = False,
+        cpus: str | None = None,
     ) -> None:
         self.keepalive = keepalive
+        self.cpus = cpus  # taskset's CPU list for the master and its workers, or any
         self.procs = procs
         self.dir = workdir / "nginx"
         self.port = free_port()
@@ -523,7 +529,7 @@ http {{
         check = subprocess.run([*cmd, "-t"], capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise BenchError(f"nginx config test failed: {check.stderr.strip()}")
-        self.proc = self.procs.start("nginx", cmd, stderr=subprocess.DEVNULL)
+        self.proc = self.procs.start("nginx", pinned(self.cpus, cmd), stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -627,11 +633,19 @@ def iperf3_command(port: int, duration: float) -> list[str]:
     return ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", f"{max(1, round(duration))}", "-J"]
 
 
-def start_iperf3_server(procs: Processes) -> tuple[subprocess.Popen[Any], int]:
+def pinned(cpus: str | None, cmd: Sequence[str]) -> list[str]:
+    """`cmd` run on the CPUs listed (taskset's -c list, which it and its children keep)."""
+    return ["taskset", "-c", cpus, *cmd] if cpus else list(cmd)
+
+
+def start_iperf3_server(
+    procs: Processes, cpus: str | None = None
+) -> tuple[subprocess.Popen[Any], int]:
     """An iperf3 server on a free loopback port, once it accepts: (process, port).
     Not a one-off server (-1): the readiness probe would be its one client."""
     port = free_port()
-    proc = procs.start("iperf3", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)])
+    cmd = pinned(cpus, ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)])
+    proc = procs.start("iperf3", cmd)
     deadline = time.monotonic() + 10
     while True:
         with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):

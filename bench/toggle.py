@@ -13,11 +13,25 @@ space costs nothing between scrapes (see bench/README.md).
 The rate in a window is the kernel's or the server's own count: connections
 accepted (`Tcp: PassiveOpens`, churn), requests served (nginx's stub_status,
 keepalive), bytes received on loopback (`/proc/net/dev`, bulk). Each window
-starts a fifth of a second after the switch.
+starts `--settle` seconds (a fifth of a second) after the switch.
+
+The load's rate wanders by 10 % and more over seconds, far less from one
+tenth of a second to the next, so the shortest windows that a switch's
+after-effects do not reach give the most exact ratio for a given time
+(`WINDOWS`): keep-alive's programs run per timer, and nothing lingers;
+bulk's stream takes about 0.3 s to settle into its new pace; churn's
+programs follow each connection for its whole life. `--pin` runs the server
+on CPU 0 and the client on CPU 1 (wrk with one thread): on 2 CPUs the two
+ends otherwise move between them, which doubles the noise.
+
+Each window also counts the CPUs busy (the cpuidle states' residency), for
+the work done per busy CPU-second: where the load does not keep every CPU
+busy (bulk: its two ends wait on each other), a change of pace shows there
+and not in the rate.
 
     .venv/bin/python bench/toggle.py                          # churn, 120 pairs
-    .venv/bin/python bench/toggle.py --workload keepalive
-    .venv/bin/python bench/toggle.py --workload bulk --pairs 300
+    .venv/bin/python bench/toggle.py --workload keepalive --pin --pairs 2400
+    .venv/bin/python bench/toggle.py --workload bulk --pin --pairs 600
 
 Needs root, nginx and wrk (churn, keepalive) or iperf3 (bulk).
 """
@@ -25,6 +39,7 @@ Needs root, nginx and wrk (churn, keepalive) or iperf3 (bulk).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -42,8 +57,11 @@ import tcpbench
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions
 
-SETTLE_S = 0.2  # after each switch, before a window starts
 WARMUP_S = 5.0
+SERVER_CPU, CLIENT_CPU = "0", "1"  # with --pin
+CPUS = os.cpu_count() or 1
+# Per workload: seconds per window, and from a switch to its window (above).
+WINDOWS = {"churn": (1.0, 0.2), "keepalive": (0.1, 0.05), "bulk": (0.5, 0.4)}
 
 
 def passive_opens() -> float:
@@ -62,18 +80,34 @@ def loopback_bytes() -> float:
     raise tcpbench.BenchError("no lo in /proc/net/dev")
 
 
-def window_rate(count: Callable[[], float], seconds: float) -> float:
-    """The count's rate of growth over `seconds`, from now."""
-    start, started = count(), time.monotonic()
+def idle_seconds() -> float:
+    """All CPUs' idle time since boot: the cpuidle states' residency (in µs)
+    where the kernel has cpuidle, else /proc/stat's idle and iowait (in
+    ticks of 10 ms, too coarse for windows under a second)."""
+    states = glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpuidle/state[0-9]*/time")
+    if states:
+        return sum(int(Path(state).read_text()) for state in states) / 1e6
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
+def window(count: Callable[[], float], seconds: float) -> tuple[float, float]:
+    """Over `seconds` from now: the count's rate of growth, and how many CPUs
+    were busy (on average)."""
+    start, idle, started = count(), idle_seconds(), time.monotonic()
     time.sleep(seconds)
-    return (count() - start) / (time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    busy = CPUS - (idle_seconds() - idle) / elapsed
+    return (count() - start) / elapsed, busy
 
 
-def mean_interval(values: list[float]) -> tuple[float, float]:
-    """A normal-approximation 95 % interval for the mean."""
-    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-    mean = statistics.fmean(values)
-    return mean - half, mean + half
+def geometric_mean_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """The ratios' geometric mean, with a normal-approximation 95 % interval.
+    Not the arithmetic mean: with one pair's spread at 0.1-0.2, a ratio's
+    mean reads 1-2 % above 1 where nothing changes (E[x/y] > E[x]/E[y])."""
+    logs = [math.log(ratio) for ratio in ratios]
+    mean, half = statistics.fmean(logs), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def measure(
@@ -82,47 +116,73 @@ def measure(
     pairs = []
     for number in range(args.pairs):
         order = (True, False) if number % 2 == 0 else (False, True)
-        rates = {}
+        rates, busy = {}, {}
         for on in order:
             if on:
                 tracer.resume()
             else:
                 tracer.pause()
-            time.sleep(SETTLE_S)
-            rates[on] = window_rate(count, args.window)
-        pairs.append({"on": rates[True], "off": rates[False], "ratio": rates[True] / rates[False]})
+            time.sleep(args.settle)
+            rates[on], busy[on] = window(count, args.window)
+        ratio = rates[True] / rates[False]
+        pairs.append(
+            {
+                "on": rates[True],
+                "off": rates[False],
+                "ratio": ratio,
+                "busy_cpus_on": busy[True],
+                "busy_cpus_off": busy[False],
+                # the work done per CPU-second busy, attached against detached
+                "work_per_busy_cpu_ratio": ratio * busy[False] / busy[True],
+            }
+        )
     tracer.resume()
     return pairs
 
 
 def report(args: argparse.Namespace, pairs: list[dict[str, float]]) -> dict[str, Any]:
-    ratios = [pair["ratio"] for pair in pairs]
-    low_high = tcpbench.median_interval(ratios)
+    def summarize(key: str) -> dict[str, Any]:
+        ratios = [pair[key] for pair in pairs]
+        geomean, low, high = geometric_mean_interval(ratios)
+        return {
+            "median": statistics.median(ratios),
+            "median_interval": tcpbench.median_interval(ratios),
+            "geomean": geomean,
+            "geomean_interval": (low, high),
+            "stdev": statistics.stdev(ratios),
+        }
+
     summary = {
         "workload": args.workload,
         "pairs": len(pairs),
         "window_s": args.window,
+        "settle_s": args.settle,
+        "pinned": args.pin,
         "rate_off_median": statistics.median(pair["off"] for pair in pairs),
         "rate_on_median": statistics.median(pair["on"] for pair in pairs),
-        "ratio_median": statistics.median(ratios),
-        "ratio_median_interval": low_high,
-        "ratio_mean": statistics.fmean(ratios),
-        "ratio_mean_interval": mean_interval(ratios),
-        "ratio_stdev": statistics.stdev(ratios),
+        "busy_cpus_off_median": statistics.median(pair["busy_cpus_off"] for pair in pairs),
+        "busy_cpus_on_median": statistics.median(pair["busy_cpus_on"] for pair in pairs),
+        "ratio": summarize("ratio"),
+        "work_per_busy_cpu_ratio": summarize("work_per_busy_cpu_ratio"),
     }
     unit = {"churn": "conn/s", "keepalive": "req/s", "bulk": "bytes/s"}[args.workload]
+    layout = f", server on CPU {SERVER_CPU} and client on CPU {CLIENT_CPU}" if args.pin else ""
     print(
-        f"{args.workload}: {len(pairs)} pairs of {args.window:g} s windows; median rate "
-        f"{summary['rate_off_median']:,.0f} {unit} with the programs detached, "
-        f"{summary['rate_on_median']:,.0f} attached"
+        f"{args.workload}: {len(pairs)} pairs of {args.window:g} s windows, "
+        f"{args.settle:g} s after each switch{layout}; medians with the programs "
+        f"detached: {summary['rate_off_median']:,.0f} {unit}, "
+        f"{summary['busy_cpus_off_median']:.2f} CPUs busy; attached: "
+        f"{summary['rate_on_median']:,.0f} {unit}, {summary['busy_cpus_on_median']:.2f} CPUs"
     )
-    interval = f"{low_high[0]:.4f}-{low_high[1]:.4f}" if low_high else "too few pairs"
-    mean_low, mean_high = summary["ratio_mean_interval"]
-    print(
-        f"ratio attached/detached: median {summary['ratio_median']:.4f} (95 % interval "
-        f"{interval}, sign test); mean {summary['ratio_mean']:.4f} (95 % interval "
-        f"{mean_low:.4f}-{mean_high:.4f}); sd of one pair {summary['ratio_stdev']:.4f}"
-    )
+    for key, what in (("ratio", "rate"), ("work_per_busy_cpu_ratio", "work per busy CPU")):
+        ratio = summary[key]
+        low, high = ratio["median_interval"] or (math.nan, math.nan)
+        geo_low, geo_high = ratio["geomean_interval"]
+        print(
+            f"{what}, attached/detached: median {ratio['median']:.4f} (95 % interval "
+            f"{low:.4f}-{high:.4f}, sign test); geometric mean {ratio['geomean']:.4f} "
+            f"(95 % interval {geo_low:.4f}-{geo_high:.4f}); sd of one pair {ratio['stdev']:.4f}"
+        )
     return summary
 
 
@@ -130,16 +190,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=("churn", "keepalive", "bulk"), default="churn")
     parser.add_argument("--pairs", type=int, default=120, help="pairs of windows")
-    parser.add_argument("--window", type=float, default=1.0, help="seconds per window")
+    parser.add_argument(
+        "--window", type=float, help="seconds per window (churn 1, keepalive 0.1, bulk 0.5)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        help="seconds from a switch to its window (churn 0.2, keepalive 0.05, bulk 0.4)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help=f"server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU} (wrk: one thread)",
+    )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (-c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (-t)")
     parser.add_argument("--json", type=Path, help="write every pair and the summary here")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("toggle: needs root")
-    if args.pairs < 6 or args.window <= 0 or args.connections < args.threads < 1:
-        raise SystemExit("toggle: --pairs 6 or more, --window above 0, --connections >= --threads")
-    duration = WARMUP_S + args.pairs * 2 * (args.window + SETTLE_S + 0.05) + 10
+    window, settle = WINDOWS[args.workload]
+    args.window = window if args.window is None else args.window
+    args.settle = settle if args.settle is None else args.settle
+    if args.pin:
+        if not {int(SERVER_CPU), int(CLIENT_CPU)} <= os.sched_getaffinity(0):
+            raise SystemExit(f"toggle: --pin needs CPUs {SERVER_CPU} and {CLIENT_CPU}")
+        args.threads = 1
+    if args.pairs < 6 or args.window <= 0 or args.settle < 0 or args.connections < args.threads < 1:
+        raise SystemExit(
+            "toggle: --pairs 6 or more, --window above 0, --settle 0 or more, "
+            "--connections >= --threads"
+        )
+    server_cpus, client_cpus = (SERVER_CPU, CLIENT_CPU) if args.pin else (None, None)
+    # resume() takes about 12 ms here: allow 30 ms a switch
+    duration = WARMUP_S + args.pairs * 2 * (args.window + args.settle + 0.03) + 10
     procs = tcpbench.Processes()
     nginx: tcpbench.Nginx | None = None
     tracer = Tracer(TracerOptions(emit_events=False, collect_metrics=True))
@@ -147,15 +231,23 @@ def main() -> None:
         try:
             tracer.start()
             if args.workload == "bulk":
-                _server, port = tcpbench.start_iperf3_server(procs)
-                load = procs.start("iperf3", tcpbench.iperf3_command(port, duration))
+                _server, port = tcpbench.start_iperf3_server(procs, server_cpus)
+                client = tcpbench.pinned(client_cpus, tcpbench.iperf3_command(port, duration))
+                load = procs.start("iperf3", client)
                 count = loopback_bytes
             else:
                 nginx = tcpbench.Nginx(
-                    procs, Path(workdir), workers=1, keepalive=args.workload == "keepalive"
+                    procs,
+                    Path(workdir),
+                    workers=1,
+                    keepalive=args.workload == "keepalive",
+                    cpus=server_cpus,
                 )
                 nginx.start()
-                load = procs.start("wrk", tcpbench.wrk_command(args, nginx.port, duration))
+                client = tcpbench.pinned(
+                    client_cpus, tcpbench.wrk_command(args, nginx.port, duration)
+                )
+                load = procs.start("wrk", client)
                 stub = nginx.stub
                 count = passive_opens if args.workload == "churn" else lambda: stub().requests
             time.sleep(WARMUP_S)
