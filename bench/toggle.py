@@ -4,8 +4,8 @@ bench/run compares runs seconds apart, each with `serve` started afresh: on
 this shared VM one round's ratio varies by 5-8 % (the load's own rate varies
 by 5 % from one second to the next), so a 1 % effect takes hundreds of rounds.
 Here one load runs throughout, and the programs `serve` loads (the same
-program, options and maps) are attached and detached in turn, in windows of
-a second: each pair of adjacent windows, one with and one without, gives a
+program, options and maps) are attached and detached in turn, in short
+windows: each pair of adjacent windows, one with and one without, gives a
 ratio, in alternating order (on-off, then off-on) so that a steady drift of
 the load cancels. What is measured is the kernel side only: `serve`'s user
 space costs nothing between scrapes (see bench/README.md).
@@ -13,16 +13,17 @@ space costs nothing between scrapes (see bench/README.md).
 The rate in a window is the kernel's or the server's own count: connections
 accepted (`Tcp: PassiveOpens`, churn), requests served (nginx's stub_status,
 keepalive), bytes received on loopback (`/proc/net/dev`, bulk). Each window
-starts `--settle` seconds (a fifth of a second) after the switch.
+starts `--settle` seconds after the switch.
 
 The load's rate wanders by 10 % and more over seconds, far less from one
 tenth of a second to the next, so the shortest windows that a switch's
 after-effects do not reach give the most exact ratio for a given time
 (`WINDOWS`): keep-alive's programs run per timer, and nothing lingers;
 bulk's stream takes about 0.3 s to settle into its new pace; churn's
-programs follow each connection for its whole life. `--pin` runs the server
-on CPU 0 and the client on CPU 1 (wrk with one thread): on 2 CPUs the two
-ends otherwise move between them, which doubles the noise.
+programs follow each connection for its whole life. `--pin` runs the
+server on CPU 0 and the client on CPU 1 (wrk with one thread): on 2 CPUs
+the two ends otherwise move between them, which doubles the noise.
+`--empty` switches an empty program on `timer_cancel` in place of `serve`'s.
 
 Each window also counts the CPUs busy (the cpuidle states' residency), for
 the work done per busy CPU-second: where the load does not keep every CPU
@@ -33,7 +34,7 @@ and not in the rate.
     .venv/bin/python bench/toggle.py --workload keepalive --pin --pairs 2400
     .venv/bin/python bench/toggle.py --workload bulk --pin --pairs 600
 
-Needs root, nginx and wrk (churn, keepalive) or iperf3 (bulk).
+Needs root, nginx and wrk (churn, keepalive) or iperf3 (bulk); BCC for --empty.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tcpbench
@@ -78,6 +79,57 @@ def loopback_bytes() -> float:
         if name.strip() == "lo":
             return float(fields.split()[0])
     raise tcpbench.BenchError("no lo in /proc/net/dev")
+
+
+class Switchable(Protocol):
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class EmptyTimerProgram:
+    """An empty program on `timer:timer_cancel`, the tracepoint that `serve`
+    hooks for every timer on 6.11+ (`--empty`): what any program there does
+    to the load, whatever it does inside."""
+
+    TRACEPOINT = "timer_cancel"
+
+    def __init__(self) -> None:
+        try:
+            from bcc import BPF  # only here: the rest of the bench does not need BCC
+        except ImportError:
+            raise tcpbench.BenchError(
+                "--empty needs BCC (apt-get install python3-bpfcc; run with .venv/bin/python)"
+            ) from None
+        # RAW_TRACEPOINT_PROBE attaches at load
+        self._bpf = BPF(text=f"RAW_TRACEPOINT_PROBE({self.TRACEPOINT}) {{ return 0; }}")
+        self._attached = True
+
+    def pause(self) -> None:
+        if self._attached:
+            self._bpf.detach_raw_tracepoint(tp=self.TRACEPOINT)
+            self._attached = False
+
+    def resume(self) -> None:
+        if not self._attached:
+            self._bpf.attach_raw_tracepoint(
+                tp=self.TRACEPOINT, fn_name=f"raw_tracepoint__{self.TRACEPOINT}"
+            )
+            self._attached = True
+
+    def close(self) -> None:
+        self._bpf.cleanup()
+
+
+def serve_programs() -> Tracer:
+    """The programs `serve` loads, with its options and maps, attached."""
+    tracer = Tracer(TracerOptions(emit_events=False, collect_metrics=True))
+    try:
+        tracer.start()
+    except BaseException:
+        tracer.close()
+        raise
+    return tracer
 
 
 def idle_seconds() -> float:
@@ -111,7 +163,7 @@ def geometric_mean_interval(ratios: list[float]) -> tuple[float, float, float]:
 
 
 def measure(
-    args: argparse.Namespace, tracer: Tracer, count: Callable[[], float]
+    args: argparse.Namespace, programs: Switchable, count: Callable[[], float]
 ) -> list[dict[str, float]]:
     pairs = []
     for number in range(args.pairs):
@@ -119,9 +171,9 @@ def measure(
         rates, busy = {}, {}
         for on in order:
             if on:
-                tracer.resume()
+                programs.resume()
             else:
-                tracer.pause()
+                programs.pause()
             time.sleep(args.settle)
             rates[on], busy[on] = window(count, args.window)
         ratio = rates[True] / rates[False]
@@ -136,7 +188,7 @@ def measure(
                 "work_per_busy_cpu_ratio": ratio * busy[False] / busy[True],
             }
         )
-    tracer.resume()
+    programs.resume()
     return pairs
 
 
@@ -158,6 +210,7 @@ def report(args: argparse.Namespace, pairs: list[dict[str, float]]) -> dict[str,
         "window_s": args.window,
         "settle_s": args.settle,
         "pinned": args.pin,
+        "programs": "empty" if args.empty else "serve",
         "rate_off_median": statistics.median(pair["off"] for pair in pairs),
         "rate_on_median": statistics.median(pair["on"] for pair in pairs),
         "busy_cpus_off_median": statistics.median(pair["busy_cpus_off"] for pair in pairs),
@@ -167,8 +220,9 @@ def report(args: argparse.Namespace, pairs: list[dict[str, float]]) -> dict[str,
     }
     unit = {"churn": "conn/s", "keepalive": "req/s", "bulk": "bytes/s"}[args.workload]
     layout = f", server on CPU {SERVER_CPU} and client on CPU {CLIENT_CPU}" if args.pin else ""
+    what = "an empty program on timer_cancel" if args.empty else "serve's programs"
     print(
-        f"{args.workload}: {len(pairs)} pairs of {args.window:g} s windows, "
+        f"{args.workload}, {what}: {len(pairs)} pairs of {args.window:g} s windows, "
         f"{args.settle:g} s after each switch{layout}; medians with the programs "
         f"detached: {summary['rate_off_median']:,.0f} {unit}, "
         f"{summary['busy_cpus_off_median']:.2f} CPUs busy; attached: "
@@ -203,6 +257,11 @@ def main() -> None:
         action="store_true",
         help=f"server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU} (wrk: one thread)",
     )
+    parser.add_argument(
+        "--empty",
+        action="store_true",
+        help="switch an empty program on timer:timer_cancel in place of serve's (needs BCC)",
+    )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (-c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (-t)")
     parser.add_argument("--json", type=Path, help="write every pair and the summary here")
@@ -226,10 +285,10 @@ def main() -> None:
     duration = WARMUP_S + args.pairs * 2 * (args.window + args.settle + 0.03) + 10
     procs = tcpbench.Processes()
     nginx: tcpbench.Nginx | None = None
-    tracer = Tracer(TracerOptions(emit_events=False, collect_metrics=True))
+    programs: Switchable | None = None
     with tempfile.TemporaryDirectory(prefix="tcptrace-toggle-") as workdir:
         try:
-            tracer.start()
+            programs = EmptyTimerProgram() if args.empty else serve_programs()
             if args.workload == "bulk":
                 _server, port = tcpbench.start_iperf3_server(procs, server_cpus)
                 client = tcpbench.pinned(client_cpus, tcpbench.iperf3_command(port, duration))
@@ -251,13 +310,14 @@ def main() -> None:
                 stub = nginx.stub
                 count = passive_opens if args.workload == "churn" else lambda: stub().requests
             time.sleep(WARMUP_S)
-            pairs = measure(args, tracer, count)
+            pairs = measure(args, programs, count)
             if load.poll() is not None:
                 raise tcpbench.BenchError(f"the load ended early ({load.returncode})")
         except (tcpbench.BenchError, UserError) as err:
             raise SystemExit(f"toggle: {err}") from None
         finally:
-            tracer.close()
+            if programs:
+                programs.close()
             if nginx:
                 nginx.stop()
             procs.stop_all()

@@ -59,3 +59,33 @@ def test_the_interval_covers_the_true_median_as_often_as_it_says(tcpbench) -> No
         lo, hi = tcpbench.median_interval(rng.sample(samples, 15))
         hits += lo <= true_median <= hi
     assert hits / trials >= 0.94
+
+
+@pytest.fixture(scope="module")
+def toggle(tcpbench):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("toggle", BENCH.with_name("toggle.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_toggle_summary_reads_one_where_nothing_changes(toggle) -> None:
+    """Two windows of the same load, as noisy as bulk's on this VM (sd 0.15):
+    their ratio's arithmetic mean reads above 1, the geometric mean does not."""
+    rng = random.Random(11)
+    rates = [rng.lognormvariate(0, 0.11) for _ in range(20_000)]
+    ratios = [on / off for on, off in zip(rates[::2], rates[1::2], strict=True)]
+    geomean, low, high = toggle.geometric_mean_interval(ratios)
+    assert low < 1 < high
+    assert abs(geomean - 1) < 0.005
+    assert sum(ratios) / len(ratios) > 1.01  # why the mean is not used
+
+
+def test_the_toggle_interval_finds_a_one_percent_cost(toggle) -> None:
+    rng = random.Random(12)
+    ratios = [0.99 * rng.lognormvariate(0, 0.05) for _ in range(2400)]
+    geomean, low, high = toggle.geometric_mean_interval(ratios)
+    assert low < 0.99 < high
+    assert high < 0.995
