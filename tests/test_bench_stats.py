@@ -88,4 +88,5 @@ def test_the_toggle_interval_finds_a_one_percent_cost(toggle) -> None:
     ratios = [0.99 * rng.lognormvariate(0, 0.05) for _ in range(2400)]
     geomean, low, high = toggle.geometric_mean_interval(ratios)
     assert low < 0.99 < high
+    assert abs(geomean - 0.99) < 0.002
     assert high < 0.995
