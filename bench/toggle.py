@@ -8,7 +8,7 @@ program, options and maps) are attached and detached in turn, in short
 windows: each pair of adjacent windows, one with and one without, gives a
 ratio, in alternating order (on-off, then off-on) so that a steady drift of
 the load cancels. What is measured is the kernel side only: `serve`'s user
-space costs nothing between scrapes (see bench/README.md).
+space takes 1-2 ms of CPU a second between scrapes (see bench/README.md).
 
 The rate in a window is the kernel's or the server's own count: connections
 accepted (`Tcp: PassiveOpens`, churn), requests served (nginx's stub_status,
