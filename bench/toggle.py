@@ -40,6 +40,7 @@ Needs root, nginx and wrk (churn, keepalive) or iperf3 (bulk); BCC for --empty.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -124,21 +125,24 @@ class EmptyTimerProgram:
 def serve_programs() -> Tracer:
     """The programs `serve` loads, with its options and maps, attached."""
     tracer = Tracer(TracerOptions(emit_events=False, collect_metrics=True))
-    try:
-        tracer.start()
-    except BaseException:
-        tracer.close()
-        raise
+    tracer.start()  # closes what it opened if it fails
     return tracer
+
+
+@functools.cache
+def cpuidle_state_files() -> list[Path]:
+    """Each CPU's cpuidle states' residency files (found once, not per window)."""
+    pattern = "/sys/devices/system/cpu/cpu[0-9]*/cpuidle/state[0-9]*/time"
+    return [Path(state) for state in glob.glob(pattern)]
 
 
 def idle_seconds() -> float:
     """All CPUs' idle time since boot: the cpuidle states' residency (in µs)
     where the kernel has cpuidle, else /proc/stat's idle and iowait (in
     ticks of 10 ms, too coarse for windows under a second)."""
-    states = glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpuidle/state[0-9]*/time")
+    states = cpuidle_state_files()
     if states:
-        return sum(int(Path(state).read_text()) for state in states) / 1e6
+        return sum(int(state.read_text()) for state in states) / 1e6
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
@@ -148,9 +152,8 @@ def window(count: Callable[[], float], seconds: float) -> tuple[float, float]:
     were busy (on average)."""
     start, idle, started = count(), idle_seconds(), time.monotonic()
     time.sleep(seconds)
-    elapsed = time.monotonic() - started
-    busy = CPUS - (idle_seconds() - idle) / elapsed
-    return (count() - start) / elapsed, busy
+    end, end_idle, elapsed = count(), idle_seconds(), time.monotonic() - started
+    return (end - start) / elapsed, CPUS - (end_idle - idle) / elapsed
 
 
 def geometric_mean_interval(ratios: list[float]) -> tuple[float, float, float]:
