@@ -633,6 +633,20 @@ def iperf3_command(port: int, duration: float) -> list[str]:
     return ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", f"{max(1, round(duration))}", "-J"]
 
 
+def bcc_program(text: str) -> Any:
+    """`text` compiled and loaded by BCC (its probes attached at load), for the
+    benches' empty programs; BCC is imported only here: nothing else in the
+    bench needs it."""
+    try:
+        from bcc import BPF
+    except ImportError:
+        raise BenchError(
+            "needs BCC for the empty program (apt-get install python3-bpfcc;"
+            " run with .venv/bin/python)"
+        ) from None
+    return BPF(text=text)
+
+
 def pinned(cpus: str | None, cmd: Sequence[str]) -> list[str]:
     """`cmd` run on the CPUs listed (taskset's -c list, which it and its children keep)."""
     return ["taskset", "-c", cpus, *cmd] if cpus else list(cmd)

@@ -90,14 +90,9 @@ def fastest_ns_per_call(sock: socket.socket, calls: int, repeats: int = REPEATS)
 @contextmanager
 def empty_programs() -> Iterator[None]:
     try:
-        from bcc import BPF  # only here: the rest of the bench does not need BCC
-    except ImportError:
-        raise SystemExit(
-            "timercost: needs BCC for the empty program (apt-get install python3-bpfcc;"
-            " run with .venv/bin/python)"
-        ) from None
-
-    programs = BPF(text=EMPTY_PROGRAMS)
+        programs = tcpbench.bcc_program(EMPTY_PROGRAMS)
+    except tcpbench.BenchError as err:
+        raise SystemExit(f"timercost: {err}") from None
     try:
         yield
     finally:

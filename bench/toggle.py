@@ -96,14 +96,8 @@ class EmptyTimerProgram:
     TRACEPOINT = "timer_cancel"
 
     def __init__(self) -> None:
-        try:
-            from bcc import BPF  # only here: the rest of the bench does not need BCC
-        except ImportError:
-            raise tcpbench.BenchError(
-                "--empty needs BCC (apt-get install python3-bpfcc; run with .venv/bin/python)"
-            ) from None
         # RAW_TRACEPOINT_PROBE attaches at load
-        self._bpf = BPF(text=f"RAW_TRACEPOINT_PROBE({self.TRACEPOINT}) {{ return 0; }}")
+        self._bpf = tcpbench.bcc_program(f"RAW_TRACEPOINT_PROBE({self.TRACEPOINT}) {{ return 0; }}")
         self._attached = True
 
     def pause(self) -> None:
