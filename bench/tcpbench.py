@@ -48,6 +48,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from tcptrace_ebpf.host.netns import run_in
 from tcptrace_ebpf.serve.tracking import HEAL_RECHECK_S
 
 HERE = Path(__file__).resolve().parent
@@ -629,8 +630,8 @@ def wrk_command(args: argparse.Namespace, port: int, duration: float) -> list[st
     ]
 
 
-def iperf3_command(port: int, duration: float) -> list[str]:
-    return ["iperf3", "-c", LOOPBACK, "-p", str(port), "-t", f"{max(1, round(duration))}", "-J"]
+def iperf3_command(port: int, duration: float, address: str = LOOPBACK) -> list[str]:
+    return ["iperf3", "-c", address, "-p", str(port), "-t", f"{max(1, round(duration))}", "-J"]
 
 
 def bcc_program(text: str) -> Any:
@@ -653,17 +654,28 @@ def pinned(cpus: str | None, cmd: Sequence[str]) -> list[str]:
 
 
 def start_iperf3_server(
-    procs: Processes, cpus: str | None = None
+    procs: Processes,
+    cpus: str | None = None,
+    address: str = LOOPBACK,
+    netns: str | None = None,
 ) -> tuple[subprocess.Popen[Any], int]:
-    """An iperf3 server on a free loopback port, once it accepts: (process, port).
-    Not a one-off server (-1): the readiness probe would be its one client."""
+    """An iperf3 server on a free port of `address` (in the network namespace
+    `netns` names, as `ip netns add` made it, if one is named), once it
+    accepts: (process, port). Not a one-off server (-1): the readiness probe
+    would be its one client."""
     port = free_port()
-    cmd = pinned(cpus, ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)])
+    cmd = pinned(cpus, ["iperf3", "-s", "-B", address, "-p", str(port)])
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]  # it execs: the pid is iperf3's
     proc = procs.start("iperf3", cmd)
+
+    def accepts() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((address, port), 1):
+            return True
+        return False
+
     deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
-            break
+    while not (run_in(f"/run/netns/{netns}", accepts) if netns else accepts()):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise BenchError("iperf3 -s did not start")
         time.sleep(0.1)

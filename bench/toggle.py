@@ -12,8 +12,9 @@ space takes 1-2 ms of CPU a second between scrapes (see bench/README.md).
 
 The rate in a window is the kernel's or the server's own count: connections
 accepted (`Tcp: PassiveOpens`, churn), requests served (nginx's stub_status,
-keepalive), bytes received on loopback (`/proc/net/dev`, bulk). Each window
-starts `--settle` seconds after the switch.
+keepalive), bytes received on loopback (`/proc/net/dev`, bulk) or on the
+veth (in the server's namespace's /proc/PID/net/dev, bulk with `--veth`).
+Each window starts `--settle` seconds after the switch.
 
 The load's rate wanders by 10 % and more over seconds, far less from one
 tenth of a second to the next, so the shortest windows that a switch's
@@ -24,6 +25,8 @@ programs follow each connection for its whole life. `--pin` runs the
 server on CPU 0 and the client on CPU 1 (wrk with one thread): on 2 CPUs
 the two ends otherwise move between them, which doubles the noise.
 `--empty` switches an empty program on `timer_cancel` in place of `serve`'s.
+`--veth` (bulk) sends the stream across a veth pair between two network
+namespaces made for the run, not loopback.
 
 Each window also counts the CPUs busy (the cpuidle states' residency), for
 the work done per busy CPU-second: where the load does not keep every CPU
@@ -33,6 +36,7 @@ and not in the rate.
     .venv/bin/python bench/toggle.py                          # churn, 120 pairs
     .venv/bin/python bench/toggle.py --workload keepalive --pin --pairs 2400
     .venv/bin/python bench/toggle.py --workload bulk --pin --pairs 600
+    .venv/bin/python bench/toggle.py --workload bulk --pin --veth --pairs 600
 
 Needs root, nginx and wrk (churn, keepalive) or iperf3 (bulk); BCC for --empty.
 """
@@ -40,12 +44,14 @@ Needs root, nginx and wrk (churn, keepalive) or iperf3 (bulk); BCC for --empty.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import glob
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +60,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 import tcpbench
+from support import netns_pair
 
 from tcptrace_ebpf.errors import UserError
 from tcptrace_ebpf.kernel.probe import Tracer, TracerOptions
@@ -74,12 +82,17 @@ def passive_opens() -> float:
     raise tcpbench.BenchError("no Tcp: PassiveOpens in /proc/net/snmp")
 
 
-def loopback_bytes() -> float:
-    for line in Path("/proc/net/dev").read_text().splitlines():
+def received_bytes(net_dev: Path, interface: str | None) -> float:
+    """Bytes received on `interface`, or on every interface but lo if None,
+    from a /proc/net/dev table (/proc/PID/net/dev: that process's namespace)."""
+    total, found = 0.0, False
+    for line in net_dev.read_text().splitlines()[2:]:
         name, _, fields = line.partition(":")
-        if name.strip() == "lo":
-            return float(fields.split()[0])
-    raise tcpbench.BenchError("no lo in /proc/net/dev")
+        if name.strip() == interface or (interface is None and name.strip() != "lo"):
+            total, found = total + float(fields.split()[0]), True
+    if not found:
+        raise tcpbench.BenchError(f"no {interface or 'interface but lo'} in {net_dev}")
+    return total
 
 
 class Switchable(Protocol):
@@ -259,6 +272,11 @@ def main() -> None:
         action="store_true",
         help="switch an empty program on timer:timer_cancel in place of serve's (needs BCC)",
     )
+    parser.add_argument(
+        "--veth",
+        action="store_true",
+        help="bulk: the stream crosses a veth pair between two namespaces, not loopback",
+    )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (-c)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (-t)")
     parser.add_argument("--json", type=Path, help="write every pair and the summary here")
@@ -272,6 +290,8 @@ def main() -> None:
         if not {int(SERVER_CPU), int(CLIENT_CPU)} <= os.sched_getaffinity(0):
             raise SystemExit(f"toggle: --pin needs CPUs {SERVER_CPU} and {CLIENT_CPU}")
         args.threads = 1
+    if args.veth and args.workload != "bulk":
+        raise SystemExit("toggle: --veth is for --workload bulk")
     if args.pairs < 6 or args.window <= 0 or args.settle < 0 or args.connections < args.threads < 1:
         raise SystemExit(
             "toggle: --pairs 6 or more, --window above 0, --settle 0 or more, "
@@ -283,14 +303,29 @@ def main() -> None:
     procs = tcpbench.Processes()
     nginx: tcpbench.Nginx | None = None
     programs: Switchable | None = None
-    with tempfile.TemporaryDirectory(prefix="tcptrace-toggle-") as workdir:
+    count: Callable[[], float]
+    # the namespaces (--veth) go last, after the processes in them have stopped
+    with (
+        contextlib.ExitStack() as stack,
+        tempfile.TemporaryDirectory(prefix="tcptrace-toggle-") as workdir,
+    ):
         try:
             programs = EmptyTimerProgram() if args.empty else serve_programs()
-            if args.workload == "bulk":
+            if args.workload == "bulk" and args.veth:
+                pair = stack.enter_context(netns_pair())
+                server, port = tcpbench.start_iperf3_server(
+                    procs, server_cpus, pair.addr_a, netns=pair.a
+                )
+                client = tcpbench.pinned(
+                    client_cpus, tcpbench.iperf3_command(port, duration, pair.addr_a)
+                )
+                load = procs.start("iperf3", ["ip", "netns", "exec", pair.b, *client])
+                count = functools.partial(received_bytes, Path(f"/proc/{server.pid}/net/dev"), None)
+            elif args.workload == "bulk":
                 _server, port = tcpbench.start_iperf3_server(procs, server_cpus)
                 client = tcpbench.pinned(client_cpus, tcpbench.iperf3_command(port, duration))
                 load = procs.start("iperf3", client)
-                count = loopback_bytes
+                count = functools.partial(received_bytes, Path("/proc/net/dev"), "lo")
             else:
                 nginx = tcpbench.Nginx(
                     procs,
@@ -310,7 +345,7 @@ def main() -> None:
             pairs = measure(args, programs, count)
             if load.poll() is not None:
                 raise tcpbench.BenchError(f"the load ended early ({load.returncode})")
-        except (tcpbench.BenchError, UserError) as err:
+        except (tcpbench.BenchError, UserError, subprocess.CalledProcessError) as err:
             raise SystemExit(f"toggle: {err}") from None
         finally:
             if programs:
