@@ -31,7 +31,9 @@ namespaces made for the run, not loopback.
 Each window also counts the CPUs busy (the cpuidle states' residency), for
 the work done per busy CPU-second: where the load does not keep every CPU
 busy (bulk: its two ends wait on each other), a change of pace shows there
-and not in the rate.
+and not in the rate. And the segments the client retransmitted (`Tcp:
+RetransSegs` in its namespace): a stream that loses or reorders segments
+(bulk over veth) slows with them, beyond what the CPU time costs.
 
     .venv/bin/python bench/toggle.py                          # churn, 120 pairs
     .venv/bin/python bench/toggle.py --workload keepalive --pin --pairs 2400
@@ -74,12 +76,14 @@ CPUS = os.cpu_count() or 1
 WINDOWS = {"churn": (1.0, 0.2), "keepalive": (0.1, 0.05), "bulk": (0.5, 0.4)}
 
 
-def passive_opens() -> float:
-    lines = Path("/proc/net/snmp").read_text().splitlines()
+def tcp_counter(snmp: Path, name: str) -> float:
+    """The kernel's `Tcp: name` counter, from a /proc/net/snmp table
+    (/proc/PID/net/snmp: that process's namespace)."""
+    lines = snmp.read_text().splitlines()
     for header, values in zip(lines[::2], lines[1::2], strict=True):
         if header.startswith("Tcp:"):
-            return float(values.split()[header.split().index("PassiveOpens")])
-    raise tcpbench.BenchError("no Tcp: PassiveOpens in /proc/net/snmp")
+            return float(values.split()[header.split().index(name)])
+    raise tcpbench.BenchError(f"no Tcp: {name} in {snmp}")
 
 
 def received_bytes(net_dev: Path, interface: str | None) -> float:
@@ -154,13 +158,20 @@ def idle_seconds() -> float:
     return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
-def window(count: Callable[[], float], seconds: float) -> tuple[float, float]:
-    """Over `seconds` from now: the count's rate of growth, and how many CPUs
-    were busy (on average)."""
-    start, idle, started = count(), idle_seconds(), time.monotonic()
+def window(
+    count: Callable[[], float], retransmits: Callable[[], float], seconds: float
+) -> tuple[float, float, float]:
+    """Over `seconds` from now: the count's rate of growth, how many CPUs
+    were busy (on average), and segments retransmitted a second."""
+    start, resent, idle, started = count(), retransmits(), idle_seconds(), time.monotonic()
     time.sleep(seconds)
-    end, end_idle, elapsed = count(), idle_seconds(), time.monotonic() - started
-    return (end - start) / elapsed, CPUS - (end_idle - idle) / elapsed
+    end, end_resent = count(), retransmits()
+    end_idle, elapsed = idle_seconds(), time.monotonic() - started
+    return (
+        (end - start) / elapsed,
+        CPUS - (end_idle - idle) / elapsed,
+        (end_resent - resent) / elapsed,
+    )
 
 
 def geometric_mean_interval(ratios: list[float]) -> tuple[float, float, float]:
@@ -173,19 +184,22 @@ def geometric_mean_interval(ratios: list[float]) -> tuple[float, float, float]:
 
 
 def measure(
-    args: argparse.Namespace, programs: Switchable, count: Callable[[], float]
+    args: argparse.Namespace,
+    programs: Switchable,
+    count: Callable[[], float],
+    retransmits: Callable[[], float],
 ) -> list[dict[str, float]]:
     pairs = []
     for number in range(args.pairs):
         order = (True, False) if number % 2 == 0 else (False, True)
-        rates, busy = {}, {}
+        rates, busy, resent = {}, {}, {}
         for on in order:
             if on:
                 programs.resume()
             else:
                 programs.pause()
             time.sleep(args.settle)
-            rates[on], busy[on] = window(count, args.window)
+            rates[on], busy[on], resent[on] = window(count, retransmits, args.window)
         ratio = rates[True] / rates[False]
         pairs.append(
             {
@@ -194,6 +208,8 @@ def measure(
                 "ratio": ratio,
                 "busy_cpus_on": busy[True],
                 "busy_cpus_off": busy[False],
+                "retransmits_on": resent[True],
+                "retransmits_off": resent[False],
                 # the work done per CPU-second busy, attached against detached
                 "work_per_busy_cpu_ratio": ratio * busy[False] / busy[True],
             }
@@ -225,6 +241,8 @@ def report(args: argparse.Namespace, pairs: list[dict[str, float]]) -> dict[str,
         "rate_on_median": statistics.median(pair["on"] for pair in pairs),
         "busy_cpus_off_median": statistics.median(pair["busy_cpus_off"] for pair in pairs),
         "busy_cpus_on_median": statistics.median(pair["busy_cpus_on"] for pair in pairs),
+        "retransmits_off_median": statistics.median(pair["retransmits_off"] for pair in pairs),
+        "retransmits_on_median": statistics.median(pair["retransmits_on"] for pair in pairs),
         "ratio": summarize("ratio"),
         "work_per_busy_cpu_ratio": summarize("work_per_busy_cpu_ratio"),
     }
@@ -236,7 +254,9 @@ def report(args: argparse.Namespace, pairs: list[dict[str, float]]) -> dict[str,
         f"{args.settle:g} s after each switch{layout}; medians with the programs "
         f"detached: {summary['rate_off_median']:,.0f} {unit}, "
         f"{summary['busy_cpus_off_median']:.2f} CPUs busy; attached: "
-        f"{summary['rate_on_median']:,.0f} {unit}, {summary['busy_cpus_on_median']:.2f} CPUs"
+        f"{summary['rate_on_median']:,.0f} {unit}, {summary['busy_cpus_on_median']:.2f} CPUs; "
+        f"segments retransmitted a second: {summary['retransmits_off_median']:,.0f} "
+        f"detached, {summary['retransmits_on_median']:,.0f} attached"
     )
     for key, what in (("ratio", "rate"), ("work_per_busy_cpu_ratio", "work per busy CPU")):
         ratio = summary[key]
@@ -304,6 +324,7 @@ def main() -> None:
     nginx: tcpbench.Nginx | None = None
     programs: Switchable | None = None
     count: Callable[[], float]
+    client_snmp = Path("/proc/net/snmp")  # the load's sender's namespace's
     # the namespaces (--veth) go last, after the processes in them have stopped
     with (
         contextlib.ExitStack() as stack,
@@ -321,6 +342,8 @@ def main() -> None:
                 )
                 load = procs.start("iperf3", ["ip", "netns", "exec", pair.b, *client])
                 count = functools.partial(received_bytes, Path(f"/proc/{server.pid}/net/dev"), None)
+                # the sender's, in its namespace (ip netns exec execs: load.pid is iperf3's)
+                client_snmp = Path(f"/proc/{load.pid}/net/snmp")
             elif args.workload == "bulk":
                 _server, port = tcpbench.start_iperf3_server(procs, server_cpus)
                 client = tcpbench.pinned(client_cpus, tcpbench.iperf3_command(port, duration))
@@ -340,9 +363,14 @@ def main() -> None:
                 )
                 load = procs.start("wrk", client)
                 stub = nginx.stub
-                count = passive_opens if args.workload == "churn" else lambda: stub().requests
+                count = (
+                    functools.partial(tcp_counter, Path("/proc/net/snmp"), "PassiveOpens")
+                    if args.workload == "churn"
+                    else lambda: stub().requests
+                )
             time.sleep(WARMUP_S)
-            pairs = measure(args, programs, count)
+            retransmits = functools.partial(tcp_counter, client_snmp, "RetransSegs")
+            pairs = measure(args, programs, count, retransmits)
             if load.poll() is not None:
                 raise tcpbench.BenchError(f"the load ended early ({load.returncode})")
         except (tcpbench.BenchError, UserError, subprocess.CalledProcessError) as err:
