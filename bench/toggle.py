@@ -32,8 +32,9 @@ Each window also counts the CPUs busy (the cpuidle states' residency), for
 the work done per busy CPU-second: where the load does not keep every CPU
 busy (bulk: its two ends wait on each other), a change of pace shows there
 and not in the rate. And the segments the client retransmitted (`Tcp:
-RetransSegs` in its namespace): a stream that loses or reorders segments
-(bulk over veth) slows with them, beyond what the CPU time costs.
+RetransSegs` in its namespace), to tell a change in the stream's losses
+from one in the CPU it gets (bulk over veth retransmits tens of thousands
+a second, more the faster it goes, with the programs or without).
 
     .venv/bin/python bench/toggle.py                          # churn, 120 pairs
     .venv/bin/python bench/toggle.py --workload keepalive --pin --pairs 2400
