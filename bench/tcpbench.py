@@ -653,6 +653,12 @@ def pinned(cpus: str | None, cmd: Sequence[str]) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus else list(cmd)
 
 
+def in_netns(netns: str | None, cmd: Sequence[str]) -> list[str]:
+    """`cmd` run in the network namespace `ip netns add` named `netns`, if one
+    is named (ip netns exec execs it: the process's pid is the command's)."""
+    return ["ip", "netns", "exec", netns, *cmd] if netns else list(cmd)
+
+
 def start_iperf3_server(
     procs: Processes,
     cpus: str | None = None,
@@ -664,9 +670,7 @@ def start_iperf3_server(
     accepts: (process, port). Not a one-off server (-1): the readiness probe
     would be its one client."""
     port = free_port()
-    cmd = pinned(cpus, ["iperf3", "-s", "-B", address, "-p", str(port)])
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]  # it execs: the pid is iperf3's
+    cmd = in_netns(netns, pinned(cpus, ["iperf3", "-s", "-B", address, "-p", str(port)]))
     proc = procs.start("iperf3", cmd)
 
     def accepts() -> bool:

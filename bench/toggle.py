@@ -325,7 +325,7 @@ def main() -> None:
     nginx: tcpbench.Nginx | None = None
     programs: Switchable | None = None
     count: Callable[[], float]
-    client_snmp = Path("/proc/net/snmp")  # the load's sender's namespace's
+    client_snmp = Path("/proc/net/snmp")  # in the namespace of the load's sender
     # the namespaces (--veth) go last, after the processes in them have stopped
     with (
         contextlib.ExitStack() as stack,
@@ -333,23 +333,20 @@ def main() -> None:
     ):
         try:
             programs = EmptyTimerProgram() if args.empty else serve_programs()
-            if args.workload == "bulk" and args.veth:
-                pair = stack.enter_context(netns_pair())
-                server, port = tcpbench.start_iperf3_server(
-                    procs, server_cpus, pair.addr_a, netns=pair.a
-                )
+            if args.workload == "bulk":
+                pair = stack.enter_context(netns_pair()) if args.veth else None
+                netns = pair.a if pair else None
+                address = pair.addr_a if pair else tcpbench.LOOPBACK
+                server, port = tcpbench.start_iperf3_server(procs, server_cpus, address, netns)
                 client = tcpbench.pinned(
-                    client_cpus, tcpbench.iperf3_command(port, duration, pair.addr_a)
+                    client_cpus, tcpbench.iperf3_command(port, duration, address)
                 )
-                load = procs.start("iperf3", ["ip", "netns", "exec", pair.b, *client])
-                count = functools.partial(received_bytes, Path(f"/proc/{server.pid}/net/dev"), None)
-                # the sender's, in its namespace (ip netns exec execs: load.pid is iperf3's)
+                load = procs.start("iperf3", tcpbench.in_netns(pair.b if pair else None, client))
+                # Counted in each end's namespace (their pids are iperf3's: taskset
+                # and ip netns exec exec it); on loopback, lo carries the stream.
+                server_dev = Path(f"/proc/{server.pid}/net/dev")
+                count = functools.partial(received_bytes, server_dev, None if pair else "lo")
                 client_snmp = Path(f"/proc/{load.pid}/net/snmp")
-            elif args.workload == "bulk":
-                _server, port = tcpbench.start_iperf3_server(procs, server_cpus)
-                client = tcpbench.pinned(client_cpus, tcpbench.iperf3_command(port, duration))
-                load = procs.start("iperf3", client)
-                count = functools.partial(received_bytes, Path("/proc/net/dev"), "lo")
             else:
                 nginx = tcpbench.Nginx(
                     procs,
