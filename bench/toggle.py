@@ -107,8 +107,8 @@ class Switchable(Protocol):
 
 
 class EmptyTimerProgram:
-    """An empty program on `timer:timer_cancel`, the tracepoint that `serve`
-    hooks for every timer on 6.11+ (`--empty`): what any program there does
+    """An empty program on `timer:timer_cancel`, hit for every timer moved,
+    which `serve` hooks before 6.11 (`--empty`): what any program there does
     to the load, whatever it does inside."""
 
     TRACEPOINT = "timer_cancel"

@@ -16,7 +16,10 @@
 BPF_F_TABLE("hash", u64, struct tt_sock, socks, MAX_SOCKETS, BPF_F_NO_PREALLOC);
 /* Per timewait socket whose timer is running, keyed by its address. */
 BPF_F_TABLE("hash", u64, struct tt_timewait, timewait, MAX_TIMEWAIT, BPF_F_NO_PREALLOC);
-/* Timewait sockets whose timer was cancelled, until classified. */
+/*
+ * Timewait sockets removed early (their timer cancelled; with USE_TW_EHASH,
+ * found unhashed), by address pair, until classified: reused or killed.
+ */
 BPF_F_TABLE("hash", struct tt_tuple, struct tt_timewait, tw_killed, MAX_KILLED, BPF_F_NO_PREALLOC);
 /* Owner of the listeners of each (netns, port), for their children. */
 BPF_F_TABLE("hash", struct tt_listener_key, struct tt_listener, listeners, MAX_LISTENERS,
@@ -74,6 +77,24 @@ struct tt_tw_slot {
 BPF_PERCPU_ARRAY(tw_slot, struct tt_tw_slot, 1);
 #endif
 
+#if USE_TW_EHASH
+/*
+ * timer_cancel is not hooked here: it runs for every timer the host moves
+ * (each TCP retransmit and delayed-ACK timer), and the kernel's dispatch
+ * alone cost a bulk stream over veth 1 % of its throughput. A timewait
+ * socket's early end is found instead: a new connection on its address pair
+ * finds it here (tw_match_reuse), a RST kills it before the segment is
+ * freed (skb_freed), and what kills it unseen (ss -K, its namespace's exit)
+ * is found unhashed by check_timewait, which user space runs every second
+ * or so on every timewait socket followed, TT_TW_CHECK_BATCH at a time
+ * through tw_check.
+ */
+BPF_F_TABLE("hash", struct tt_tuple, u64, tw_pairs, MAX_TIMEWAIT, BPF_F_NO_PREALLOC);
+struct tt_tw_check {
+	u64 tw[TT_TW_CHECK_BATCH];	/* addresses, as tw_pairs holds them */
+};
+BPF_ARRAY(tw_check, struct tt_tw_check, 1);
+#else
 /*
  * timer_cancel is traced not only when a timer is deleted but also when
  * mod_timer moves it to another wheel bucket (then timer_start follows) and
@@ -87,6 +108,7 @@ struct tt_cancel_slot {
 	u64 followed;	/* the cancelled socket was ours (parked in tw_killed) */
 };
 BPF_PERCPU_ARRAY(cancel_slot, struct tt_cancel_slot, 1);
+#endif
 
 #if CHECK_TW_FIN
 /*

@@ -461,9 +461,14 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		date_back_syn_recv(id, sk, typed, now);
 
 #if HAVE_TIMEWAIT
-	/* A new connection on an address pair whose timewait socket was just cancelled? */
+#if !USE_TW_EHASH
+	/*
+	 * A new connection on an address pair whose timewait socket was just
+	 * cancelled? (With USE_TW_EHASH, a program of its own asks: tw_reuse.)
+	 */
 	if ((old == TT_LISTEN && new == TT_SYN_RECV && t.dport) || (old == TT_SYN_SENT && t.sport != 0))
 		tw_match_reuse(args, &t);
+#endif
 
 	if (tw) {
 		/* The connection lives on as a timewait socket. */
@@ -480,7 +485,7 @@ static __always_inline int set_state(void *args, u64 sk, u8 old, u8 new, struct 
 		/* In substate FIN_WAIT2 it still waits for the peer's FIN: no step yet. */
 		if (tw_substate != TT_FIN_WAIT2)
 			step(args, key, &e.id, &t, TT_TIME_WAIT, now, 0, TT_TW_END_NONE);
-		if (timewait.update(&tw, &e) != 0) {
+		if (tw_follow(tw, &e) != 0) {
 			count(TT_C_LOST_TIMEWAIT_MAP);
 			e.id.flags |= TT_SF_LOST;
 			step(args, key, &e.id, &t, TT_CLOSE, now, 0, TT_TW_END_NONE);
@@ -539,9 +544,7 @@ static __always_inline int socket_sweep_gone(void *ctx, u64 sk)
 #if HAVE_TIMEWAIT
 	struct tt_timewait *e = timewait.lookup(&sk);
 	if (e && e->id.sock_id == *want) {
-		end_unseen(ctx, e->skaddr, &e->id, &e->tuple, bpf_ktime_get_ns(),
-			   TT_EVF_TIMEWAIT_SOCK);
-		timewait.delete(&sk);
+		tw_end_stale(ctx, sk, e, bpf_ktime_get_ns());
 		return 1;
 	}
 #endif

@@ -38,10 +38,12 @@
  * no TCP tracepoint shows; we follow it through its timer (timer:timer_start,
  * timer_cancel, timer_expire_entry filtered on tw_timer_handler) and see the
  * peer's FIN reach it on skb:kfree_skb, whose rx_sk is the timewait socket.
- * Where the kernel has that rx_sk (USE_TW_EHASH), a new timewait socket is
- * found in the connection table when its full socket's CLOSE is traced
- * instead, and timer_start, which runs for every timer on the host, is not
- * hooked.
+ * Where the kernel has that rx_sk (USE_TW_EHASH), neither timer_start nor
+ * timer_cancel is hooked (each runs for every timer the host starts or
+ * moves: the kernel's dispatch alone costs a bulk stream): a new timewait
+ * socket is found in the connection table when its full socket's CLOSE is
+ * traced, a RST killing it on kfree_skb, a new connection reusing its pair
+ * by that pair, and any other early end by user space's check_timewait.
  */
 #include "tcptrace.h"
 #include "maps.h"
@@ -84,12 +86,12 @@ int raw_timer_start(struct bpf_raw_tracepoint_args *ctx)
 	u64 timer = ctx->args[0];
 	return timer_started(ctx, timer, timer_function(timer));
 }
-#endif
 
 int raw_timer_cancel(struct bpf_raw_tracepoint_args *ctx)
 {
 	return timer_cancelled(ctx, ctx->args[0], 0);
 }
+#endif
 
 int raw_timer_expire_entry(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -103,12 +105,12 @@ int on_timer_start(struct tp_timer_start *args)
 {
 	return timer_started(args, (u64)args->timer, (u64)args->function);
 }
-#endif
 
 int on_timer_cancel(struct tp_timer_cancel *args)
 {
 	return timer_cancelled(args, (u64)args->timer, 0);
 }
+#endif
 
 int on_timer_expire_entry(struct tp_timer_expire_entry *args)
 {
@@ -123,7 +125,6 @@ int btf_timer_start(u64 *ctx)
 	u64 timer = ctx[0];
 	return timer_started(ctx, timer, BTF_LOAD(u64, timer, OFF_TIMER_FUNCTION));
 }
-#endif
 
 int btf_timer_cancel(u64 *ctx)
 {
@@ -134,6 +135,7 @@ int btf_timer_cancel(u64 *ctx)
 		return 0;
 	return timer_cancelled(ctx, timer, function);
 }
+#endif
 
 int btf_timer_expire_entry(u64 *ctx)
 {
@@ -181,6 +183,19 @@ int sweep_timewait(struct bpf_raw_tracepoint_args *ctx)
 {
 	return tw_sweep_stale(ctx, sweep_requested_sk());
 }
+#if USE_TW_EHASH
+/* Run by user space on a batch of addresses in tw_check: see tw_check_unhashed(). */
+int check_timewait(struct bpf_raw_tracepoint_args *ctx)
+{
+	return tw_check_unhashed(ctx->args[0]);
+}
+
+/* Run by user space on each address check_timewait found: see tw_sweep_unhashed(). */
+int sweep_unhashed(struct bpf_raw_tracepoint_args *ctx)
+{
+	return tw_sweep_unhashed(ctx, ctx->args[0]);
+}
+#endif
 #endif /* HAVE_TIMEWAIT */
 
 /* ------------------------------------------------------------ set_state -- */
@@ -231,6 +246,65 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	TUPLE_FROM_RECORD(&t, args);
 	return set_state(args, (u64)args->skaddr, args->oldstate, args->newstate, t, false);
 }
+#endif
+
+#if HAVE_TIMEWAIT && USE_TW_EHASH
+/*
+ * A second program on the state change: did a new connection just reuse a
+ * timewait socket's pair (see tw_reuse_check())? Only a child socket (at
+ * its first change and its second: 6.1 and 6.12 trace the first before the
+ * peer's address is set) or a connect() past SYN_SENT reads further than
+ * `old` and `new`.
+ */
+#define NEW_CONNECTION(old, new)                                                                   \
+	((old) == TT_SYN_SENT || (old) == TT_SYN_RECV || ((old) == TT_LISTEN && (new) == TT_SYN_RECV))
+
+static __always_inline int reuse_of(void *ctx, u64 sk, bool typed, struct tt_tuple *t)
+{
+	if (!t->sport || !t->dport)
+		return 0;
+	t->netns = read_netns_of(sk, typed);
+	return tw_reuse_check(ctx, t);
+}
+
+#if USE_RAW_SET_STATE && WANT_FALLBACK
+int raw_tw_reuse(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 sk = ctx->args[0];
+	u16 protocol = 0;
+	if (!NEW_CONNECTION((u8)ctx->args[1], (u8)ctx->args[2]))
+		return 0;
+	bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)(sk + OFF_SK_PROTOCOL));
+	if (protocol != TT_IPPROTO_TCP)
+		return 0;
+	struct tt_tuple t = {};
+	tuple_from_sk(sk, &t);
+	return reuse_of(ctx, sk, false, &t);
+}
+#endif
+#if USE_TP_BTF
+int btf_tw_reuse(u64 *ctx)
+{
+	if (!NEW_CONNECTION((u8)ctx[1], (u8)ctx[2]))
+		return 0;
+	u64 sk = (u64)bpf_skc_to_tcp_sock((void *)ctx[0]);
+	if (!sk)
+		return 0;
+	struct tt_tuple t = {};
+	tuple_from_btf_sk(sk, &t);
+	return reuse_of(ctx, sk, true, &t);
+}
+#endif
+#if !USE_RAW_SET_STATE
+int on_tw_reuse(struct tp_inet_sock_set_state *args)
+{
+	if (args->protocol != TT_IPPROTO_TCP || !NEW_CONNECTION(args->oldstate, args->newstate))
+		return 0;
+	struct tt_tuple t = {};
+	TUPLE_FROM_RECORD(&t, args);
+	return reuse_of(args, (u64)args->skaddr, false, &t);
+}
+#endif
 #endif
 
 /* Run by user space (BPF_PROG_TEST_RUN): see socket_sweep_gone(). */

@@ -91,6 +91,8 @@ enum tt_tw_end {
 #define TT_ADOPT_OLD_TIMEWAIT 0x80
 /* Lifecycle ids: a counter per CPU, the CPU in this many low bits. */
 #define TT_ID_CPU_BITS 12
+/* Timewait sockets check_timewait looks at per run. */
+#define TT_TW_CHECK_BATCH 1024
 
 /* Indexes of the `counters` map: self-metrics and lost events by cause. */
 enum tt_counter {

@@ -2,10 +2,11 @@
 /*
  * time_wait.h - TIME_WAIT, followed on the timewait socket that replaces a
  * full socket (HAVE_TIMEWAIT): through its timer (started, cancelled,
- * expired), the peer's FIN reaching it (kfree_skb's rx_sk, or the
- * fin_wait2 sweep where the kernel has no rx_sk), the reuse of its address
- * pair by a new connection, and the sweeps user space runs for what no
- * tracepoint shows.
+ * expired; with USE_TW_EHASH only expired), the peer's FIN or a RST
+ * reaching it (kfree_skb's rx_sk, or the fin_wait2 sweep where the kernel
+ * has no rx_sk), the reuse of its address pair by a new connection, and the
+ * sweeps user space runs for what no tracepoint shows (with USE_TW_EHASH:
+ * check_timewait, for the sockets killed unseen).
  */
 
 #if HAVE_TIMEWAIT
@@ -77,17 +78,41 @@ static __always_inline void tw_check_fin(void *ctx, u64 tw, struct tt_timewait *
 		     TT_TW_END_NONE);
 }
 
-/* A new connection with this address pair: did it reuse a cancelled timewait socket? */
-static __always_inline void tw_match_reuse(void *ctx, struct tt_tuple *t)
+#if USE_TW_EHASH
+/* Whether timewait socket tw is still in the connection table (not killed). */
+static __always_inline bool tw_hashed(u64 tw)
 {
-	if (parked_none(killed_slot(t)))
-		return;
-	struct tt_timewait *k = tw_killed.lookup(t);
-	if (!k)
-		return;
-	tw_finish(ctx, k, k->killed_ns, TT_TW_END_REUSED, k->killed_substate,
-		  k->killed_expires_jiffies, k->killed_jiffies);
-	killed_delete(t);
+	u64 pprev = 0;
+	bpf_probe_read_kernel(&pprev, sizeof(pprev),
+			      (void *)(tw + OFF_SKC_NULLS_NODE + sizeof(void *)));
+	return pprev != 0;
+}
+#endif
+
+/* Follow timewait socket tw, of record e (by address, and by pair: see tw_pairs). */
+static __always_inline int tw_follow(u64 tw, struct tt_timewait *e)
+{
+	int err = timewait.update(&tw, e);
+#if USE_TW_EHASH
+	if (err == 0 && tw_pairs.update(&e->tuple, &tw) != 0) {
+		timewait.delete(&tw);
+		err = -1;
+	}
+#endif
+	return err;
+}
+
+/* Stop following timewait socket tw, of record e. */
+static __always_inline void tw_forget(u64 tw, const struct tt_timewait *e)
+{
+#if USE_TW_EHASH
+	struct tt_tuple pair = e->tuple;
+	u64 *followed = tw_pairs.lookup(&pair);
+	/* (A newer timewait socket of ours may have the pair now.) */
+	if (followed && *followed == tw)
+		tw_pairs.delete(&pair);
+#endif
+	timewait.delete(&tw);
 }
 
 #if USE_RAW_TIMERS || WATCH_OLD_TIMEWAIT
@@ -183,8 +208,93 @@ static __always_inline bool tw_has_ports(u64 tw, const struct tt_timewait *e)
 static __always_inline void tw_end_stale(void *ctx, u64 tw, struct tt_timewait *e, u64 now)
 {
 	end_unseen(ctx, e->skaddr, &e->id, &e->tuple, now, TT_EVF_TIMEWAIT_SOCK);
-	timewait.delete(&tw);
+	tw_forget(tw, e);
 }
+
+/*
+ * Timewait socket tw, ours (e), was removed early: reused, reset, ss -K,
+ * its namespace's exit (with timer_cancel: or only moved, see cancel_slot).
+ * The memory may be freed soon: record what we need now, and park it by
+ * address pair until a new connection claims the pair or user space sweeps
+ * it (killed). `mine`: tw's memory still holds it (its substate and timer
+ * are its own to read).
+ */
+static __always_inline void tw_park(void *ctx, u64 tw, struct tt_timewait *e, u64 now, bool mine)
+{
+#if COLLECT_METRICS
+	/*
+	 * The kernel has dropped it (ss no longer shows it): it leaves the gauge
+	 * now, not when we learn how it ended. Its closing step then moves no
+	 * gauge (a cancel that was only a move gives it back: tw_timer_moved).
+	 */
+	if (!(e->id.flags & TT_SF_OLD_UNCOUNTED)) {
+		gauge_add(e->id.state, -1);
+		e->id.flags |= TT_SF_OLD_UNCOUNTED;
+	}
+#endif
+	e->killed_ns = now;
+	e->killed_jiffies = bpf_jiffies64();
+	e->killed_expires_jiffies = mine ? tw_read_expires(tw) : 0;
+	e->killed_substate = mine ? tw_read_substate(tw) : e->id.state;
+	struct tt_tuple key = e->tuple;
+	struct tt_timewait *previous = tw_killed.lookup(&key);
+	if (previous) {
+		/* An older removed socket with this pair was never claimed. */
+		tw_finish(ctx, previous, previous->killed_ns, TT_TW_END_KILLED,
+			  previous->killed_substate, previous->killed_expires_jiffies,
+			  previous->killed_jiffies);
+		killed_delete(&key);
+	}
+	if (killed_insert(&key, e) != 0) {
+		count(TT_C_LOST_KILLED_MAP);
+		tw_finish(ctx, e, now, TT_TW_END_KILLED, e->killed_substate,
+			  e->killed_expires_jiffies, e->killed_jiffies);
+	}
+	tw_forget(tw, e);
+}
+
+/*
+ * A new connection with address pair t: did it reuse a timewait socket
+ * removed early, parked by its pair (by timer_cancelled, or with
+ * USE_TW_EHASH by check_timewait)? Claimed if so.
+ */
+static __always_inline void tw_match_reuse(void *ctx, struct tt_tuple *t)
+{
+	if (parked_none(killed_slot(t)))
+		return;
+	struct tt_timewait *k = tw_killed.lookup(t);
+	if (!k)
+		return;
+	tw_finish(ctx, k, k->killed_ns, TT_TW_END_REUSED, k->killed_substate,
+		  k->killed_expires_jiffies, k->killed_jiffies);
+	killed_delete(t);
+}
+
+#if USE_TW_EHASH
+/*
+ * A new connection with address pair t (a child socket, or a connect() past
+ * SYN_SENT), on kernels where no program sees a timer cancelled. The kernel
+ * killed the timewait socket of the pair as it handed the pair on, an
+ * instant ago: found by the pair, unhashed, it ends reused now. Else one
+ * check_timewait parked may be claimed. Run by a program of its own on the
+ * state change (tw_reuse): in set_state this would take the verifier past
+ * its limit.
+ */
+static __always_inline int tw_reuse_check(void *ctx, struct tt_tuple *t)
+{
+	u64 *followed = tw_pairs.lookup(t);
+	u64 tw = followed ? *followed : 0;
+	struct tt_timewait *e = tw ? timewait.lookup(&tw) : NULL;
+	if (e && e->tuple.sport == t->sport && e->tuple.dport == t->dport && !tw_hashed(tw)) {
+		tw_finish(ctx, e, bpf_ktime_get_ns(), TT_TW_END_REUSED, tw_read_substate(tw),
+			  tw_read_expires(tw), bpf_jiffies64());
+		tw_forget(tw, e);
+		return 0;
+	}
+	tw_match_reuse(ctx, t);
+	return 0;
+}
+#endif
 
 #if WATCH_OLD_TIMEWAIT
 /*
@@ -208,6 +318,124 @@ static __always_inline void old_timewait_news(const struct tt_tuple *t, u8 state
 }
 #endif
 
+#if USE_TW_EHASH
+#define TW_EHASH_DEPTH 4
+/*
+ * The timewait socket the kernel made for socket sk, closing now with
+ * address pair t, or 0 if it made none (tcp_max_tw_buckets reached, an
+ * orphan with TCP_LINGER2 < 0, a reset). inet_twsk_hashdance_schedule() puts
+ * the timewait socket at the head of sk's bucket of the connection table and
+ * unhashes sk before tcp_done() traces the CLOSE; another socket may have
+ * been put in front of it since, on another CPU, so a few are looked at.
+ * Each is read in one go from the head of its sock_common (TW_HEAD_LEN
+ * bytes: its state, hash, ports and IPv4 addresses; the loader checks they
+ * lie there) and matched by netns, state, hash and ports (and addresses for
+ * IPv4): a timewait socket with all those of sk is sk's.
+ */
+static __always_inline u64 tw_in_ehash(u64 sk, const struct tt_tuple *t)
+{
+	u32 hash = 0, mask = 0;
+	u64 net = 0, hashinfo = 0, ehash = 0, node = 0;
+	if (bpf_probe_read_kernel(&hash, 4, (void *)(sk + OFF_SKC_HASH)) ||
+	    bpf_probe_read_kernel(&net, 8, (void *)(sk + OFF_SKC_NET)) ||
+	    bpf_probe_read_kernel(&hashinfo, 8, (void *)(net + OFF_NET_TW_HASHINFO)) ||
+	    bpf_probe_read_kernel(&ehash, 8, (void *)(hashinfo + OFF_HASHINFO_EHASH)) ||
+	    bpf_probe_read_kernel(&mask, 4, (void *)(hashinfo + OFF_HASHINFO_EHASH_MASK)) ||
+	    bpf_probe_read_kernel(&node, 8,
+				  (void *)(ehash + (u64)(hash & mask) * EHASH_BUCKET_SIZE)))
+		return 0;
+	u16 dport = htons(t->dport);
+#pragma unroll
+	for (int i = 0; i < TW_EHASH_DEPTH; i++) {
+		if (!node || (node & 1))	/* a nulls marker ends a chain */
+			return 0;
+		u64 tw = node - OFF_SKC_NULLS_NODE;
+		u8 head[TW_HEAD_LEN] = {};
+		u64 tw_net = 0;
+		if (bpf_probe_read_kernel(head, sizeof(head), (void *)tw) ||
+		    bpf_probe_read_kernel(&tw_net, 8, (void *)(tw + OFF_SKC_NET)))
+			return 0;
+		if (head[OFF_SKC_STATE] == TT_TIME_WAIT && tw_net == net &&
+		    *(u32 *)(head + OFF_SKC_HASH) == hash &&
+		    *(u16 *)(head + OFF_SKC_DPORT) == dport &&
+		    *(u16 *)(head + OFF_SKC_NUM) == t->sport &&
+		    (t->family != TT_AF_INET ||
+		     (*(u32 *)(head + OFF_SKC_DADDR) == *(u32 *)t->daddr &&
+		      *(u32 *)(head + OFF_SKC_RCV_SADDR) == *(u32 *)t->saddr)))
+			return tw;
+		if (bpf_probe_read_kernel(&node, 8, (void *)node))
+			return 0;
+	}
+	return 0;
+}
+
+#if WATCH_OLD_TIMEWAIT
+/*
+ * A segment reached rx_sk, not ours: if a timewait socket older than
+ * tracing, it lives on (the peer's FIN or a duplicate) or a RST killed it.
+ * (Its natural end is told by timer_expiring.)
+ */
+static __always_inline void old_timewait_segment(u64 rx_sk)
+{
+	u8 state = 0;
+	bpf_probe_read_kernel(&state, 1, (void *)(rx_sk + OFF_SKC_STATE));
+	if (state != TT_TIME_WAIT)
+		return;	/* a full socket's segment */
+	struct tt_tuple t = {};
+	tw_tuple(rx_sk, &t);
+	u8 substate = tw_read_substate(rx_sk);
+	old_timewait_news(&t, !tw_hashed(rx_sk) ? TT_CLOSE : substate ? substate : TT_TIME_WAIT);
+}
+#endif
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN) on the first n addresses of
+ * tw_check, timewait sockets it read from tw_pairs: one of ours no longer
+ * in the connection table was killed unseen (ss -K, its namespace's exit),
+ * or its memory holds another one now. Such addresses stay in tw_check,
+ * the others are zeroed; returns how many stay, for sweep_unhashed to park
+ * one by one. Only reads: a lifecycle step in this loop would take the
+ * verifier past its limit.
+ */
+static __always_inline int tw_check_unhashed(u64 n)
+{
+	u32 zero = 0;
+	struct tt_tw_check *batch = tw_check.lookup(&zero);
+	if (!batch)
+		return 0;
+	int found = 0;
+#pragma clang loop unroll(disable)
+	for (u32 i = 0; i < TT_TW_CHECK_BATCH; i++) {
+		if (i >= n)
+			break;
+		u64 tw = batch->tw[i];
+		struct tt_timewait *e = timewait.lookup(&tw);
+		if (!e || (tw_hashed(tw) && tw_has_ports(tw, e)))
+			batch->tw[i] = 0;
+		else
+			found++;
+	}
+	return found;
+}
+
+/*
+ * Run by user space (BPF_PROG_TEST_RUN) on a timewait socket check_timewait
+ * found: parked as removed early, it leaves the gauge, and is counted reused
+ * if a new connection claims its pair within the grace period (killed if
+ * not). Returns 1 if parked.
+ */
+static __always_inline int tw_sweep_unhashed(void *ctx, u64 tw)
+{
+	struct tt_timewait *e = timewait.lookup(&tw);
+	if (!e)
+		return 0;
+	bool mine = tw_has_ports(tw, e);
+	if (mine && tw_hashed(tw))
+		return 0;
+	tw_park(ctx, tw, e, bpf_ktime_get_ns(), mine);
+	return 1;
+}
+#else
 /*
  * The timer of timewait socket tw was cancelled on this CPU just before
  * (cancel_slot): was it only moved? mod_timer re-arms a timer in another
@@ -259,66 +487,6 @@ static __always_inline bool tw_timer_moved(void *ctx, u64 tw, struct tt_cancel_s
 	return true;
 }
 
-#if USE_TW_EHASH
-/* Whether timewait socket tw is still in the connection table (not killed). */
-static __always_inline bool tw_hashed(u64 tw)
-{
-	u64 pprev = 0;
-	bpf_probe_read_kernel(&pprev, sizeof(pprev),
-			      (void *)(tw + OFF_SKC_NULLS_NODE + sizeof(void *)));
-	return pprev != 0;
-}
-
-#define TW_EHASH_DEPTH 4
-/*
- * The timewait socket the kernel made for socket sk, closing now with
- * address pair t, or 0 if it made none (tcp_max_tw_buckets reached, an
- * orphan with TCP_LINGER2 < 0, a reset). inet_twsk_hashdance_schedule() puts
- * the timewait socket at the head of sk's bucket of the connection table and
- * unhashes sk before tcp_done() traces the CLOSE; another socket may have
- * been put in front of it since, on another CPU, so a few are looked at.
- * Each is read in one go from the head of its sock_common (TW_HEAD_LEN
- * bytes: its state, hash, ports and IPv4 addresses; the loader checks they
- * lie there) and matched by netns, state, hash and ports (and addresses for
- * IPv4): a timewait socket with all those of sk is sk's.
- */
-static __always_inline u64 tw_in_ehash(u64 sk, const struct tt_tuple *t)
-{
-	u32 hash = 0, mask = 0;
-	u64 net = 0, hashinfo = 0, ehash = 0, node = 0;
-	if (bpf_probe_read_kernel(&hash, 4, (void *)(sk + OFF_SKC_HASH)) ||
-	    bpf_probe_read_kernel(&net, 8, (void *)(sk + OFF_SKC_NET)) ||
-	    bpf_probe_read_kernel(&hashinfo, 8, (void *)(net + OFF_NET_TW_HASHINFO)) ||
-	    bpf_probe_read_kernel(&ehash, 8, (void *)(hashinfo + OFF_HASHINFO_EHASH)) ||
-	    bpf_probe_read_kernel(&mask, 4, (void *)(hashinfo + OFF_HASHINFO_EHASH_MASK)) ||
-	    bpf_probe_read_kernel(&node, 8,
-				  (void *)(ehash + (u64)(hash & mask) * EHASH_BUCKET_SIZE)))
-		return 0;
-	u16 dport = htons(t->dport);
-#pragma unroll
-	for (int i = 0; i < TW_EHASH_DEPTH; i++) {
-		if (!node || (node & 1))	/* a nulls marker ends a chain */
-			return 0;
-		u64 tw = node - OFF_SKC_NULLS_NODE;
-		u8 head[TW_HEAD_LEN] = {};
-		u64 tw_net = 0;
-		if (bpf_probe_read_kernel(head, sizeof(head), (void *)tw) ||
-		    bpf_probe_read_kernel(&tw_net, 8, (void *)(tw + OFF_SKC_NET)))
-			return 0;
-		if (head[OFF_SKC_STATE] == TT_TIME_WAIT && tw_net == net &&
-		    *(u32 *)(head + OFF_SKC_HASH) == hash &&
-		    *(u16 *)(head + OFF_SKC_DPORT) == dport &&
-		    *(u16 *)(head + OFF_SKC_NUM) == t->sport &&
-		    (t->family != TT_AF_INET ||
-		     (*(u32 *)(head + OFF_SKC_DADDR) == *(u32 *)t->daddr &&
-		      *(u32 *)(head + OFF_SKC_RCV_SADDR) == *(u32 *)t->saddr)))
-			return tw;
-		if (bpf_probe_read_kernel(&node, 8, (void *)node))
-			return 0;
-	}
-	return 0;
-}
-#else
 static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 {
 	if (function != TW_TIMER_HANDLER)
@@ -381,7 +549,6 @@ static __always_inline int timer_started(void *ctx, u64 timer, u64 function)
 	}
 	return 0;
 }
-#endif /* USE_TW_EHASH */
 
 /* `function`: the timer's, if the caller read it already (0: not read). */
 static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
@@ -413,40 +580,11 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 	}
 	/*
 	 * Removed early (reused, RST, ss -K, netns exit) or being re-armed in
-	 * another bucket (see cancel_slot). Either way the memory may be freed
-	 * soon: record what we need now, and park it by address pair until a
-	 * new connection claims the pair or user space sweeps it.
+	 * another bucket (see cancel_slot): parked either way.
 	 */
 	u64 now = bpf_ktime_get_ns();
-#if COLLECT_METRICS
-	/*
-	 * The kernel has dropped it (ss no longer shows it): it leaves the gauge
-	 * now, not when we learn how it ended. Its closing step then moves no
-	 * gauge; a cancel that was only a move gives it back (see timer_started).
-	 */
-	if (!(e->id.flags & TT_SF_OLD_UNCOUNTED)) {
-		gauge_add(e->id.state, -1);
-		e->id.flags |= TT_SF_OLD_UNCOUNTED;
-	}
-#endif
-	e->killed_ns = now;
-	e->killed_jiffies = bpf_jiffies64();
-	e->killed_expires_jiffies = tw_read_expires(tw);
-	e->killed_substate = tw_read_substate(tw);
 	struct tt_tuple key = e->tuple;
-	struct tt_timewait *previous = tw_killed.lookup(&key);
-	if (previous) {
-		/* An older cancelled socket with this pair was never claimed. */
-		tw_finish(ctx, previous, previous->killed_ns, TT_TW_END_KILLED,
-			  previous->killed_substate, previous->killed_expires_jiffies,
-			  previous->killed_jiffies);
-		killed_delete(&key);
-	}
-	if (killed_insert(&key, e) != 0) {
-		count(TT_C_LOST_KILLED_MAP);
-		tw_finish(ctx, e, now, TT_TW_END_KILLED, e->killed_substate,
-			  e->killed_expires_jiffies, e->killed_jiffies);
-	}
+	tw_park(ctx, tw, e, now, true);
 	u32 zero = 0;
 	struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
 	if (cs) {
@@ -455,9 +593,10 @@ static __always_inline int timer_cancelled(void *ctx, u64 timer, u64 function)
 		cs->tuple = key;
 		cs->followed = 1;
 	}
-	timewait.delete(&tw);
 	return 0;
 }
+
+#endif /* USE_TW_EHASH */
 
 static __always_inline int timer_expiring(void *ctx, u64 timer, u64 function)
 {
@@ -469,9 +608,20 @@ static __always_inline int timer_expiring(void *ctx, u64 timer, u64 function)
 	if (e) {
 		tw_finish(ctx, e, now, TT_TW_END_EXPIRED, tw_read_substate(tw), tw_read_expires(tw),
 			  bpf_jiffies64());
-		timewait.delete(&tw);
+		tw_forget(tw, e);
 		return 0;
 	}
+#if USE_TW_EHASH
+#if WATCH_OLD_TIMEWAIT
+	if (watching_old_timewait()) {
+		/* One older than tracing goes. */
+		struct tt_tuple t = {};
+		tw_tuple(tw, &t);
+		old_timewait_news(&t, TT_CLOSE);
+	}
+#endif
+	return 0;
+#else
 	/*
 	 * The timer wheel detaches a timer (traced as timer_cancel) just before
 	 * running it, so timer_cancelled() parked this one: take it back.
@@ -488,6 +638,7 @@ static __always_inline int timer_expiring(void *ctx, u64 timer, u64 function)
 	}
 	cs->tw = 0;
 	return 0;
+#endif
 }
 
 /* A segment processed by a timewait socket is freed with rx_sk = it. */
@@ -497,25 +648,30 @@ static __always_inline int skb_freed(void *ctx, u64 rx_sk)
 		return 0;
 	struct tt_timewait *e = timewait.lookup(&rx_sk);
 	if (!e) {
-#if USE_TW_EHASH
-		/*
-		 * Without timer_start, a segment tells a move: the timer this
-		 * socket's segment made the kernel cancel on this CPU belongs to
-		 * a timewait socket still in the connection table (a reset kills
-		 * it, unhashed, before the segment is freed).
-		 */
-		u32 zero = 0;
-		struct tt_cancel_slot *cs = cancel_slot.lookup(&zero);
-		if (cs && cs->tw == rx_sk && tw_hashed(rx_sk))
-			tw_timer_moved(ctx, rx_sk, cs, bpf_ktime_get_ns());
+#if USE_TW_EHASH && WATCH_OLD_TIMEWAIT
+		if (watching_old_timewait())
+			old_timewait_segment(rx_sk);
 #endif
 		return 0;
 	}
 	u64 now = bpf_ktime_get_ns();
-	if (tw_has_ports(rx_sk, e))
-		tw_check_fin(ctx, rx_sk, e, now);
-	else
+	if (!tw_has_ports(rx_sk, e)) {
 		tw_end_stale(ctx, rx_sk, e, now);
+		return 0;
+	}
+#if USE_TW_EHASH
+	/*
+	 * A RST killed it (tcp_timewait_state_process), unhashed, before the
+	 * segment was freed; a SYN that reuses the pair goes on to the listener.
+	 */
+	if (!tw_hashed(rx_sk)) {
+		tw_finish(ctx, e, now, TT_TW_END_KILLED, tw_read_substate(rx_sk),
+			  tw_read_expires(rx_sk), bpf_jiffies64());
+		tw_forget(rx_sk, e);
+		return 0;
+	}
+#endif
+	tw_check_fin(ctx, rx_sk, e, now);
 	return 0;
 }
 

@@ -406,8 +406,22 @@ def map_lookup_batch(
     value the program writes meanwhile is read or left, never deleted
     unread. Raises BpfError(EINVAL/ENOTSUPP) on the first next() on kernels
     or map types without it: the caller iterates instead."""
-    command = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
     chunk = max(1, min(max_entries, 4096))
+    for raw_keys, raw_values, count in map_chunks(map_fd, key_size, value_size, chunk, delete):
+        for index in range(count):
+            yield (
+                raw_keys[index * key_size : (index + 1) * key_size],
+                raw_values[index * value_size : (index + 1) * value_size],
+            )
+
+
+def map_chunks(
+    map_fd: int, key_size: int, value_size: int, chunk: int, delete: bool = False
+) -> Iterator[tuple[bytes, bytes, int]]:
+    """(packed keys, packed values, how many) for each chunk of up to `chunk`
+    a batch call gives (see map_lookup_batch): for a caller that hands them
+    on to the kernel as they are, with no Python object per entry."""
+    command = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
     keys = ctypes.create_string_buffer(key_size * chunk)
     values = ctypes.create_string_buffer(value_size * chunk)
     # The position token: a key for arrays, a bucket number for hashes.
@@ -429,12 +443,7 @@ def map_lookup_batch(
             if err.errno != errnos.ENOENT:
                 raise
             done = True  # the last (maybe empty) batch: attr.count says how many
-        raw_keys, raw_values = keys.raw, values.raw
-        for index in range(attr.count):
-            yield (
-                raw_keys[index * key_size : (index + 1) * key_size],
-                raw_values[index * value_size : (index + 1) * value_size],
-            )
+        yield keys.raw, values.raw, attr.count
         if done:
             return
         ctypes.memmove(tokens[0], tokens[1], len(tokens[1]))

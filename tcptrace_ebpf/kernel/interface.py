@@ -147,6 +147,11 @@ ADOPT_OLD_TIMEWAIT: Final = 0x80
 # the CPU in the low ID_CPU_BITS bits.
 ID_CPU_BITS: Final = 12
 
+# Timewait sockets the check_timewait program looks at per run (kernels with
+# USE_TW_EHASH, where no program sees a timer cancelled): user space hands
+# it that many addresses at a time, in the one entry of `tw_check`.
+TW_CHECK_BATCH: Final = 1024
+
 
 def born_by(sock_id: int, marks: Sequence[int]) -> bool:
     """Whether lifecycle `sock_id` began by the time `next_sock_id` read
@@ -460,6 +465,8 @@ def c_header() -> str:
         f"#define TT_ADOPT_OLD_TIMEWAIT 0x{ADOPT_OLD_TIMEWAIT:x}",
         "/* Lifecycle ids: a counter per CPU, the CPU in this many low bits. */",
         f"#define TT_ID_CPU_BITS {ID_CPU_BITS}",
+        "/* Timewait sockets check_timewait looks at per run. */",
+        f"#define TT_TW_CHECK_BATCH {TW_CHECK_BATCH}",
         "",
         _enum(
             "tt_counter",

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -48,6 +49,7 @@ from .interface import (
     COUNTER_NAMES,
     KERNEL_SKIPPED,
     METRIC_ARRAYS,
+    TW_CHECK_BATCH,
     destination_of,
     pair_of_tuple,
 )
@@ -55,6 +57,15 @@ from .maps import EventBuffer, Table
 from .tracefs import c_struct, ensure_tracefs
 
 log = logging.getLogger(__name__)
+
+
+SET_STATE = "sock:inet_sock_set_state"
+
+
+def tracepoint_of(key: str) -> str:
+    """The tracepoint ("category:event") of a program's key: the key itself,
+    or "category:event/program" for a second program on the tracepoint."""
+    return key.split("/", 1)[0]
 
 
 def bpf_source_dir() -> Path:
@@ -131,6 +142,10 @@ class TracerOptions:
     # 60 s; a peer's retransmitted FINs can each restart it). Checked rarely.
     stale_timewait_ns: int = 600_000_000_000
     stale_check_interval_ns: int = 60_000_000_000
+    # Where no program sees a timewait socket killed (USE_TW_EHASH), how
+    # often each followed one is checked (less often when there are so many
+    # that checks would take over 1 % of the time).
+    timewait_check_interval_ns: int = 1_000_000_000
 
 
 def _pow2_pages(nbytes: int) -> int:
@@ -323,13 +338,10 @@ class Tracer:
     # How each tracepoint is attached: "btf" (tp_btf), "raw" or "classic".
     attach_kinds: dict[str, str] = field(default_factory=dict, init=False)
     tracefs_mounted: bool = field(default=False, init=False)
-    _sweep_fd: int = field(default=-1, init=False)
-    _sweep_close_fd: int = field(default=-1, init=False)
-    _sweep_timewait_fd: int = field(default=-1, init=False)
-    _sweep_gone_fd: int = field(default=-1, init=False)
-    _sweep_behind_fd: int = field(default=-1, init=False)
-    _sweep_fin_wait2_fd: int = field(default=-1, init=False)
+    # Programs user space runs (BPF_PROG_TEST_RUN), never attached: name -> fd.
+    _sweepers: dict[str, int] = field(default_factory=dict, init=False)
     _next_stale_check_ns: int = field(default=0, init=False)
+    _next_timewait_check_ns: int = field(default=0, init=False)
     _loaded: loader.Loaded | None = field(default=None, init=False)
     # Attachments (raw tracepoint and tp_btf links, perf events): closing one detaches.
     _attachments: list[int] = field(default_factory=list, init=False)
@@ -412,13 +424,15 @@ class Tracer:
         features = self.features
         plan: list[loader.ProgramRequest] = []
 
-        def tracepoint(key: str, raw: bool, fastest: bool = True) -> None:
-            btf_id = features.btf_trace_ids.get(key.split(":", 1)[1])
+        def tracepoint(key: str, raw: bool, fastest: bool = True, name: str = "") -> None:
+            # `name`: a second program on the tracepoint (key "category:event/name").
+            event = tracepoint_of(key).split(":", 1)[1]
+            btf_id = features.btf_trace_ids.get(event)
             use_btf = fastest and raw and btf_id is not None and macro_on(features, "USE_TP_BTF")
             plan.append(
                 loader.ProgramRequest(
                     key=key,
-                    name=key.split(":", 1)[1],
+                    name=name or event,
                     raw=raw,
                     btf_id=btf_id if use_btf else None,
                 )
@@ -428,12 +442,15 @@ class Tracer:
             raw_timers = macro_on(features, "USE_RAW_TIMERS")
             timers = ["timer_start", "timer_cancel", "timer_expire_entry"]
             if macro_on(features, "USE_TW_EHASH"):
-                timers.remove("timer_start")
+                # (each runs for every timer the host starts or moves: see tcptrace.bpf.c)
+                timers = ["timer_expire_entry"]
             for event in timers:
                 tracepoint(f"timer:{event}", raw_timers)
             if macro_on(features, "HAVE_KFREE_RX_SK"):
                 tracepoint("skb:kfree_skb", macro_on(features, "USE_RAW_KFREE"))
             sweepers = ["sweep_killed", "sweep_timewait"]
+            if macro_on(features, "USE_TW_EHASH"):
+                sweepers += ["check_timewait", "sweep_unhashed"]
             if macro_on(features, "CHECK_TW_FIN"):
                 sweepers.append("sweep_fin_wait2")
             for sweeper in sweepers:
@@ -444,27 +461,19 @@ class Tracer:
                 tracepoint(f"tcp:{name}", raw_tcp, fastest=False)
         for sweeper in ("sweep_pending_close", "sweep_gone", "sweep_behind"):
             plan.append(loader.ProgramRequest(key=sweeper, name=sweeper, sweeper=True))
-        tracepoint("sock:inet_sock_set_state", macro_on(features, "USE_RAW_SET_STATE"))
+        raw_set_state = macro_on(features, "USE_RAW_SET_STATE")
+        if macro_on(features, "HAVE_TIMEWAIT") and macro_on(features, "USE_TW_EHASH"):
+            tracepoint(f"{SET_STATE}/tw_reuse", raw_set_state, name="tw_reuse")
+        tracepoint(SET_STATE, raw_set_state)
         return plan
 
     def _attach_all(self) -> None:
         assert self._loaded is not None
         for key, (prog_fd, program) in self._loaded.programs.items():
             if program.kind == "sweeper":
-                if key == "sweep_killed":
-                    self._sweep_fd = prog_fd
-                elif key == "sweep_timewait":
-                    self._sweep_timewait_fd = prog_fd
-                elif key == "sweep_gone":
-                    self._sweep_gone_fd = prog_fd
-                elif key == "sweep_behind":
-                    self._sweep_behind_fd = prog_fd
-                elif key == "sweep_fin_wait2":
-                    self._sweep_fin_wait2_fd = prog_fd
-                else:
-                    self._sweep_close_fd = prog_fd
+                self._sweepers[key] = prog_fd
                 continue
-            if key == "sock:inet_sock_set_state" and self.options.emit_events:
+            if key == SET_STATE and self.options.emit_events:
                 self._open_event_buffer()
             self._attach(key, prog_fd, program.kind)
         if self.options.emit_events and self._events is None:
@@ -484,8 +493,10 @@ class Tracer:
             if kind == "btf":
                 return bpfsys.raw_tracepoint_open(prog_fd)
             if kind == "raw":
-                return bpfsys.raw_tracepoint_attach(prog_fd, tracepoint.split(":", 1)[1])
-            return bpfsys.tracepoint_attach(prog_fd, self._tracefs, tracepoint)
+                return bpfsys.raw_tracepoint_attach(
+                    prog_fd, tracepoint_of(tracepoint).split(":", 1)[1]
+                )
+            return bpfsys.tracepoint_attach(prog_fd, self._tracefs, tracepoint_of(tracepoint))
         except (bpfsys.BpfError, OSError) as err:
             what = {"btf": "BTF-typed raw tracepoint", "raw": "raw tracepoint"}.get(
                 kind, "tracepoint"
@@ -544,7 +555,7 @@ class Tracer:
             return 0
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
         done = 0
-        if self._sweep_close_fd >= 0:
+        if "sweep_pending_close" in self._sweepers:
             held = [
                 key.value
                 for key, value in self.table("pending_close").items()
@@ -553,14 +564,23 @@ class Tracer:
             request_sk = self.table("sweep_request_sk")
             for skaddr in held:
                 request_sk[ctypes.c_int(0)] = ctypes.c_uint64(skaddr)
-                bpfsys.prog_test_run(self._sweep_close_fd)
+                bpfsys.prog_test_run(self._sweepers["sweep_pending_close"])
             done += len(held)
-        if self._sweep_fin_wait2_fd >= 0:
+        if "sweep_fin_wait2" in self._sweepers:
             done += self._sweep_fin_wait2()
-        if self._sweep_timewait_fd >= 0 and now_ns >= self._next_stale_check_ns:
+        if "check_timewait" in self._sweepers and now_ns >= self._next_timewait_check_ns:
+            started = time.monotonic_ns()
+            done += self._check_timewait()
+            # Every second, or less often while a check costs more than 1 %
+            # of the time between two (a million timewait sockets).
+            spent = time.monotonic_ns() - started
+            self._next_timewait_check_ns = now_ns + max(
+                self.options.timewait_check_interval_ns, 100 * spent
+            )
+        if "sweep_timewait" in self._sweepers and now_ns >= self._next_stale_check_ns:
             self._next_stale_check_ns = now_ns + self.options.stale_check_interval_ns
             done += self._sweep_stale_timewait(now_ns)
-        if self._sweep_fd < 0:
+        if "sweep_killed" not in self._sweepers:
             return done
         killed = self.table("tw_killed")
         due = [
@@ -571,7 +591,7 @@ class Tracer:
         request = self.table("sweep_request")
         for key in due:
             request[ctypes.c_int(0)] = key
-            bpfsys.prog_test_run(self._sweep_fd)
+            bpfsys.prog_test_run(self._sweepers["sweep_killed"])
         return done + len(due)
 
     def _sweep_fin_wait2(self) -> int:
@@ -582,7 +602,35 @@ class Tracer:
             addresses = [int(getattr(key, "value", key)) for key, _ in table.items_lookup_batch()]
         except Exception:  # empty map: the batch call reports ENOENT
             return 0
-        return sum(bpfsys.prog_test_run(self._sweep_fin_wait2_fd, address) for address in addresses)
+        sweeper = self._sweepers["sweep_fin_wait2"]
+        return sum(bpfsys.prog_test_run(sweeper, address) for address in addresses)
+
+    def _check_timewait(self) -> int:
+        """Timewait sockets killed unseen (ss -K, their namespace's exit) on
+        kernels where no program sees a timer cancelled (USE_TW_EHASH): every
+        one followed is checked, TW_CHECK_BATCH per run of check_timewait,
+        and those found are parked by sweep_unhashed. Their addresses, the
+        values of tw_pairs, go back to the kernel as read, with no Python
+        object per socket. Returns how many were parked."""
+        pairs = self.table("tw_pairs")
+        batch = self.table("tw_check")
+        zero = ctypes.c_int(0)
+        parked = 0
+        for _pairs, addresses, count in bpfsys.map_chunks(
+            pairs.fd, pairs.info.key_size, pairs.info.value_size, TW_CHECK_BATCH
+        ):
+            if not count:
+                continue
+            packed = addresses[: count * pairs.info.value_size]
+            bpfsys.map_update(batch.fd, bytes(zero), packed.ljust(batch.info.value_size, b"\0"))
+            if not bpfsys.prog_test_run(self._sweepers["check_timewait"], count):
+                continue
+            found = bytes(batch[zero])
+            for index in range(0, len(packed), 8):
+                address = int.from_bytes(found[index : index + 8], sys.byteorder)
+                if address:
+                    parked += bpfsys.prog_test_run(self._sweepers["sweep_unhashed"], address)
+        return parked
 
     def _sweep_stale_timewait(self, now_ns: int) -> int:
         stale = [
@@ -593,7 +641,7 @@ class Tracer:
         request_sk = self.table("sweep_request_sk")
         for address in stale:
             request_sk[ctypes.c_int(0)] = ctypes.c_uint64(address)
-            bpfsys.prog_test_run(self._sweep_timewait_fd)
+            bpfsys.prog_test_run(self._sweepers["sweep_timewait"])
         return len(stale)
 
     def followed(self) -> Iterator[FollowedSocket]:
@@ -628,7 +676,7 @@ class Tracer:
     def end_gone(self, gone: Iterable[FollowedSocket]) -> int:
         """Close, as ended unseen, followed sockets that no longer exist (their
         end was lost). Each only if it is still the same lifecycle. How many."""
-        if self.bpf is None or self._sweep_gone_fd < 0:
+        if self.bpf is None or "sweep_gone" not in self._sweepers:
             return 0
         request_sk = self.bpf["sweep_request_sk"]
         request_id = self.bpf["sweep_request_id"]
@@ -636,14 +684,14 @@ class Tracer:
         for sock in gone:
             request_sk[ctypes.c_int(0)] = ctypes.c_uint64(sock.address)
             request_id[ctypes.c_int(0)] = ctypes.c_uint64(sock.sock_id)
-            ended += bpfsys.prog_test_run(self._sweep_gone_fd)
+            ended += bpfsys.prog_test_run(self._sweepers["sweep_gone"])
         return ended
 
     def catch_up(self, behind: Iterable[tuple[FollowedSocket, int]]) -> int:
         """Move followed sockets to the state sock_diag lists them in (a
         change of theirs went unseen), each only if the program still has it
         as it was read. How many were moved."""
-        if self.bpf is None or self._sweep_behind_fd < 0:
+        if self.bpf is None or "sweep_behind" not in self._sweepers:
             return 0
         request_sk = self.bpf["sweep_request_sk"]
         request = self.bpf["sweep_request_behind"]
@@ -656,7 +704,7 @@ class Tracer:
             want.listed = listed_state
             request_sk[ctypes.c_int(0)] = ctypes.c_uint64(sock.address)
             request[ctypes.c_int(0)] = want
-            moved += bpfsys.prog_test_run(self._sweep_behind_fd)
+            moved += bpfsys.prog_test_run(self._sweepers["sweep_behind"])
         return moved
 
     def program_runs(self) -> dict[str, bpfsys.ProgramRuns]:
@@ -674,7 +722,7 @@ class Tracer:
         return {tracepoint: runs.skipped for tracepoint, runs in self.program_runs().items()}
 
     def pending_killed(self) -> list[KilledTimewait]:
-        if self.bpf is None or self._sweep_fd < 0:
+        if self.bpf is None or "sweep_killed" not in self._sweepers:
             return []
         return [
             KilledTimewait(sock_id=value.id.sock_id, killed_ns=value.killed_ns)
@@ -696,7 +744,7 @@ class Tracer:
         values = {}
         for index, name in COUNTER_NAMES.items():
             values[name] = int(sum(table[ctypes.c_int(index)]))
-        values[KERNEL_SKIPPED] = self.program_skips().get("sock:inet_sock_set_state", 0)
+        values[KERNEL_SKIPPED] = self.program_skips().get(SET_STATE, 0)
         return values
 
     def metric_arrays(self) -> dict[str, list[int]]:
@@ -792,8 +840,7 @@ class Tracer:
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None
-        self._sweep_fd = self._sweep_close_fd = self._sweep_timewait_fd = -1
-        self._sweep_fin_wait2_fd = -1
+        self._sweepers.clear()
         self.bpf = None
         self.attached.clear()
         self.attach_kinds.clear()
