@@ -181,11 +181,10 @@ def main() -> None:
         if variant != "none":
             added = [t - b for t, b in zip(timings[variant], timings["none"], strict=True)]
             line += f"; added {statistics.median(added):5.1f} ns per call"
-            # (per hit of its hooks; serve's, if it has none, per call)
+            # Per hit of its hooks; per call if it hooks neither tracepoint.
             hits = hooks[variant] or 1
-            line += (
-                f", {statistics.median(added) / hits:5.1f} per hit of its {hooks[variant]} hook(s)"
-            )
+            if hooks[variant]:
+                line += f", {statistics.median(added) / hits:5.1f} per hit of its {hits} hook(s)"
             interval = tcpbench.median_interval(added)
             if interval:
                 line += f" (95 % interval {interval[0] / hits:.1f}-{interval[1] / hits:.1f})"
