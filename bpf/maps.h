@@ -83,7 +83,7 @@ BPF_PERCPU_ARRAY(tw_slot, struct tt_tw_slot, 1);
  * (each TCP retransmit and delayed-ACK timer), and the kernel's dispatch
  * alone cost a bulk stream over veth 1 % of its throughput. A timewait
  * socket's early end is found instead: a new connection on its address pair
- * finds it here (tw_match_reuse), a RST kills it before the segment is
+ * finds it here (tw_reuse_check), a RST kills it before the segment is
  * freed (skb_freed), and what kills it unseen (ss -K, its namespace's exit)
  * is found unhashed by check_timewait, which user space runs every second
  * or so on every timewait socket followed, TT_TW_CHECK_BATCH at a time
