@@ -212,28 +212,44 @@ int sweep_unhashed(struct bpf_raw_tracepoint_args *ctx)
  * inet_sock's, two more for IPv6 addresses).
  */
 #if USE_RAW_SET_STATE && WANT_FALLBACK
-int raw_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
+/* The socket changing state, and its pair into t, if a TCP socket (else 0). */
+static __always_inline u64 raw_tcp_sock(struct bpf_raw_tracepoint_args *ctx, struct tt_tuple *t)
 {
 	u64 sk = ctx->args[0];
 	u16 protocol = 0;
 	bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)(sk + OFF_SK_PROTOCOL));
 	if (protocol != TT_IPPROTO_TCP)
 		return 0;
+	tuple_from_sk(sk, t);
+	return sk;
+}
+
+int raw_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
+{
 	struct tt_tuple t = {};
-	tuple_from_sk(sk, &t);
+	u64 sk = raw_tcp_sock(ctx, &t);
+	if (!sk)
+		return 0;
 	return set_state(ctx, sk, (u8)ctx->args[1], (u8)ctx->args[2], t, false);
 }
 #endif
 #if USE_TP_BTF
 /* The same, BTF-typed (see BTF_LOAD): every field a plain load. */
-int btf_inet_sock_set_state(u64 *ctx)
+static __always_inline u64 btf_tcp_sock(u64 *ctx, struct tt_tuple *t)
 {
 	/* sk itself if a full TCP socket (typed tcp_sock: inet_sock's fields are in it). */
 	u64 sk = (u64)bpf_skc_to_tcp_sock((void *)ctx[0]);
+	if (sk)
+		tuple_from_btf_sk(sk, t);
+	return sk;
+}
+
+int btf_inet_sock_set_state(u64 *ctx)
+{
+	struct tt_tuple t = {};
+	u64 sk = btf_tcp_sock(ctx, &t);
 	if (!sk)
 		return 0;
-	struct tt_tuple t = {};
-	tuple_from_btf_sk(sk, &t);
 	return set_state(ctx, sk, (u8)ctx[1], (u8)ctx[2], t, true);
 }
 #endif
@@ -270,16 +286,11 @@ static __always_inline int reuse_of(void *ctx, u64 sk, bool typed, struct tt_tup
 #if USE_RAW_SET_STATE && WANT_FALLBACK
 int raw_tw_reuse(struct bpf_raw_tracepoint_args *ctx)
 {
-	u64 sk = ctx->args[0];
-	u16 protocol = 0;
 	if (!NEW_CONNECTION((u8)ctx->args[1], (u8)ctx->args[2]))
 		return 0;
-	bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)(sk + OFF_SK_PROTOCOL));
-	if (protocol != TT_IPPROTO_TCP)
-		return 0;
 	struct tt_tuple t = {};
-	tuple_from_sk(sk, &t);
-	return reuse_of(ctx, sk, false, &t);
+	u64 sk = raw_tcp_sock(ctx, &t);
+	return sk ? reuse_of(ctx, sk, false, &t) : 0;
 }
 #endif
 #if USE_TP_BTF
@@ -287,12 +298,9 @@ int btf_tw_reuse(u64 *ctx)
 {
 	if (!NEW_CONNECTION((u8)ctx[1], (u8)ctx[2]))
 		return 0;
-	u64 sk = (u64)bpf_skc_to_tcp_sock((void *)ctx[0]);
-	if (!sk)
-		return 0;
 	struct tt_tuple t = {};
-	tuple_from_btf_sk(sk, &t);
-	return reuse_of(ctx, sk, true, &t);
+	u64 sk = btf_tcp_sock(ctx, &t);
+	return sk ? reuse_of(ctx, sk, true, &t) : 0;
 }
 #endif
 #if !USE_RAW_SET_STATE

@@ -438,10 +438,11 @@ class Tracer:
                 )
             )
 
+        tw_ehash = macro_on(features, "USE_TW_EHASH")  # (implies HAVE_TIMEWAIT)
         if macro_on(features, "HAVE_TIMEWAIT"):
             raw_timers = macro_on(features, "USE_RAW_TIMERS")
             timers = ["timer_start", "timer_cancel", "timer_expire_entry"]
-            if macro_on(features, "USE_TW_EHASH"):
+            if tw_ehash:
                 # (each runs for every timer the host starts or moves: see tcptrace.bpf.c)
                 timers = ["timer_expire_entry"]
             for event in timers:
@@ -449,7 +450,7 @@ class Tracer:
             if macro_on(features, "HAVE_KFREE_RX_SK"):
                 tracepoint("skb:kfree_skb", macro_on(features, "USE_RAW_KFREE"))
             sweepers = ["sweep_killed", "sweep_timewait"]
-            if macro_on(features, "USE_TW_EHASH"):
+            if tw_ehash:
                 sweepers += ["check_timewait", "sweep_unhashed"]
             if macro_on(features, "CHECK_TW_FIN"):
                 sweepers.append("sweep_fin_wait2")
@@ -462,7 +463,7 @@ class Tracer:
         for sweeper in ("sweep_pending_close", "sweep_gone", "sweep_behind"):
             plan.append(loader.ProgramRequest(key=sweeper, name=sweeper, sweeper=True))
         raw_set_state = macro_on(features, "USE_RAW_SET_STATE")
-        if macro_on(features, "HAVE_TIMEWAIT") and macro_on(features, "USE_TW_EHASH"):
+        if tw_ehash:
             tracepoint(f"{SET_STATE}/tw_reuse", raw_set_state, name="tw_reuse")
         tracepoint(SET_STATE, raw_set_state)
         return plan
